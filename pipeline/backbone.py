@@ -1,0 +1,151 @@
+"""Loading the frozen backbone, and the few architecture facts the rest of the code needs.
+
+Every model — a Pythia checkpoint on the hub, a local directory, or the offline tiny model the project
+pretrains itself — goes through `load_backbone`, so the tiny model exercises exactly the Pythia path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class BackboneError(RuntimeError):
+    """A model cannot be loaded; the message says why and what to do instead."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """True when the Hugging Face hub answers a TCP connect; never hangs longer than `timeout_s`."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_snapshot_cached(hub_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+        return isinstance(found, str)
+    except Exception:
+        return False
+
+
+def load_backbone(
+    source: str | Path,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+):
+    """Load a causal LM frozen and in eval mode, plus its tokenizer.
+
+    `source` is a local directory written by `save_pretrained` or a hub id. A hub model that is neither
+    cached nor reachable fails at once with the offline alternatives named (no long retry loops).
+    `trust_remote_code` is never enabled: only architectures that ship with transformers load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source_str = str(source)
+    is_local = Path(source_str).is_dir()
+    if not is_local:
+        if source_str.startswith(("/", "./", "../")) or os.sep in source_str and source_str.count("/") > 1:
+            raise BackboneError(f"model directory {source_str!r} does not exist")
+        if not _hub_snapshot_cached(source_str, revision) and not hub_reachable():
+            raise BackboneError(
+                f"cannot load {source_str!r}@{revision or 'main'}: the Hugging Face hub is unreachable and the "
+                "model is not in the local cache. Use the offline default (model=tiny), a local directory "
+                "(model.source=/path/to/model), or run where the hub is reachable once to cache it."
+            )
+    kwargs = {"revision": revision} if (revision and not is_local) else {}
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source_str, dtype=torch_dtype, trust_remote_code=False, **kwargs)
+    except OSError as err:
+        raise BackboneError(f"cannot load model {source_str!r}: {err}") from err
+    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(source_str, trust_remote_code=False, **kwargs)
+    return model, tokenizer
+
+
+# --- architecture facts --------------------------------------------------------------------------------------
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The stack of blocks (GPT-NeoX: `model.gpt_neox`; Llama family: `model.model`)."""
+    for attr in ("gpt_neox", "model", "transformer"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
+            return inner
+    raise BackboneError(f"unsupported architecture {type(model).__name__}: no decoder with `.layers` found")
+
+
+def final_norm_of(model: nn.Module) -> nn.Module:
+    """The final normalization applied before the unembedding (LayerNorm for Pythia, RMSNorm for Llama)."""
+    decoder = decoder_of(model)
+    for attr in ("final_layer_norm", "norm", "ln_f"):
+        norm = getattr(decoder, attr, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise BackboneError(f"unsupported architecture {type(model).__name__}: no final norm found")
+
+
+def num_layers_of(model: nn.Module) -> int:
+    return len(decoder_of(model).layers)
+
+
+def unembedding_of(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise BackboneError(f"unsupported output head {type(head).__name__}")
+    return head
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short hash of the unembedding weights, identifying the backbone a set of heads belongs to.
+
+    The weights are hashed after rounding to bfloat16, so the same checkpoint loaded in fp32, fp16 or bf16
+    gets the same fingerprint (fp16 -> fp32 is exact; both then round to the same bf16 values).
+    """
+    weight = unembedding_of(model).weight.detach().to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256()
+    digest.update(str(tuple(weight.shape)).encode())
+    digest.update(weight.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def default_head_layers(num_layers: int, n_heads: int = 4) -> list[int]:
+    """Block indices of the early-exit heads: numpy.linspace(0, L, n+2, dtype=int)[1:-1] (DESIGN.md §1)."""
+    import numpy as np
+
+    return [int(x) for x in np.linspace(0, num_layers, n_heads + 2, dtype=int)[1:-1]]
