@@ -149,3 +149,25 @@ def default_head_layers(num_layers: int, n_heads: int = 4) -> list[int]:
     import numpy as np
 
     return [int(x) for x in np.linspace(0, num_layers, n_heads + 2, dtype=int)[1:-1]]
+
+
+# --- the backbone stage's output --------------------------------------------------------------------------
+
+BACKBONE_RECORD = "backbone.json"
+LOCAL_MODEL_DIR = "model"
+
+
+def load_from_stage_output(directory: str | Path, dtype: str | torch.dtype = "float32",
+                           device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """Load the backbone described by a finished `backbone` stage output: the locally saved model (the
+    offline tiny model) or the hub id + revision it records."""
+    import json
+
+    directory = Path(directory)
+    record_path = directory / BACKBONE_RECORD
+    if not record_path.is_file():
+        raise BackboneError(f"{record_path} is missing; rerun the backbone stage (force=[backbone])")
+    record = json.loads(record_path.read_text())
+    source = directory / LOCAL_MODEL_DIR if record.get("local") else record["source"]
+    return load_backbone(source, revision=record.get("revision"), dtype=dtype, device=device,
+                         with_tokenizer=with_tokenizer)

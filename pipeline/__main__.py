@@ -1,0 +1,38 @@
+"""Entry point: `python -m pipeline [overrides]` (Hydra app; `-m` for multirun sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from pipeline.errors import USER_ERRORS
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("pipeline")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from pipeline.runner import run_pipeline
+
+    hydra_cfg = HydraConfig.get()
+    logging.getLogger().setLevel(str(cfg.get("log_level", "INFO")).upper())
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir).name
+    try:
+        run_pipeline(cfg, run_dir=Path(hydra_cfg.runtime.output_dir), group=group)
+    except USER_ERRORS as err:
+        log.error("%s: %s", type(err).__name__, err)
+        if multirun:
+            raise
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The results table: one long table (model, stage, method, eps, head, metric, value) that every stage adds
+rows to, that each run writes as `results.csv`, and that sweeps, reports and notebooks read."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
+RESULTS_FILE = "results.csv"
+
+
+def row(metric: str, value: float, *, method: str = "", eps: float | None = None,
+        head: int | str | None = None, **extra: Any) -> dict[str, Any]:
+    """One result row; `model` and `stage` are filled in by the runner."""
+    return {"method": method, "eps": eps, "head": head, "metric": metric, "value": float(value), **extra}
+
+
+def to_frame(rows: Iterable[dict[str, Any]], model: str | None = None, stage: str | None = None) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    if model is not None:
+        frame["model"] = model
+    if stage is not None:
+        frame["stage"] = stage
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    extra = [c for c in frame.columns if c not in COLUMNS]
+    return frame[COLUMNS + extra]
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    for column in ("method", "head"):
+        if column in frame:
+            frame[column] = frame[column].astype("string")
+    return frame
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(frame: pd.DataFrame, title: str = "results", max_rows: int = 80) -> None:
+    """A compact summary: one line per (model, stage, method, metric) with the value, or the range over
+    eps/head when there are several."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if frame.empty:
+        Console().print(f"[bold]{title}[/bold]: no rows")
+        return
+    grouped = (
+        frame.fillna({"method": ""})
+        .groupby(["model", "stage", "method", "metric"], sort=False)["value"]
+        .agg(["count", "min", "median", "max"])
+        .reset_index()
+    )
+    table = Table(title=f"{title} ({len(frame)} rows; full table in results.csv)")
+    for column in ["model", "stage", "method", "metric", "n", "value (median)", "min", "max"]:
+        table.add_column(column, justify="right" if column in ("n", "value (median)", "min", "max") else "left")
+    for record in grouped.head(max_rows).itertuples(index=False):
+        single = record.count == 1
+        table.add_row(record.model, record.stage, _fmt(record.method), record.metric, str(record.count),
+                      _fmt(record.median), "" if single else _fmt(record.min), "" if single else _fmt(record.max))
+    if len(grouped) > max_rows:
+        table.caption = f"... {len(grouped) - max_rows} more groups in results.csv"
+    Console(width=160).print(table)

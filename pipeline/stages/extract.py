@@ -1,0 +1,128 @@
+"""Stage `extract`: run the frozen backbone over each split's token budget and store, per token, the residual
+stream after every head layer and the final post-norm hidden state (fp16 shards, DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.backbone import load_from_stage_output
+from pipeline.results import row
+from pipeline.shards import ShardWriter
+from pipeline.stages.base import Stage, StageContext, StageOutput
+
+log = logging.getLogger(__name__)
+META_FILE = "meta.json"
+SPLITS = ("train", "validation", "test")
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk for the extraction estimate."""
+
+
+def key_config(cfg: DictConfig) -> dict:
+    from pipeline.data import make_text_source
+
+    data = cfg.data
+    return {
+        "dtype": cfg.model.dtype,
+        "head_layers": list(cfg.model.head_layers),
+        "data": {"kind": data.kind, "seq_len": data.seq_len, "budgets": dict(data.budgets),
+                 "split_fractions": data.get("split_fractions"), "split_seed": data.get("split_seed"),
+                 "fingerprint": make_text_source(data).fingerprint},
+    }
+
+
+def bytes_needed(cfg: DictConfig) -> int:
+    n_slots = len(cfg.model.head_layers) + 1
+    per_token = n_slots * int(cfg.model.d_model) * 2 + 4
+    return per_token * sum(int(b) for b in cfg.data.budgets.values())
+
+
+def check_disk(cfg: DictConfig, directory: Path) -> None:
+    need = bytes_needed(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if need * 1.05 > free:
+        raise DiskSpaceError(
+            f"extraction needs about {need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free under "
+            f"{directory}; lower data.budgets or point paths.root (PIPELINE_OUTPUTS) at a larger disk"
+        )
+
+
+@torch.inference_mode()
+def extract_split(model, blocks: torch.Tensor, layers: list[int], writer: ShardWriter, batch_size: int,
+                  device: torch.device, progress: bool, desc: str) -> int:
+    """Forward `blocks` [n, seq_len] in batches; write head-layer residuals + final hidden per token."""
+    n_tokens = 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = blocks[start:start + batch_size].to(device)
+        hidden_states = model(input_ids=batch, output_hidden_states=True).hidden_states
+        # hidden_states[l + 1] is the residual after block l; hidden_states[-1] is after the final norm.
+        slots = [hidden_states[layer + 1] for layer in layers] + [hidden_states[-1]]
+        stacked = torch.stack(slots, dim=2).flatten(0, 1)          # [batch * seq, n_slots, d]
+        writer.add(stacked, batch.flatten())
+        n_tokens += batch.numel()
+    return n_tokens
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from pipeline.data import make_text_source, token_blocks
+
+    cfg = ctx.cfg
+    check_disk(cfg, ctx.out_dir)
+    model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
+    source = make_text_source(cfg.data)
+    layers = [int(x) for x in cfg.model.head_layers]
+    d_model = int(cfg.model.d_model)
+    meta = {"model": str(cfg.model.name), "source": str(cfg.model.source), "revision": cfg.model.revision,
+            "layers": layers, "d_model": d_model, "vocab_size": model.get_output_embeddings().out_features,
+            "dtype": "float16", "model_dtype": str(cfg.model.dtype), "seq_len": int(cfg.data.seq_len),
+            "splits": {}}
+    rows = []
+    total_tokens, total_seconds = 0, 0.0
+    for split in SPLITS:
+        budget = int(cfg.data.budgets.get(split, 0))
+        if budget <= 0:
+            continue
+        blocks = token_blocks(source, tokenizer, split, budget, int(cfg.data.seq_len))
+        writer = ShardWriter(ctx.out_dir / split, n_slots=len(layers) + 1, d_model=d_model,
+                             shard_tokens=int(cfg.extract.shard_tokens))
+        started = time.time()
+        n_tokens = extract_split(model, blocks, layers, writer, int(cfg.extract.batch_size), ctx.device,
+                                 ctx.progress, desc=f"extract {split}")
+        seconds = time.time() - started
+        index = writer.close()
+        stored = sum((ctx.out_dir / split / name).stat().st_size
+                     for shard in index["shards"] for name in (shard["hidden"], shard["tokens"]))
+        meta["splits"][split] = {"n_tokens": n_tokens, "n_shards": len(index["shards"]), "bytes": stored,
+                                 "seconds": round(seconds, 3)}
+        log.info("extract %s: %d tokens in %.1f s (%.0f tokens/s), %.1f MiB", split, n_tokens, seconds,
+                 n_tokens / max(seconds, 1e-9), stored / 2**20)
+        rows += [row("tokens", n_tokens, method=split), row("tokens_per_s", n_tokens / max(seconds, 1e-9), method=split)]
+        total_tokens += n_tokens
+        total_seconds += seconds
+    (ctx.out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    bytes_per_token = sum(s["bytes"] for s in meta["splits"].values()) / max(total_tokens, 1)
+    rows.append(row("bytes_per_token", bytes_per_token))
+    metrics = {"tokens": total_tokens, "tokens_per_s": total_tokens / max(total_seconds, 1e-9),
+               "bytes_per_token": bytes_per_token}
+    ctx.tracker.summary(metrics)
+    return StageOutput(rows=rows, metrics=metrics)
+
+
+def read_meta(extract_dir: str | Path) -> dict:
+    path = Path(extract_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rerun the extract stage (force=[extract])")
+    return json.loads(path.read_text())
+
+
+STAGE = Stage(name="extract", upstream=("backbone",), key_config=key_config, run=run)

@@ -1,0 +1,70 @@
+"""Config checks that run before any heavy work, so a typo costs seconds and every error names the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, ListConfig
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+def check_eps(values: Iterable[float] | float, key: str) -> list[float]:
+    if isinstance(values, int | float):
+        values = [values]
+    out = []
+    for eps in values:
+        try:
+            eps_f = float(eps)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: ε must be a number in (0, 1], got {eps!r}") from None
+        if not 0.0 < eps_f <= 1.0:
+            raise ConfigError(f"{key}: ε={eps_f} is outside (0, 1]; ε is a target accuracy such as 0.9")
+        out.append(eps_f)
+    return out
+
+
+def _require(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise ConfigError(f"missing config key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks on the model and data groups; each stage adds its own in `Stage.validate`."""
+    model = _require(cfg, "model")
+    num_layers = int(_require(cfg, "model.num_layers"))
+    layers = _require(cfg, "model.head_layers")
+    if not isinstance(layers, ListConfig | list) or not layers:
+        raise ConfigError(f"model.head_layers must be a non-empty list of block indices, got {layers!r}")
+    try:
+        layers = [int(x) for x in layers]
+    except (TypeError, ValueError):
+        raise ConfigError(f"model.head_layers must hold integers, got {list(layers)!r}") from None
+    bad = [x for x in layers if not 0 <= x < num_layers - 1]
+    if bad:
+        raise ConfigError(
+            f"model.head_layers {bad} out of range for {model.name} ({num_layers} blocks): a head reads the "
+            f"output of block 0..{num_layers - 2} (the last block is the full model)"
+        )
+    if layers != sorted(set(layers)):
+        raise ConfigError(f"model.head_layers must be strictly increasing, got {layers}")
+    seq_len = int(_require(cfg, "data.seq_len"))
+    max_len = int(model.get("max_seq_len") or 0)
+    if seq_len <= 0:
+        raise ConfigError(f"data.seq_len must be positive, got {seq_len}")
+    if max_len and seq_len > max_len:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds {model.name}'s maximum sequence length {max_len}; "
+            f"set data.seq_len<={max_len}"
+        )
+    for split, budget in _require(cfg, "data.budgets").items():
+        if int(budget) < seq_len:
+            raise ConfigError(f"data.budgets.{split}={budget} is smaller than one sequence (data.seq_len={seq_len})")
+    if model.source == "tiny" and not model.get("tiny"):
+        raise ConfigError("model.source=tiny needs a model.tiny block of pretraining settings (see conf/model/tiny.yaml)")
