@@ -1,5 +1,30 @@
 """The results table: one long table (model, stage, method, eps, head, metric, value) that every stage adds
-rows to, that each run writes as `results.csv`, and that sweeps, reports and notebooks read."""
+rows to, that each run writes as `results.csv`, and that sweeps, reports and notebooks read.
+
+Row vocabulary (the contract between stages, the sweep summary, the report and the notebooks). `head` is the
+head index (0..n_heads-1, the `layer` column gives its block index) or "all" for a whole exit policy:
+
+  stage       method                              eps   head   metric
+  backbone    pretrain                            -     -      val_ppl, train_seconds, tokens_per_s, ...
+  backbone    ""                                  -     -      n_params
+  extract     train|validation|test               -     -      tokens, tokens_per_s
+  extract     ""                                  -     -      bytes_per_token
+  heads       trained|logit_lens                  -     i      kl, agree
+  heads       trained                             -     -      train_tokens_per_s, train_seconds
+  metrics     <metric name> (entropy, ...)        -     i      auroc
+  calibrate   empirical|ltt                       e     i      threshold (NaN = head disabled), exit_frac
+  calibrate   empirical|ltt                       e     all    accuracy, coverage (test split, whole policy)
+  early_exit  full|<calibration method>           e     -      acc/<task>, acc_stderr/<task>,
+                                                               compute_frac/<task>
+  early_exit  full|<calibration method>           e     i      exit_frac/<task>
+  early_exit  lazy|copy|recompute                 e     -      agreement, ppl, layer_equiv_per_token (token level)
+  decoding    generate|greedy|dssd|early_exit     e     -      tokens_per_s, speedup_vs_generate,
+              |layerskip|oracle                                layer_equiv_per_token, acceptance_rate,
+                                                               accepted_per_verification, identical
+  decoding    layerskip_grid                      -     i      (extra column `draft_len`) same metrics, on the
+                                                               tuning prompts
+  decoding    dssd_vs_layerskip                   e     -      acceptance_ratio, accepted_per_verification_ratio
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipeline.validation import ConfigError, validate_config
 log = logging.getLogger(__name__)
 
 # Dependency order of every stage the project knows; only those with a module in pipeline/stages/ run.
+TABLES_DIR = "tables"
 STAGE_ORDER = ("backbone", "extract", "heads", "metrics", "calibrate", "early_exit", "decoding")
 
 
@@ -167,6 +169,10 @@ class Runner:
                 output = stage.run(ctx)
                 frame = to_frame(output.rows, model=self.model, stage=name)
                 frame.to_csv(work_dir / RESULTS_FILE, index=False)
+                if output.tables:
+                    (work_dir / TABLES_DIR).mkdir(exist_ok=True)
+                    for table_name, table in output.tables.items():
+                        table.to_parquet(work_dir / TABLES_DIR / f"{table_name}.parquet", index=False)
                 tracker.summary({k: v for k, v in output.metrics.items() if isinstance(v, int | float | str)})
             rec["metrics"] = output.metrics
         self._verified.add(name)
@@ -179,6 +185,8 @@ class Runner:
         for name in self.requested:
             entry = self.ensure(name)
             path = entry / RESULTS_FILE
+            if run_dir is not None and (entry / TABLES_DIR).is_dir():
+                shutil.copytree(entry / TABLES_DIR, run_dir / TABLES_DIR / name, dirs_exist_ok=True)
             if path.is_file() and path.stat().st_size > 0:
                 frame = read_results(path)
                 if not frame.empty:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -52,6 +53,9 @@ class StageContext:
 class StageOutput:
     rows: list[dict[str, Any]] = field(default_factory=list)   # results rows (long format)
     metrics: dict[str, Any] = field(default_factory=dict)      # summary numbers for the completion record
+    # Larger tables for notebooks (e.g. per-token metric values): saved as `tables/<name>.parquet` in the
+    # stage output and copied into the run directory as `tables/<stage>/<name>.parquet`.
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
