@@ -1,0 +1,477 @@
+"""Calibrating one exit threshold per head per target accuracy ε (DESIGN.md §1.4).
+
+Vocabulary. ε is a target *accuracy among exited tokens*: agreement of the exiting head's argmax with the
+full model's argmax, over the tokens that exit. α = 1 − ε is the tolerated disagreement. Internally every
+rule works on a confidence *score* (higher = more confident: `ConfidenceMetric.confidence`); thresholds are
+converted back to the metric's own scale for the artifact, where a token exits at head k when
+`metric.is_confident(value, threshold[k])` (inclusive, so tied values always exit together). A threshold of
+`None` means "this head never exits at this ε". NaN metric values (a metric undefined for a token) never exit.
+
+Methods
+-------
+`empirical` (the paper's rule): sort the head's calibration tokens from most to least confident; the
+threshold is the most permissive distinct value whose cumulative accuracy (over all tokens at least as
+confident, ties included) is still >= ε. This is the maximal-coverage threshold meeting ε *on the
+calibration data*; on new data it misses ε about half the time when the calibration set is small.
+
+`ltt` (Learn then Test, Angelopoulos et al. 2021, as used in CALM): the most permissive threshold on a
+grid such that fixed-sequence testing rejects, at level δ, every null H_j: R(λ_j) > α, where
+R(λ) = P(head disagrees | score >= λ) is the *conditional* disagreement among exited tokens, the quantity ε
+is about.
+
+- The random number of exited tokens. For a fixed λ, condition on m = #{calibration tokens with
+  score >= λ}. Calibration tokens are i.i.d., so given m the exited tokens are i.i.d. draws from the law of
+  (score, correct) given score >= λ, and their error count is Binomial(m, R(λ)). The Hoeffding–Bentkus
+  p-value computed with n = m is therefore valid conditionally on m, hence marginally; m = 0 gives p = 1.
+  (Controlling the joint risk P(exit and wrong) <= α · coverage instead would need the coverage to be
+  known; it is not the same guarantee and is not what we do.)
+- The grid must not depend on the tokens that are tested. We split the head's calibration tokens at random:
+  a fraction `grid_fraction` fixes the grid (quantiles of its scores at evenly spaced coverage levels) and
+  the start of the sequence (the most conservative grid point whose p-value, projected from the grid part
+  to the size of the test part, is <= δ: starting at the very conservative end, with a handful of exited
+  tokens, would make the first test fail and stop the sequence); the other tokens run the tests.
+  Fixed-sequence testing (conservative -> permissive, stop at the first non-rejection) controls the
+  family-wise error at δ with no assumption on how the p-values depend on each other: a wrong choice needs
+  the first true null of the sequence to be rejected, which has probability <= δ.
+- Guarantee: with probability >= 1 − δ over the calibration data, the chosen threshold's disagreement rate
+  among exited tokens, on new tokens from the same distribution, is <= α.
+
+Cascade
+-------
+At inference a token exits at the *first* confident head, so head k only ever sees tokens that heads < k
+did not take. With `cascade=True` head k is calibrated on exactly those calibration tokens (in head order),
+with the thresholds already chosen for heads < k. The exit policy's exited tokens are the disjoint union of
+the per-head exited sets, so its accuracy is a mixture of the per-head accuracies: if every head's exited
+set has accuracy >= ε, so has the union. Hence:
+- `empirical` + cascade: the whole policy meets ε on the calibration data exactly (each head does).
+- `ltt` + cascade: each head is tested at δ / n_heads (Bonferroni), so with probability >= 1 − δ every
+  head meets ε on new data and therefore so does the whole policy. Caveat, stated plainly: head k's
+  calibration subset is selected by thresholds fitted on the same data; the dependence enters only through
+  the k scalar thresholds above it and the synthetic tests measure the realized violation rate.
+Without cascade (`cascade=False`) each head is calibrated on all tokens: a per-head statement that does
+*not* carry over to the policy (tokens reaching deeper heads are harder), which is why cascade is the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy.special import xlogy
+from scipy.stats import binom
+
+from pipeline.confidence import ConfidenceMetric, get_metric
+
+log = logging.getLogger(__name__)
+
+METHODS = ("empirical", "ltt")
+FORMAT = "dssd-exit-thresholds"
+FORMAT_VERSION = 1
+# Tolerance on "accuracy >= ε": 0.7 * 10 is 7.000000000000001 in floating point, and 7 of 10 must pass.
+_TOL = 1e-9
+
+
+# --- validation and keys -------------------------------------------------------------------------------------
+
+
+def check_eps(eps: float | Sequence[float]) -> list[float]:
+    """Validate target accuracies: each must lie in (0, 1]."""
+    values = [eps] if isinstance(eps, numbers.Real) else list(eps)
+    if not values:
+        raise ValueError("the ε grid is empty; give at least one target accuracy in (0, 1]")
+    for e in values:
+        if not isinstance(e, numbers.Real) or isinstance(e, bool) or not 0.0 < float(e) <= 1.0:
+            raise ValueError(
+                f"ε={e!r} is not a valid target accuracy: ε is the required agreement with the full model among "
+                "exited tokens and must lie in (0, 1] (e.g. 0.9)"
+            )
+    return [float(e) for e in values]
+
+
+def check_delta(delta: float) -> float:
+    """Validate the LTT risk level δ: it must lie in (0, 1)."""
+    if not isinstance(delta, numbers.Real) or isinstance(delta, bool) or not 0.0 < float(delta) < 1.0:
+        raise ValueError(
+            f"δ={delta!r} is not a valid error level: δ is the probability that a guaranteed threshold misses ε "
+            "and must lie in (0, 1) (e.g. 0.05)"
+        )
+    return float(delta)
+
+
+def eps_key(eps: float | str) -> str:
+    """Stable string form of ε for JSON keys: at least two decimals, no float noise ("0.90", "0.995", "1.00")."""
+    value = float(eps)
+    text = f"{value:.6f}".rstrip("0")
+    decimals = len(text.split(".")[1])
+    return text + "0" * max(0, 2 - decimals)
+
+
+# --- per-head rules (score space: higher = more confident) ----------------------------------------------------
+
+
+def _sorted_finite(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if scores.shape != correct.shape:
+        raise ValueError(f"scores and correct differ in length: {scores.shape} vs {correct.shape}")
+    keep = ~np.isnan(scores)
+    scores, correct = scores[keep], correct[keep]
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], correct[order]
+
+
+def empirical_threshold(scores: np.ndarray, correct: np.ndarray, eps: float) -> float | None:
+    """Most permissive score s* with accuracy >= ε over {score >= s*} (ties included); None if none."""
+    s, c = _sorted_finite(scores, correct)
+    if len(s) == 0:
+        return None
+    n = np.arange(1, len(s) + 1)
+    n_ok = np.cumsum(c)
+    # Only the last index of each tie group is a valid cut: the inclusive threshold admits the whole group.
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    meets = n_ok[last] + _TOL * n[last] >= eps * n[last]
+    if not meets.any():
+        return None
+    return float(s[last[np.flatnonzero(meets)[-1]]])
+
+
+def hb_p_value(errors: np.ndarray | int, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """Hoeffding–Bentkus p-value for H0: disagreement rate > α, from `errors` out of `n` exited tokens.
+
+    p = min(exp(-n h(r̂ ∧ α, α)), e · P(Binomial(n, α) <= ⌈n r̂⌉)), h(a, b) = a log(a/b) + (1−a) log((1−a)/(1−b)),
+    with r̂ = errors / n (so ⌈n r̂⌉ = errors). n = 0 gives p = 1; α = 0 (ε = 1) can never be certified: p = 1.
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    errors, n = np.broadcast_arrays(errors, n)
+    p = np.ones(errors.shape)
+    if alpha <= 0.0:
+        return p
+    ok = n > 0
+    r = np.minimum(errors[ok] / n[ok], alpha)
+    h = xlogy(r, r / alpha) + xlogy(1.0 - r, (1.0 - r) / (1.0 - alpha))
+    p_hoeffding = np.exp(-n[ok] * h)
+    p_bentkus = math.e * binom.cdf(errors[ok], n[ok], alpha)
+    p[ok] = np.minimum(np.minimum(p_hoeffding, p_bentkus), 1.0)
+    return p
+
+
+def _counts_at(sorted_desc: np.ndarray, errors_cum: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(#tokens with score >= λ, #errors among them) for each λ, from scores sorted descending."""
+    m = np.searchsorted(-sorted_desc, -thresholds, side="right")
+    e = np.where(m > 0, errors_cum[np.maximum(m - 1, 0)], 0) if len(errors_cum) else np.zeros_like(m)
+    return m, e
+
+
+def ltt_threshold(
+    scores: np.ndarray,
+    correct: np.ndarray,
+    eps: float,
+    delta: float,
+    *,
+    grid_fraction: float = 0.2,
+    grid_points: int = 200,
+    rng: np.random.Generator | None = None,
+) -> float | None:
+    """Most permissive grid threshold certified by Learn-then-Test (fixed sequence, Hoeffding–Bentkus).
+
+    See the module docstring for the procedure and its guarantee. Returns None when nothing is certified.
+    """
+    if not 0.0 < grid_fraction < 1.0:
+        raise ValueError(f"grid_fraction={grid_fraction} must lie in (0, 1)")
+    alpha = 1.0 - eps
+    s, c = _sorted_finite(scores, correct)
+    n_grid = int(round(grid_fraction * len(s)))
+    n_test = len(s) - n_grid
+    if alpha <= _TOL or n_grid == 0 or n_test == 0:
+        return None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    in_grid = np.zeros(len(s), dtype=bool)
+    in_grid[rng.permutation(len(s))[:n_grid]] = True
+    # Both parts stay sorted descending (a boolean mask preserves order).
+    s_g, c_g, s_t, c_t = s[in_grid], c[in_grid], s[~in_grid], c[~in_grid]
+
+    # Grid: scores of the grid part at evenly spaced coverage levels, conservative (high score) first.
+    levels = np.linspace(1.0 / grid_points, 1.0, grid_points)
+    lam = np.unique(s_g[np.ceil(levels * n_grid).astype(int) - 1])[::-1]
+
+    # Start of the sequence, chosen on the grid part only: project each grid point's counts to the test
+    # part's size and start where the projected p-value first clears δ.
+    m_g, e_g = _counts_at(s_g, np.cumsum(~c_g), lam)
+    m_proj = np.rint(m_g * (n_test / n_grid))
+    e_proj = np.rint(np.where(m_g > 0, e_g / np.maximum(m_g, 1), 0.0) * m_proj)
+    p_proj = hb_p_value(e_proj, m_proj, alpha)
+    hits = np.flatnonzero(p_proj <= delta)
+    start = int(hits[0]) if len(hits) else int(np.argmin(p_proj))
+
+    m_t, e_t = _counts_at(s_t, np.cumsum(~c_t), lam[start:])
+    rejected = hb_p_value(e_t, m_t, alpha) <= delta
+    n_rejected = len(rejected) if rejected.all() else int(np.argmin(rejected))
+    if n_rejected == 0:
+        return None
+    return float(lam[start + n_rejected - 1])
+
+
+# --- all heads, all ε ---------------------------------------------------------------------------------------
+
+
+def _to_scores(values: np.ndarray, metric: ConfidenceMetric) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return -values if metric.lower_is_confident else values
+
+
+def _from_score(threshold: float | None, metric: ConfidenceMetric) -> float | None:
+    if threshold is None:
+        return None
+    return float(-threshold) if metric.lower_is_confident else float(threshold)
+
+
+def calibrate_heads(
+    values: np.ndarray,
+    correct: np.ndarray,
+    metric: str | ConfidenceMetric,
+    eps: float,
+    method: str = "empirical",
+    delta: float = 0.05,
+    cascade: bool = True,
+    grid_fraction: float = 0.2,
+    grid_points: int = 200,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+) -> list[float | None]:
+    """Thresholds (metric scale) for every head at one ε. `values`, `correct`: [n_tokens, n_heads]."""
+    metric = get_metric(metric) if isinstance(metric, str) else metric
+    (eps,) = check_eps(eps)
+    delta = check_delta(delta)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
+    scores = _to_scores(values, metric)
+    correct = np.asarray(correct, dtype=bool)
+    if scores.ndim != 2 or scores.shape != correct.shape:
+        raise ValueError(f"values and correct must both be [n_tokens, n_heads]; got {scores.shape}, {correct.shape}")
+    n_heads = scores.shape[1]
+    layers = list(layers) if layers is not None else list(range(n_heads))
+    # Bonferroni over heads in cascade mode, so the whole policy (not each head alone) holds at δ.
+    head_delta = delta / n_heads if cascade else delta
+    remaining = np.ones(len(scores), dtype=bool)
+    out: list[float | None] = []
+    for k in range(n_heads):
+        pool = remaining if cascade else slice(None)
+        if method == "empirical":
+            thr = empirical_threshold(scores[pool, k], correct[pool, k], eps)
+        else:
+            # One generator per (seed, head, ε): a threshold does not depend on which ε were computed before.
+            rng = np.random.default_rng([seed, k, int(round(eps * 1e6))])
+            thr = ltt_threshold(scores[pool, k], correct[pool, k], eps, head_delta,
+                                grid_fraction=grid_fraction, grid_points=grid_points, rng=rng)
+        if thr is None:
+            log.warning("%s calibration: head %d (layer %s) cannot reach ε=%s; it never exits at this ε",
+                        method, k, layers[k], eps_key(eps))
+        elif cascade:
+            remaining &= ~(scores[:, k] >= thr)  # NaN compares False: those tokens stay for later heads
+        out.append(_from_score(thr, metric))
+    return out
+
+
+def calibrate(
+    values: np.ndarray,
+    correct: np.ndarray,
+    metric: str,
+    eps: Sequence[float],
+    methods: Sequence[str] = METHODS,
+    delta: float = 0.05,
+    cascade: bool = True,
+    layers: Sequence[int] | None = None,
+    grid_fraction: float = 0.2,
+    grid_points: int = 200,
+    seed: int = 0,
+) -> ExitThresholds:
+    """Thresholds for every method, ε and head, as an `ExitThresholds` artifact."""
+    metric_obj = get_metric(metric)
+    eps_list = check_eps(eps)
+    delta = check_delta(delta)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown calibration method(s) {unknown}; choose from {METHODS}")
+    n_heads = np.asarray(values).shape[1]
+    layers = list(layers) if layers is not None else list(range(n_heads))
+    if len(layers) != n_heads:
+        raise ValueError(f"{len(layers)} layers given for {n_heads} heads")
+    table = {
+        method: {
+            eps_key(e): calibrate_heads(values, correct, metric_obj, e, method, delta, cascade,
+                                        grid_fraction, grid_points, seed, layers)
+            for e in eps_list
+        }
+        for method in methods
+    }
+    return ExitThresholds(
+        metric=metric, lower_is_confident=metric_obj.lower_is_confident, layers=[int(x) for x in layers],
+        eps=eps_list, delta=delta, cascade=cascade, thresholds=table, n_calibration=int(len(values)),
+        settings={"grid_fraction": grid_fraction, "grid_points": grid_points, "seed": seed},
+    )
+
+
+# --- the artifact ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitThresholds:
+    """thresholds[method][eps_key(ε)][head] on the metric's own scale; None = the head never exits."""
+
+    metric: str
+    lower_is_confident: bool
+    layers: list[int]
+    eps: list[float]
+    delta: float
+    cascade: bool
+    thresholds: dict[str, dict[str, list[float | None]]]
+    n_calibration: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        metric = get_metric(self.metric)
+        if metric.lower_is_confident != self.lower_is_confident:
+            raise ValueError(f"direction mismatch for metric {self.metric!r}: the registry says "
+                             f"lower_is_confident={metric.lower_is_confident}")
+        self.eps = check_eps(self.eps)
+        self.delta = check_delta(self.delta)
+        expected = {eps_key(e) for e in self.eps}
+        for method, by_eps in self.thresholds.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown calibration method {method!r} in thresholds; known: {METHODS}")
+            if set(by_eps) != expected:
+                raise ValueError(f"thresholds[{method!r}] has ε keys {sorted(by_eps)}, expected {sorted(expected)}")
+            for key, row in by_eps.items():
+                if len(row) != len(self.layers):
+                    raise ValueError(f"thresholds[{method!r}][{key!r}] has {len(row)} entries for "
+                                     f"{len(self.layers)} heads")
+                for t in row:
+                    if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)):
+                        raise ValueError(f"thresholds[{method!r}][{key!r}] holds {t!r}: expected a finite number or null")
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.thresholds)
+
+    @property
+    def metric_fn(self) -> ConfidenceMetric:
+        return get_metric(self.metric)
+
+    def for_eps(self, method: str, eps: float | str) -> list[float | None]:
+        if method not in self.thresholds:
+            raise KeyError(f"no thresholds for method {method!r}; available: {self.methods}")
+        key = eps_key(eps)
+        if key not in self.thresholds[method]:
+            raise KeyError(f"no thresholds for ε={key}; calibrated: {[eps_key(e) for e in self.eps]}")
+        return list(self.thresholds[method][key])
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "metric": self.metric,
+            "direction": "lower" if self.lower_is_confident else "higher",
+            "layers": self.layers, "eps": [eps_key(e) for e in self.eps], "delta": self.delta,
+            "cascade": self.cascade, "n_calibration": self.n_calibration, "settings": self.settings,
+            "thresholds": self.thresholds,
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExitThresholds:
+        if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"not a thresholds file of format {FORMAT!r} v{FORMAT_VERSION} "
+                             f"(found {data.get('format')!r} v{data.get('version')!r})")
+        if data.get("direction") not in ("lower", "higher"):
+            raise ValueError(f"direction must be 'lower' or 'higher', got {data.get('direction')!r}")
+        return cls(
+            metric=data["metric"], lower_is_confident=data["direction"] == "lower",
+            layers=[int(x) for x in data["layers"]], eps=[float(e) for e in data["eps"]], delta=data["delta"],
+            cascade=bool(data["cascade"]), thresholds=data["thresholds"],
+            n_calibration=int(data.get("n_calibration", 0)), settings=dict(data.get("settings", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExitThresholds:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no thresholds file at {path}; run the calibrate stage first")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"thresholds file {path} is not valid JSON: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except KeyError as err:
+            raise ValueError(f"thresholds file {path} lacks field {err}") from err
+
+
+# --- applying a policy ----------------------------------------------------------------------------------------
+
+
+class PolicyOutcome(NamedTuple):
+    """exit_head[i] = first confident head of token i (-1: the full model decides); accuracy = agreement among
+    exited tokens (NaN if none exit); coverage[k] = fraction of all tokens exiting at head k."""
+
+    exit_head: np.ndarray
+    accuracy: float
+    coverage: np.ndarray
+
+    @property
+    def total_coverage(self) -> float:
+        return float(self.coverage.sum())
+
+    @property
+    def agreement(self) -> float:
+        """Agreement with the full model over all tokens (non-exited tokens agree by construction)."""
+        if np.isnan(self.accuracy):
+            return 1.0
+        return 1.0 - (1.0 - self.accuracy) * self.total_coverage
+
+
+def apply_exit_policy(
+    metric_values: np.ndarray,
+    correct: np.ndarray,
+    thresholds: Sequence[float | None],
+    lower_is_confident: bool,
+) -> PolicyOutcome:
+    """Run the cascade exit policy on precomputed per-head metric values [n, n_heads] and correctness."""
+    values = np.asarray(metric_values, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if values.ndim != 2 or values.shape != correct.shape or values.shape[1] != len(thresholds):
+        raise ValueError(f"need values and correct of shape [n, {len(thresholds)}]; got {values.shape}, {correct.shape}")
+    # None -> a threshold no value can meet; NaN values compare False either way.
+    thr = np.array([np.nan if t is None else t for t in thresholds], dtype=np.float64)
+    confident = values <= thr if lower_is_confident else values >= thr
+    exits = confident.any(axis=1)
+    first = confident.argmax(axis=1)
+    exit_head = np.where(exits, first, -1)
+    n = len(values)
+    accuracy = float(correct[np.flatnonzero(exits), first[exits]].mean()) if exits.any() else float("nan")
+    coverage = np.bincount(first[exits], minlength=len(thresholds)) / max(n, 1)
+    return PolicyOutcome(exit_head, accuracy, coverage)
+
+
+def evaluate_thresholds(values: np.ndarray, correct: np.ndarray, thresholds: ExitThresholds) -> pd.DataFrame:
+    """Realized accuracy/coverage of every (method, ε) policy on held-out tokens: one row each."""
+    rows = []
+    for method in thresholds.methods:
+        for e in thresholds.eps:
+            out = apply_exit_policy(values, correct, thresholds.for_eps(method, e), thresholds.lower_is_confident)
+            row = {"method": method, "eps": e, "accuracy": out.accuracy, "coverage": out.total_coverage,
+                   "agreement": out.agreement, "meets_eps": bool(out.accuracy + _TOL >= e) if out.total_coverage else True,
+                   "n_tokens": len(values)}
+            row.update({f"coverage_layer{layer}": float(c) for layer, c in zip(thresholds.layers, out.coverage, strict=True)})
+            rows.append(row)
+    return pd.DataFrame(rows)
