@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models built locally (no hub), and an isolated outputs root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def outputs_root(tmp_path, monkeypatch):
+    root = tmp_path / "outputs"
+    monkeypatch.setenv("PIPELINE_OUTPUTS", str(root))
+    return root
+
+
+def tiny_gpt_neox(num_layers: int = 4, d_model: int = 32, vocab: int = 128, seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=num_layers,
+                           num_attention_heads=4, intermediate_size=4 * d_model, max_position_embeddings=256,
+                           rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(config).eval()
