@@ -1,0 +1,201 @@
+"""Token streams: documents -> tokens -> fixed-length blocks, per split, under a token budget.
+
+One interface for every corpus (`TextSource`): the offline stdlib corpus (`local_text`) and MiniPile
+(`minipile`, streamed from the hub). Downstream code (pretraining, extraction) only sees
+`token_blocks(...)`, a `[n_blocks, seq_len]` LongTensor, so switching corpora is a config change.
+
+Blocks are cut from one continuous stream in which every document is followed by the EOS token (the
+GPT-NeoX/Pythia convention): no padding, no wasted positions, and a block may span a document boundary
+exactly as in Pythia's own pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from pipeline.corpus import SPLITS, LocalTextCorpus
+
+log = logging.getLogger(__name__)
+
+# Documents are tokenized in batches: the fast tokenizer parallelises within a batch, and a batch bounds
+# how far past the budget we read.
+_TOKENIZE_BATCH = 64
+
+
+class DataUnavailableError(RuntimeError):
+    """A configured corpus cannot be read here (e.g. MiniPile without network); the message says what to do."""
+
+
+@runtime_checkable
+class TextSource(Protocol):
+    """A corpus split into train / validation / test documents, identified by a content fingerprint."""
+
+    name: str
+
+    def documents(self, split: str) -> Iterator[str]: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class MiniPileSource:
+    """MiniPile streamed from the hub (`datasets.load_dataset(..., streaming=True)`), text field "text".
+
+    Streaming keeps disk use at zero and reads only as many documents as the budget needs. MiniPile
+    ships its own train / validation / test splits, so no split fractions apply. The fingerprint names the
+    dataset and revision (a streamed hub dataset cannot be hashed without downloading it all); pin
+    `revision` for reproducible caches.
+    """
+
+    name = "minipile"
+
+    def __init__(self, hub_id: str = "JeanKaddour/minipile", revision: str | None = None,
+                 text_field: str = "text") -> None:
+        self.hub_id = hub_id
+        self.revision = revision
+        self.text_field = text_field
+
+    @property
+    def fingerprint(self) -> str:
+        key = f"minipile;hub_id={self.hub_id};revision={self.revision or 'main'};field={self.text_field}"
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def documents(self, split: str) -> Iterator[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+        from pipeline.backbone import hub_reachable
+
+        # Streaming has no local cache to fall back on, and `datasets` would otherwise retry for minutes.
+        if not hub_reachable():
+            raise DataUnavailableError(
+                f"cannot stream {self.hub_id!r} ({split}): the Hugging Face hub is unreachable. Use the offline "
+                "corpus instead (data=local_text, the default), or run where the hub is reachable."
+            )
+        from datasets import load_dataset
+
+        dataset = load_dataset(self.hub_id, split=split, streaming=True, revision=self.revision)
+        for row in dataset:
+            text = row[self.text_field]
+            if text:
+                yield text
+
+    def __repr__(self) -> str:
+        return f"MiniPileSource(hub_id={self.hub_id!r}, revision={self.revision!r})"
+
+
+def make_text_source(data_cfg: Mapping[str, Any]) -> TextSource:
+    """Build the corpus a `conf/data/*.yaml` config describes (dispatch on `kind`)."""
+    kind = data_cfg.get("kind")
+    if kind == "local_text":
+        return LocalTextCorpus(
+            split_fractions=data_cfg.get("split_fractions"),
+            split_seed=int(data_cfg.get("split_seed", 0)),
+            root=data_cfg.get("root"),
+        )
+    if kind == "minipile":
+        return MiniPileSource(
+            hub_id=data_cfg.get("hub_id", "JeanKaddour/minipile"),
+            revision=data_cfg.get("revision"),
+            text_field=data_cfg.get("text_field", "text"),
+        )
+    raise ValueError(f"unknown data kind {kind!r}; known kinds: 'local_text', 'minipile'")
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token to separate documents")
+    return int(eos)
+
+
+def iter_token_ids(source: TextSource, tokenizer: Any, split: str) -> Iterator[list[int]]:
+    """Each document of `split` as token ids followed by EOS, in the source's deterministic order."""
+    eos = _eos_id(tokenizer)
+    batch: list[str] = []
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # verbose=False: documents are longer than the model's context by design (they are chopped
+        # later), so the "sequence longer than the maximum" warning is noise here.
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    for text in source.documents(split):
+        batch.append(text)
+        if len(batch) == _TOKENIZE_BATCH:
+            for ids in encode(batch):
+                yield [*ids, eos]
+            batch = []
+    if batch:
+        for ids in encode(batch):
+            yield [*ids, eos]
+
+
+def token_blocks(
+    source: TextSource,
+    tokenizer: Any,
+    split: str,
+    n_tokens: int,
+    seq_len: int,
+    budget_key: str | None = None,
+) -> torch.LongTensor:
+    """The first `n_tokens` tokens of `split` as a `[n_tokens // seq_len, seq_len]` LongTensor.
+
+    The budget is rounded down to whole blocks. Raises ValueError when the split holds fewer tokens than
+    the budget; `budget_key` names the config key that set the budget, for the message
+    (default `data.budgets.<split>`).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    n_blocks = int(n_tokens) // int(seq_len)
+    key = budget_key or f"data.budgets.{split}"
+    if n_blocks < 1:
+        raise ValueError(f"token budget {n_tokens} ({key}) is smaller than one block of seq_len={seq_len}")
+    needed = n_blocks * seq_len
+
+    out = torch.empty(needed, dtype=torch.long)
+    filled = 0
+    for ids in iter_token_ids(source, tokenizer, split):
+        take = min(len(ids), needed - filled)
+        out[filled:filled + take] = torch.tensor(ids[:take], dtype=torch.long)
+        filled += take
+        if filled == needed:
+            break
+    if filled < needed:
+        hint = f"lower {key}"
+        if getattr(source, "name", None) == "local_text":
+            hint += f" or give the split more text (data.split_fractions.{split})"
+        raise ValueError(
+            f"split {split!r} of {getattr(source, 'name', type(source).__name__)} holds only {filled:,} tokens "
+            f"but the budget asks for {needed:,} ({n_blocks} blocks of seq_len={seq_len}, from {key}="
+            f"{n_tokens:,}); {hint}, or shorten data.seq_len"
+        )
+    return out.view(n_blocks, seq_len)
+
+
+def max_sequence_length(model_or_config: Any, tokenizer: Any | None = None) -> int:
+    """The longest sequence the model (and tokenizer, when given) supports.
+
+    GPT-NeoX reads positions up to `max_position_embeddings`; tokenizers report a `model_max_length`
+    that is a huge sentinel when unset, so it only counts when it is a plausible number.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    limits = [int(v) for v in (getattr(config, "max_position_embeddings", None),) if v]
+    tok_max = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    if tok_max and int(tok_max) < 1_000_000:
+        limits.append(int(tok_max))
+    if not limits:
+        raise ValueError(f"cannot tell the maximum sequence length of {type(config).__name__}")
+    return min(limits)
+
+
+def check_seq_len(seq_len: int, model_or_config: Any, tokenizer: Any | None = None,
+                  key: str = "data.seq_len") -> None:
+    """Raise a clear ValueError when `seq_len` exceeds what the model/tokenizer can take."""
+    limit = max_sequence_length(model_or_config, tokenizer)
+    if int(seq_len) > limit:
+        raise ValueError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}; "
+                         f"set {key} <= {limit}")
