@@ -27,9 +27,9 @@ is about.
   known; it is not the same guarantee and is not what we do.)
 - The grid must not depend on the tokens that are tested. We split the head's calibration tokens at random:
   a fraction `grid_fraction` fixes the grid (quantiles of its scores at evenly spaced coverage levels) and
-  the start of the sequence (the most conservative grid point whose p-value, projected from the grid part
-  to the size of the test part, is <= δ: starting at the very conservative end, with a handful of exited
-  tokens, would make the first test fail and stop the sequence); the other tokens run the tests.
+  the start of the sequence: the grid point whose p-value, projected from the grid part to the size of the
+  test part, is smallest (starting at the very conservative end, with a handful of exited tokens, would make
+  the first test fail and stop the sequence at once); the other tokens run the tests.
   Fixed-sequence testing (conservative -> permissive, stop at the first non-rejection) controls the
   family-wise error at δ with no assumption on how the p-values depend on each other: a wrong choice needs
   the first true null of the sequence to be rejected, which has probability <= δ.
@@ -204,13 +204,11 @@ def ltt_threshold(
     lam = np.unique(s_g[np.ceil(levels * n_grid).astype(int) - 1])[::-1]
 
     # Start of the sequence, chosen on the grid part only: project each grid point's counts to the test
-    # part's size and start where the projected p-value first clears δ.
+    # part's size and start at the hypothesis most likely to be rejected (smallest projected p-value).
     m_g, e_g = _counts_at(s_g, np.cumsum(~c_g), lam)
     m_proj = np.rint(m_g * (n_test / n_grid))
     e_proj = np.rint(np.where(m_g > 0, e_g / np.maximum(m_g, 1), 0.0) * m_proj)
-    p_proj = hb_p_value(e_proj, m_proj, alpha)
-    hits = np.flatnonzero(p_proj <= delta)
-    start = int(hits[0]) if len(hits) else int(np.argmin(p_proj))
+    start = int(np.argmin(hb_p_value(e_proj, m_proj, alpha)))
 
     m_t, e_t = _counts_at(s_t, np.cumsum(~c_t), lam[start:])
     rejected = hb_p_value(e_t, m_t, alpha) <= delta
