@@ -1,0 +1,151 @@
+"""An lm-evaluation-harness model that scores with early exit: `EarlyExitLM`, a subclass of lm-eval's `HFLM`.
+
+Loglikelihood requests (multiple choice, LAMBADA-style completion, rolling perplexity) are scored from one full
+forward per batch: for every position the logits come from the first enabled head whose confidence passes its
+threshold, else from the full model (`pipeline.token_eval.cascade_logits`). Because the forward keeps every
+hidden state equal to the full model's, this is exactly what an incremental early-exit scorer with exact states
+(lazy KV fill) would produce.
+
+Compute: the forward runs the whole model, but the adapter reports what the *exit policy* would cost per scored
+position: blocks up to the exit, every enabled head evaluated on the way, and for positions no head takes all L
+blocks plus the unembedding (layer-equivalents, DESIGN.md §2). KV fill for skipped layers is not included here;
+`pipeline.token_eval` measures it per fill policy. Statistics are kept per lm-eval task (`exit_stats`).
+
+Generation requests (`generate_until`) go through the decoding engine's `early_exit` strategy (lossy) or its
+`dssd` strategy (identical to the full model's greedy output), chosen by `generation`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from pipeline.backbone import num_layers_of, unembedding_of
+from pipeline.confidence import ConfidenceMetric, get_metric
+from pipeline.engine.stats import CostModel
+from pipeline.heads import EarlyExitHeads
+from pipeline.token_eval import ExitCounts, ExitPolicy, cascade_logits
+
+log = logging.getLogger(__name__)
+
+GENERATION_STRATEGIES = ("early_exit", "dssd")
+_NO_TASK = "_untagged"
+
+
+class EarlyExitLM(HFLM):
+    """lm-eval model scoring with an early-exit policy over `heads` (see the module docstring).
+
+    Built from an already loaded model and tokenizer (no hub access). `thresholds` gives one value per head
+    (None = the head never exits); all None (the default) is the full model, bit-identical to `HFLM`.
+    Change the policy between evaluations with `set_policy` instead of building a new model.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, heads: EarlyExitHeads,
+                 thresholds: Sequence[float | None] | None = None, metric: str | ConfidenceMetric = "entropy",
+                 cost: CostModel | None = None, generation: str = "early_exit", max_draft: int = 16,
+                 **hflm_kwargs: Any) -> None:
+        super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hflm_kwargs)
+        if generation not in GENERATION_STRATEGIES:
+            raise ValueError(f"generation={generation!r}; choose one of {GENERATION_STRATEGIES}")
+        unembed = unembedding_of(model)
+        self.heads = heads.to(self.device).eval()
+        self.generation = generation
+        self.max_draft = max_draft
+        self.policy = ExitPolicy(
+            heads=self.heads, thresholds=[None] * len(heads), metric=get_metric("entropy"),
+            num_layers=num_layers_of(model),
+            cost=cost or CostModel.default(unembed.in_features, unembed.out_features),
+        )
+        self.set_policy(thresholds, metric)
+        self.exit_stats: dict[str, ExitCounts] = {}
+        self._task = _NO_TASK
+        # Exit heads of the rows of the batch `_model_call` scored last, consumed row by row (in batch order)
+        # by `_select_cont_toks`, which is where lm-eval says which positions of a row are scored.
+        self._batch_exits: torch.Tensor | None = None
+        self._batch_row = 0
+
+    # -- policy and statistics --------------------------------------------------------------------------------
+
+    def set_policy(self, thresholds: Sequence[float | None] | None,
+                   metric: str | ConfidenceMetric | None = None) -> None:
+        """Switch to another threshold vector (and metric); statistics are reset."""
+        if metric is not None:
+            self.policy.metric = get_metric(metric) if isinstance(metric, str) else metric
+        values = [None] * len(self.heads) if thresholds is None else list(thresholds)
+        if len(values) != len(self.heads):
+            raise ValueError(f"{len(values)} thresholds for {len(self.heads)} heads")
+        self.policy.thresholds = [None if t is None else float(t) for t in values]
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.exit_stats = {}
+
+    def _counts(self) -> ExitCounts:
+        if self._task not in self.exit_stats:
+            self.exit_stats[self._task] = ExitCounts(len(self.heads), self.policy.full_cost)
+        return self.exit_stats[self._task]
+
+    # -- per-task bookkeeping: lm-eval batches all tasks' requests together; split them by task ------------------
+
+    def _per_task(self, method, requests: list[Instance], **kwargs: Any) -> list:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            groups[request.task_name or _NO_TASK].append(i)
+        results: list = [None] * len(requests)
+        for task, indices in groups.items():
+            self._task = task
+            try:
+                out = method([requests[i] for i in indices], **kwargs)
+            finally:
+                self._task = _NO_TASK
+            for i, value in zip(indices, out, strict=True):
+                results[i] = value
+        return results
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        return self._per_task(self._generate_until, requests, disable_tqdm=disable_tqdm)
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.policy.enabled:
+            # The full model, through HFLM's own call: results identical to HFLM's by construction.
+            self._batch_exits, self._batch_row = torch.full(inps.shape, -1, dtype=torch.long), 0
+            return super()._model_call(inps, attn_mask, labels)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            out = self.model(inps, output_hidden_states=True)
+            logits, exits = cascade_logits(out.hidden_states, out.logits, self.policy)
+        self._batch_exits, self._batch_row = exits.cpu(), 0
+        return logits
+
+    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None,
+                          inplen: int | None = None) -> torch.Tensor:
+        # Called once per row of the last `_model_call` batch, in order, with the scored span of that row.
+        if self._batch_exits is not None and contlen and inplen:
+            row = self._batch_exits[self._batch_row]
+            self._counts().add(row[inplen - contlen:inplen], self.policy)
+            self._batch_row += 1
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def _generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError(
+            "generation tasks need the decoding engine's strategy API (pipeline.engine: an `early_exit` / `dssd` "
+            "strategy generating greedily from a prompt with per-generation stats); it is not available yet. "
+            "Use loglikelihood / multiple-choice tasks (e.g. evaluate.tasks=offline)."
+        )
