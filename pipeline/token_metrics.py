@@ -81,10 +81,17 @@ def compute_token_metrics(
 
 
 def wide(table: pd.DataFrame, column: str) -> np.ndarray:
-    """One column of the long table as [n_tokens, n_heads] (tokens in order of first appearance)."""
-    pivot = table.pivot(index="token", columns="head", values=column)
-    order = pd.unique(table["token"])
-    return pivot.loc[order].to_numpy(dtype=bool if column == "correct" else np.float64)
+    """One column of the long table as [n_tokens, n_heads], tokens in the table's order (duplicates kept).
+
+    Every head must hold the same token sequence, as `compute_token_metrics` writes it.
+    """
+    per_head = [group for _, group in table.groupby("head", sort=True)]
+    tokens = per_head[0]["token"].to_numpy()
+    for group in per_head[1:]:
+        if not np.array_equal(group["token"].to_numpy(), tokens):
+            raise ValueError("heads hold different token sets; `wide` needs one row per token for every head")
+    dtype = bool if column == "correct" else np.float64
+    return np.stack([group[column].to_numpy(dtype) for group in per_head], axis=1)
 
 
 def auroc_table(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -99,7 +106,7 @@ def auroc_table(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
         correct = group["correct"].to_numpy()
         for name in metrics:
             metric = get_metric(name)
-            score = metric.confidence(torch.from_numpy(group[name].to_numpy(np.float64))).numpy()
+            score = metric.confidence(group[name].to_numpy(np.float64))  # plain negation: works on numpy too
             rows.append({"head": int(head), "layer": int(layer), "metric": name, "auroc": auroc(score, correct),
                          "aurc": aurc(score, correct), "accuracy": float(correct.mean()),
                          "n": int((~np.isnan(score)).sum())})
