@@ -1,0 +1,107 @@
+"""Stage `metrics`: on the validation split, every head's correctness (argmax == full-model argmax) and every
+confidence metric per token; AUROC of each metric for predicting correctness, risk–coverage curves, and the
+winning metric per head (the paper's "entropy separates best" is checked here, not assumed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from pipeline.backbone import load_from_stage_output, unembedding_of
+from pipeline.confidence import METRICS, get_metric
+from pipeline.heads import EarlyExitHeads
+from pipeline.results import row
+from pipeline.separation import sample_risk_coverage
+from pipeline.shards import ShardReader
+from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics
+from pipeline.validation import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def key_config(cfg: DictConfig) -> dict:
+    c = cfg.calibrate
+    return {"metrics": list(c.metrics), "max_tokens": c.max_tokens, "rc_points": int(c.rc_points),
+            "seed": int(cfg.seed)}
+
+
+def validate(cfg: DictConfig) -> None:
+    unknown = [m for m in cfg.calibrate.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"calibrate.metrics: unknown metric(s) {unknown}; available: {sorted(METRICS)}")
+    if cfg.calibrate.max_tokens is not None and int(cfg.calibrate.max_tokens) <= 0:
+        raise ConfigError(f"calibrate.max_tokens must be positive or null, got {cfg.calibrate.max_tokens}")
+
+
+def token_subset(n_tokens: int, max_tokens: int | None, seed: int) -> np.ndarray:
+    """All token indices, or a seeded random subset of `max_tokens` of them (sorted: shard reads stay local)."""
+    if max_tokens is None or max_tokens >= n_tokens:
+        return np.arange(n_tokens)
+    return np.sort(np.random.default_rng(seed).choice(n_tokens, size=int(max_tokens), replace=False))
+
+
+def load_backbone_and_heads(ctx: StageContext) -> tuple[torch.nn.Module, EarlyExitHeads]:
+    """The frozen backbone and the trained heads of the upstream stages (heads refuse another backbone)."""
+    backbone, _ = load_from_stage_output(ctx.inputs["backbone"], dtype=ctx.cfg.model.dtype, device=ctx.device,
+                                         with_tokenizer=False)
+    return backbone, EarlyExitHeads.load(ctx.inputs["heads"], backbone)
+
+
+def split_metrics(ctx: StageContext, backbone: torch.nn.Module, heads: EarlyExitHeads, split: str,
+                  metrics: list[str]) -> pd.DataFrame:
+    """The per-(token, head) table of one extracted split (shared with the calibrate stage)."""
+    cfg = ctx.cfg
+    reader = ShardReader(Path(ctx.inputs["extract"]) / split)
+    max_tokens = cfg.calibrate.max_tokens
+    indices = token_subset(len(reader), None if max_tokens is None else int(max_tokens), int(cfg.seed))
+    log.info("%s: %d tokens x %d heads, metrics %s", split, len(indices), len(heads), metrics)
+    return compute_token_metrics(reader, heads, unembedding_of(backbone), metrics, indices=indices,
+                                 batch_size=int(cfg.calibrate.batch_tokens), device=ctx.device)
+
+
+def risk_coverage_table(table: pd.DataFrame, metrics: list[str], n_points: int) -> pd.DataFrame:
+    """Risk–coverage curves at fixed coverage levels, one block of rows per (head, metric)."""
+    frames = []
+    for (head, layer), group in table.groupby(["head", "layer"], sort=True):
+        correct = group["correct"].to_numpy()
+        for name in metrics:
+            score = get_metric(name).confidence(group[name].to_numpy(np.float64))
+            coverage, risk = sample_risk_coverage(score, correct, n_points)
+            frames.append(pd.DataFrame({"head": int(head), "layer": int(layer), "metric": name,
+                                        "coverage": coverage, "risk": risk}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@torch.no_grad()
+def run(ctx: StageContext) -> StageOutput:
+    metrics = [str(m) for m in ctx.cfg.calibrate.metrics]
+    backbone, heads = load_backbone_and_heads(ctx)
+    table = split_metrics(ctx, backbone, heads, "validation", metrics)
+    aucs = auroc_table(table, metrics)
+    curves = risk_coverage_table(table, metrics, int(ctx.cfg.calibrate.rc_points))
+    winners = best_metric_per_head(aucs)
+    for rec in winners.itertuples(index=False):
+        log.info("head %d (layer %d): best metric %s, AUROC %.3f", rec.head, rec.layer, rec.metric, rec.auroc)
+    rows = []
+    for rec in aucs.itertuples(index=False):
+        rows.append(row("auroc", rec.auroc, method=rec.metric, head=rec.head, layer=rec.layer, best=rec.best))
+        rows.append(row("aurc", rec.aurc, method=rec.metric, head=rec.head, layer=rec.layer, best=rec.best))
+    summary = {f"best_metric/head{r.head}": r.metric for r in winners.itertuples(index=False)}
+    summary.update({f"auroc/{r.metric}/head{r.head}": r.auroc for r in aucs.itertuples(index=False)})
+    summary["tokens"] = int(table["token"].nunique())
+    ctx.tracker.log_table("auroc", aucs)
+    ctx.tracker.log_table("risk_coverage", curves)
+    ctx.tracker.summary(summary)
+    # Compact per-token table for the notebooks' histograms: float32 metrics, small ints, bool correctness.
+    return StageOutput(rows=rows, metrics=summary,
+                       tables={"token_metrics": table, "auroc": aucs, "risk_coverage": curves})
+
+
+STAGE = Stage(name="metrics", upstream=("backbone", "extract", "heads"), key_config=key_config, run=run,
+              validate=validate)
