@@ -1,0 +1,201 @@
+"""Loading the results tables of a run or a sweep, and small selectors over the long results table.
+
+The notebooks and `python -m analysis` read only what the pipeline writes (see pipeline/results.py for the row
+vocabulary):
+
+- a **run directory** holds `results.csv` and `tables/<stage>/<name>.parquet`;
+- a **sweep directory** holds `summary.parquet` / `summary.csv` (the same long table, concatenated over jobs,
+  the `model` column telling them apart) and, somewhere below it, each job's run directory with its tables.
+
+A directory with neither (e.g. a Hydra multirun whose end-callback did not run) is read as the union of every
+`results.csv` below it, so a figure can still be rebuilt from whatever finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("analysis")
+
+RESULTS_FILE = "results.csv"          # mirrors pipeline.results.RESULTS_FILE (not imported: the analysis
+SUMMARY_FILES = ("summary.parquet", "summary.csv")  # package must not need torch or the pipeline's deps)
+TOKEN_TABLE = Path("tables") / "metrics" / "token_metrics.parquet"
+COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
+
+
+@dataclass
+class Results:
+    """Everything the figures read: the long results table and the per-token metric tables by model."""
+
+    frame: pd.DataFrame
+    token_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def models(self) -> list[str]:
+        return model_order(self.frame, extra=self.token_tables)
+
+
+def _norm_head(value: object) -> object:
+    """Heads arrive as ints, floats ('1.0' after a CSV/parquet round trip with NaNs), strings or 'all'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return pd.NA
+    text = str(value).strip()
+    if text in ("", "nan", "<NA>", "None"):
+        return pd.NA
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def normalize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Coerce a results table to one schema whatever file it came from: string method/head, float eps/value."""
+    frame = frame.copy()
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = pd.NA
+    frame["model"] = frame["model"].astype("string")
+    frame["stage"] = frame["stage"].astype("string")
+    frame["method"] = frame["method"].astype("string").fillna("")
+    frame["metric"] = frame["metric"].astype("string")
+    frame["head"] = frame["head"].map(_norm_head).astype("string")
+    frame["eps"] = pd.to_numeric(frame["eps"], errors="coerce")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    for column in ("layer", "draft_len"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame.reset_index(drop=True)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Run directories at or below `root`, in a stable order (sorted paths)."""
+    return sorted({p.parent for p in root.rglob(RESULTS_FILE)})
+
+
+def _model_of_run(run_dir: Path) -> str | None:
+    path = run_dir / RESULTS_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    models = pd.read_csv(path, usecols=lambda c: c == "model")
+    names = models["model"].dropna().unique() if "model" in models else []
+    return str(names[0]) if len(names) == 1 else None
+
+
+def load_token_tables(root: Path) -> dict[str, pd.DataFrame]:
+    """Per-token metric tables below `root`, by model (taken from the table's own `model` column when present,
+    else from the run's results.csv). Several tables for one model are concatenated in path order."""
+    tables: dict[str, list[pd.DataFrame]] = {}
+    for path in sorted(root.rglob(str(TOKEN_TABLE))):
+        run_dir = path.parents[2]
+        try:
+            table = pd.read_parquet(path)
+        except Exception as err:  # a corrupt or partial table must not cost the other figures
+            log.warning("skipping unreadable token table %s: %s", path, err)
+            continue
+        if "model" in table:
+            for model, part in table.groupby("model", sort=True):
+                tables.setdefault(str(model), []).append(part.drop(columns="model"))
+            continue
+        model = _model_of_run(run_dir)
+        if model is None:
+            log.warning("skipping token table %s: cannot tell its model (no single model in %s)",
+                        path, run_dir / RESULTS_FILE)
+            continue
+        tables.setdefault(model, []).append(table)
+    return {m: pd.concat(parts, ignore_index=True) for m, parts in tables.items()}
+
+
+def load(path: str | Path) -> Results:
+    """Read a run directory, a sweep directory, or a single results/summary file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}: pass a run directory (with {RESULTS_FILE}) or a sweep "
+                                f"directory (with {' or '.join(SUMMARY_FILES)})")
+    if path.is_file():
+        return Results(normalize(_read_table(path)), load_token_tables(path.parent), path)
+    for name in (*SUMMARY_FILES, RESULTS_FILE):
+        if (path / name).is_file():
+            return Results(normalize(_read_table(path / name)), load_token_tables(path), path)
+    runs = _run_dirs(path)
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no {RESULTS_FILE} and no sweep summary ({', '.join(SUMMARY_FILES)})")
+    log.info("no summary in %s: reading the %d results.csv files below it", path, len(runs))
+    frames = [pd.read_csv(r / RESULTS_FILE) for r in runs if (r / RESULTS_FILE).stat().st_size > 0]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    return Results(normalize(frame), load_token_tables(path), path)
+
+
+def select(frame: pd.DataFrame, stage: str | None = None, method: str | Iterable[str] | None = None,
+           metric: str | Iterable[str] | None = None, model: str | None = None,
+           head: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """Rows matching every given field (a string or a collection of accepted values)."""
+    mask = pd.Series(True, index=frame.index)
+    for column, wanted in (("stage", stage), ("method", method), ("metric", metric), ("model", model),
+                           ("head", head)):
+        if wanted is None:
+            continue
+        values = [wanted] if isinstance(wanted, str) else list(wanted)
+        mask &= frame[column].isin(values).fillna(False)
+    return frame[mask]
+
+
+def per_head(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows for numbered heads only (drops 'all' and head-less rows), with an integer `head_idx` column."""
+    numbered = frame[frame["head"].str.fullmatch(r"\d+").fillna(False)].copy()
+    numbered["head_idx"] = numbered["head"].astype(int)
+    return numbered
+
+
+def head_labels(frame: pd.DataFrame) -> dict[int, str]:
+    """'head i (block b)' when the `layer` column says which block a head reads, else 'head i'."""
+    rows = per_head(frame)
+    labels: dict[int, str] = {}
+    for idx in sorted(rows["head_idx"].unique()):
+        layers = rows.loc[rows["head_idx"] == idx, "layer"].dropna() if "layer" in rows else pd.Series([])
+        labels[idx] = f"head {idx} (block {int(layers.iloc[0])})" if len(layers) else f"head {idx}"
+    return labels
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmb])\b", re.IGNORECASE)
+_SCALE = {"k": 1e3, "m": 1e6, "b": 1e9}
+
+
+def model_size(frame: pd.DataFrame, model: str) -> float:
+    """Parameter count: the backbone stage's `n_params` row, else parsed from the name ('pythia-1.4b'), else NaN."""
+    rows = select(frame, stage="backbone", metric="n_params", model=model)["value"].dropna()
+    if len(rows):
+        return float(rows.iloc[0])
+    match = _SIZE.search(model)
+    return float(match.group(1)) * _SCALE[match.group(2).lower()] if match else float("nan")
+
+
+def model_order(frame: pd.DataFrame, extra: Iterable[str] = ()) -> list[str]:
+    """Models by size (unknown sizes last), then by name, so every figure lists them the same way."""
+    names = set(frame["model"].dropna().astype(str)) | {str(m) for m in extra}
+    sizes = {m: model_size(frame, m) for m in names}
+    return sorted(names, key=lambda m: (np.isnan(sizes[m]), sizes[m] if not np.isnan(sizes[m]) else 0.0, m))
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name ('EleutherAI/pythia-70m' -> 'EleutherAI_pythia-70m')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
+    """Benchmark names from metrics like 'acc/<task>'."""
+    metrics = frame["metric"].dropna().astype(str)
+    return sorted({m.split("/", 1)[1] for m in metrics if m.startswith(prefix + "/")})
