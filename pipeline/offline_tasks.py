@@ -32,8 +32,8 @@ NEXT_WORD = "offline_next_word"
 NEXT_LINE = "offline_next_line"
 TASKS = (NEXT_WORD, NEXT_LINE)
 
-# The last word of a line, preceded by a space: what LAMBADA's "last word" is for prose.
-_LAST_WORD = re.compile(r"^(?P<prefix>.*\S) (?P<word>[A-Za-z_][A-Za-z0-9_]*)$")
+# The identifier a line ends with: the code analogue of LAMBADA's last word (`self.offset` ends in `offset`).
+_LAST_WORD = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,23 @@ def _context(lines: list[str], index: int, n: int) -> str:
 
 
 def next_word_examples(documents: Iterable[str], settings: OfflineTaskSettings) -> list[dict[str, Any]]:
-    """LAMBADA-style examples: {"context", "target"}; `context + target` is the original text."""
+    """LAMBADA-style examples: {"context", "target"}; `context + target` is the original text.
+
+    A space before the word goes with the target (BPE tokenizers attach it to the word, as LAMBADA's " word");
+    any other separator (`.`, `(`) stays in the context.
+    """
     candidates = []
     for doc in documents:
         lines = doc.splitlines()
         for i, line in enumerate(lines):
-            match = _LAST_WORD.match(line)
-            if match and len(match["word"]) >= settings.min_word_chars:
-                candidates.append({"context": _context(lines, i, settings.context_lines) + match["prefix"],
-                                   "target": " " + match["word"]})
+            match = _LAST_WORD.search(line)
+            if not match or len(match[0]) < settings.min_word_chars:
+                continue
+            start = match.start() - 1 if line[:match.start()].endswith(" ") else match.start()
+            if not line[:start].strip():
+                continue  # the word opens its line: nothing on the line to complete
+            candidates.append({"context": _context(lines, i, settings.context_lines) + line[:start],
+                               "target": line[start:]})
     rng = random.Random(f"{settings.seed}/{NEXT_WORD}")
     return rng.sample(candidates, min(settings.n_examples, len(candidates)))
 

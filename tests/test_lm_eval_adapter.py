@@ -1,0 +1,123 @@
+"""The early-exit lm-eval model against lm-eval's own HFLM, on a tiny random GPT-NeoX and the offline tasks."""
+
+from __future__ import annotations
+
+import math
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from pipeline.heads import EarlyExitHeads
+from pipeline.lm_eval_adapter import EarlyExitLM
+from pipeline.offline_tasks import TASKS, OfflineTaskSettings, task_manager, write_offline_tasks
+from pipeline.tiny_model import train_tokenizer
+from tests.conftest import tiny_gpt_neox
+
+HEAD_LAYERS = [1, 2]
+NUM_LAYERS = 4
+
+
+def synthetic_documents(n_docs: int = 12) -> list[str]:
+    """Small Python-like files: lines that end in a word (next-word task) and lines of 12-80 chars."""
+    docs = []
+    for d in range(n_docs):
+        lines = [f"class Widget{d}:"]
+        for i in range(6):
+            lines += [f"    def method_{d}_{i}(self, value):",
+                      f"        total = value * {i + d} + self.offset",
+                      f"        return total if value else self.default_{i}"]
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    docs = synthetic_documents()
+    tokenizer = train_tokenizer(iter(docs), vocab_size=320, min_frequency=1)
+    model = tiny_gpt_neox(num_layers=NUM_LAYERS, vocab=len(tokenizer))
+    # Random projections, so the heads' logits differ clearly from the full model's.
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="random", seed=1)
+    return model, tokenizer, heads, docs
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tiny, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("offline_tasks")
+    write_offline_tasks(directory, tiny[3], OfflineTaskSettings(n_examples=6, context_lines=2, n_choices=3))
+    return directory
+
+
+def evaluate(lm, tasks_dir, log_samples: bool = False, tasks: list[str] | None = None) -> dict:
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks or list(TASKS), task_manager=task_manager(tasks_dir),
+                                   bootstrap_iters=10, log_samples=log_samples, random_seed=0)
+
+
+def metrics_of(results: dict) -> dict:
+    return {task: {k: v for k, v in values.items() if "," in k} for task, values in results["results"].items()}
+
+
+def test_every_head_disabled_equals_hflm_exactly(tiny, tasks_dir):
+    model, tokenizer, heads, _ = tiny
+    ours = EarlyExitLM(model, tokenizer, heads, batch_size=4, device="cpu")
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
+    # One task per evaluation, as the adapter does internally: lm-eval's HFLM shares its one-token logits
+    # cache across tasks, which can change a task's numbers depending on which other tasks run with it.
+    for task in TASKS:
+        got = evaluate(ours, tasks_dir, log_samples=True, tasks=[task])
+        want = evaluate(reference, tasks_dir, log_samples=True, tasks=[task])
+        assert metrics_of(got) == metrics_of(want)
+        assert [s["resps"] for s in got["samples"][task]] == [s["resps"] for s in want["samples"][task]]
+        # The full model: nothing exits, and it costs L blocks + the unembedding per scored token.
+        stats = ours.exit_stats[task]
+        assert stats.positions > 0 and stats.per_head == [0, 0]
+        assert stats.compute_fraction == pytest.approx(1.0)
+
+
+def expected_head_loglikelihood(model, tokenizer, heads, head: int, context: str, continuation: str) -> float:
+    """Sum of log p_head(continuation | context), computed directly from the model's hidden states."""
+    # lm-eval's convention: trailing whitespace of the context is scored as part of the continuation.
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    cont = whole[n_context:]
+    with torch.no_grad():
+        hidden = model(torch.tensor([whole[:-1]]), output_hidden_states=True).hidden_states
+        logp = torch.log_softmax(heads(head, hidden[heads.layers[head] + 1][0]), dim=-1)
+    scored = logp[-len(cont):]
+    return float(scored[torch.arange(len(cont)), torch.tensor(cont)].sum())
+
+
+def test_head_forced_to_exit_scores_with_that_heads_logits(tiny, tasks_dir):
+    model, tokenizer, heads, _ = tiny
+    # Entropy <= +inf always holds: head 0 takes every position, head 1 is never reached.
+    lm = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, None], metric="entropy", batch_size=4,
+                     device="cpu")
+    results = evaluate(lm, tasks_dir, log_samples=True)
+    n_checked = 0
+    for task in TASKS:
+        for sample in results["samples"][task]:
+            for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+                loglik = resp[0][0]
+                want = expected_head_loglikelihood(model, tokenizer, heads, 0, context, continuation)
+                assert loglik == pytest.approx(want, rel=1e-5, abs=1e-4)
+                n_checked += 1
+        stats = lm.exit_stats[task]
+        assert stats.exit_fractions == [1.0, 0.0]
+        cost = lm.policy.cost
+        assert stats.layer_equivalents_per_token == pytest.approx(HEAD_LAYERS[0] + 1 + cost.head)
+        assert stats.compute_fraction == pytest.approx((HEAD_LAYERS[0] + 1 + cost.head) / (NUM_LAYERS + cost.head))
+    assert n_checked > 12
+
+
+def test_set_policy_resets_stats_and_checks_length(tiny, tasks_dir):
+    model, tokenizer, heads, _ = tiny
+    lm = EarlyExitLM(model, tokenizer, heads, batch_size=4, device="cpu")
+    evaluate(lm, tasks_dir)
+    assert set(lm.exit_stats) == set(TASKS)
+    lm.set_policy([None, 1.0])
+    assert lm.exit_stats == {} and lm.policy.enabled == [1]
+    with pytest.raises(ValueError, match="thresholds"):
+        lm.set_policy([None])
