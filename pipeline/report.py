@@ -334,10 +334,10 @@ def log_report_runs(panels: list[Panel], summary: pd.DataFrame, wandb_cfg: DictC
             for panel in panels:
                 for row in panel.wandb_history.get(variant, []):
                     run.log(row)
-            run.summary["n_params"] = params.get(variant, 0.0)
+            numbers = {"n_params": params.get(variant, 0.0)}
             for panel in panels:
-                for key, value in panel.wandb_keys.get(variant, {}).items():
-                    run.summary[key] = value
+                numbers.update(panel.wandb_keys.get(variant, {}))
+            run.summary.update(numbers)
             names.append(run.name)
         finally:
             run.finish()

@@ -132,6 +132,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                        "overrides": " ".join(f"{k}={v}" for k, v in job.overrides.items())})
         if frame is None or frame.empty:
             continue
+        if "head" in frame:
+            frame["head"] = frame["head"].map(_head_label, na_action="ignore").astype("string")
         meta = {"job": job.name, "job_num": job.num, "variant": labels[job.name], "seed": job.seed}
         meta.update({_column_name(k): job.overrides.get(k) for k in swept})
         frames.append(frame.assign(**meta))
@@ -142,6 +144,15 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary = pd.concat(frames, ignore_index=True)
     first = JOB_COLUMNS + [c for c in COLUMNS if c in summary]
     return summary[first + [c for c in summary.columns if c not in first]], jobs_frame
+
+
+def _head_label(value: Any) -> Any:
+    # A stage whose rows mix head=None and head=0 gets a float column from pandas, so results.csv says "0.0";
+    # heads are indices or "all", so print integral floats as integers.
+    text = str(value)
+    if text.endswith(".0") and text[:-2].isdigit():
+        return text[:-2]
+    return value
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:

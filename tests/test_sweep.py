@@ -1,0 +1,195 @@
+"""Sweep aggregation on a synthetic multirun directory (files laid out as Hydra and the runner write them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.results import RESULTS_FILE, row, to_frame
+from pipeline.sweep import (
+    JOBS_CSV,
+    SUMMARY_CSV,
+    SUMMARY_PARQUET,
+    collect,
+    comparison,
+    find_jobs,
+    main,
+    read_summary,
+    size_of,
+    variant_order,
+    write_summary,
+)
+
+EPS = [0.8, 0.9]
+
+
+def fake_rows(model: str, scale: float) -> pd.DataFrame:
+    """Rows of every stage in the results vocabulary (pipeline/results.py), numbers growing with `scale`."""
+    frames = [
+        to_frame([row("n_params", 7e7 * scale)], model, "backbone"),
+        to_frame([row("bytes_per_token", 5124.0), row("tokens", 1000, method="train")], model, "extract"),
+        to_frame([row(m, 0.5 - 0.1 * h, method="trained", head=h) for h in range(4) for m in ("kl",)]
+                 + [row("agree", 0.5 + 0.1 * h, method="trained", head=h) for h in range(4)], model, "heads"),
+        to_frame([row("auroc", 0.7 + 0.02 * h + (0.05 if m == "entropy" else 0), method=m, head=h)
+                  for m in ("entropy", "max_prob") for h in range(4)], model, "metrics"),
+        to_frame([row(k, v, method="empirical", eps=e, head="all") for e in EPS
+                  for k, v in (("accuracy", e + 0.01), ("coverage", 1 - e))]
+                 + [row("threshold", 1.0, method="empirical", eps=e, head=h) for e in EPS for h in range(4)],
+                 model, "calibrate"),
+        to_frame([row(f"acc/{t}", 0.6, method="full") for t in ("a", "b")]
+                 + [row(f"acc/{t}", 0.6 - (1 - e) * 0.2, method="empirical", eps=e) for t in ("a", "b") for e in EPS]
+                 + [row(f"compute_frac/{t}", e, method="empirical", eps=e) for t in ("a", "b") for e in EPS],
+                 model, "early_exit"),
+        to_frame([row("acceptance_rate", 0.5 + 0.1 * scale ** 0, method="dssd", eps=e) for e in EPS]
+                 + [row("acceptance_rate", 0.4, method="layerskip"),
+                    row("acceptance_ratio", 1.5, method="dssd_vs_layerskip", eps=0.9)]
+                 + [row("speedup_vs_generate", 1.0 + 0.1 * scale, method=m, eps=0.9 if m == "dssd" else None)
+                    for m in ("dssd", "layerskip")]
+                 + [row("acceptance_rate", 0.3, method="layerskip_grid", head=0, draft_len=2)], model, "decoding"),
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def make_fake_sweep(root: Path, jobs: list[tuple[str, dict[str, str]]], missing: tuple[int, ...] = ()) -> Path:
+    """A multirun directory with one job per (model, overrides); jobs listed in `missing` have no results."""
+    sweep = root / "multirun" / "fake"
+    for num, (model, overrides) in enumerate(jobs):
+        job_dir = sweep / f"{num}_{model}"
+        (job_dir / ".hydra").mkdir(parents=True)
+        all_overrides = {"model": model, **overrides}
+        (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in all_overrides.items()]))
+        (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"model": {"name": model}, "seed": int(overrides.get("seed", 0))}))
+        (job_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
+        if num not in missing:
+            fake_rows(model, size_of(model) / 7e7 or 1.0).to_csv(job_dir / RESULTS_FILE, index=False)
+    return sweep
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    return make_fake_sweep(tmp_path, [("pythia-410m", {"seed": "0"}), ("pythia-70m", {"seed": "0"}),
+                                      ("pythia-1.4b", {"seed": "0"})])
+
+
+def test_collect_concatenates_every_job_with_job_columns(sweep):
+    summary, jobs = collect(sweep)
+    assert list(summary.columns[:11]) == ["job", "job_num", "variant", "seed", "model", "stage", "method", "eps",
+                                          "head", "metric", "value"]
+    assert set(summary["model"]) == {"pythia-70m", "pythia-410m", "pythia-1.4b"}
+    assert (summary["variant"] == summary["model"]).all()     # one job per model: the label is the model
+    assert list(jobs["status"]) == ["ok"] * 3
+    assert "draft_len" in summary.columns                     # stage-specific extra columns survive
+    assert len(summary) == sum(len(fake_rows(m, 1.0)) for m in ("a", "b", "c"))
+
+
+def test_summary_files_round_trip(sweep):
+    write_summary(sweep)
+    for name in (SUMMARY_CSV, SUMMARY_PARQUET, JOBS_CSV):
+        assert (sweep / name).is_file()
+    from_parquet, from_csv = read_summary(sweep / SUMMARY_PARQUET), read_summary(sweep / SUMMARY_CSV)
+    assert len(from_parquet) == len(from_csv)
+    assert set(from_parquet["head"].dropna()) == {"0", "1", "2", "3", "all"}
+    assert from_parquet["value"].dtype.kind == "f"
+
+
+def test_variants_are_ordered_by_model_size(sweep):
+    summary, _ = collect(sweep)
+    assert variant_order(summary) == ["pythia-70m", "pythia-410m", "pythia-1.4b"]
+
+
+def test_swept_overrides_become_columns_and_variant_labels(tmp_path):
+    sweep = make_fake_sweep(tmp_path, [("tiny", {"heads": "linear", "seed": "0"}),
+                                       ("tiny", {"heads": "mlp", "seed": "0"})])
+    summary, jobs = collect(sweep)
+    assert set(summary["heads"]) == {"linear", "mlp"}
+    assert "seed" in summary and "override_seed" not in summary     # not swept: no extra column
+    assert set(summary["variant"]) == {"tiny [heads=linear]", "tiny [heads=mlp]"}
+    table = comparison(summary)
+    assert list(table.columns) == ["tiny [heads=linear]", "tiny [heads=mlp]"]
+
+
+def test_missing_results_are_reported_not_fatal(tmp_path):
+    sweep = make_fake_sweep(tmp_path, [("pythia-70m", {}), ("pythia-160m", {})], missing=(1,))
+    summary, jobs = write_summary(sweep)
+    assert set(summary["model"]) == {"pythia-70m"}
+    assert list(jobs["status"]) == ["ok", "missing"]
+
+
+def test_empty_sweep_writes_empty_summary(tmp_path):
+    sweep = tmp_path / "empty"
+    sweep.mkdir()
+    summary, jobs = write_summary(sweep)
+    assert summary.empty and jobs.empty and (sweep / SUMMARY_CSV).is_file()
+
+
+def test_comparison_has_one_column_per_model_and_key_rows(sweep):
+    summary, _ = collect(sweep)
+    table = comparison(summary)
+    assert list(table.columns) == ["pythia-70m", "pythia-410m", "pythia-1.4b"]
+    assert table.loc["parameters (M)", "pythia-70m"] == pytest.approx(70.0)
+    assert table.loc["AUROC entropy (mean over heads)", "pythia-70m"] == pytest.approx(0.78)
+    assert table.loc["calibrated accuracy @ε≈0.9 (empirical)", "pythia-70m"] == pytest.approx(0.91)
+    assert table.loc["DSSD / LayerSkip acceptance (best ε)", "pythia-410m"] == pytest.approx(1.5)
+
+
+def test_comparison_leaves_out_stages_that_did_not_run(sweep):
+    summary, _ = collect(sweep)
+    table = comparison(summary[summary["stage"].isin(["backbone", "extract"])])
+    assert set(table.index) == {"parameters (M)", "extraction bytes/token"}
+
+
+def test_find_jobs_skips_submitit_folders(sweep):
+    (sweep / ".submitit" / "123" / ".hydra").mkdir(parents=True)
+    assert [job.name for job in find_jobs(sweep)] == ["0_pythia-410m", "1_pythia-70m", "2_pythia-1.4b"]
+
+
+def test_cli_writes_summary_without_report(sweep, capsys):
+    main([str(sweep), "--no-report"])
+    assert (sweep / SUMMARY_CSV).is_file() and not (sweep / "report.md").exists()
+    assert "pythia-1.4b" in capsys.readouterr().out
+
+
+def test_cli_estimate_prints_a_labelled_table(capsys):
+    main(["--estimate"])
+    out = capsys.readouterr().out
+    assert "ESTIMATE" in out and "pythia-2.8b" in out
+
+
+def test_estimate_matches_the_disk_formula():
+    from pipeline.sweep import estimate_table
+
+    table = estimate_table(["pythia-70m", "pythia-2.8b"])
+    assert table.loc["pythia-70m", "bytes_per_token"] == 5 * 512 * 2 + 4
+    assert table.loc["pythia-2.8b", "bytes_per_token"] == 5 * 2560 * 2 + 4
+    assert (table["extract_gb"] <= 100).all() and (table["total_h"] > 0).all()
+
+
+def test_sized_launcher_submits_one_array_per_request_in_job_order():
+    from pipeline.sweep import SizedLocalLauncher
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def results(self):
+            return [self.value]
+
+    launcher = SizedLocalLauncher(submitit_folder="x", timeout_min=1)
+    submitted: list[tuple[list[int], dict]] = []
+    sizes = {"a": 1, "b": 2}
+    launcher._job_resources = lambda overrides: {"mem_gb": sizes[overrides[0]]}
+
+    def fake_submit(job_overrides, job_nums):
+        submitted.append((list(job_nums), dict(launcher.params)))
+        return [Done(num) for num in job_nums]
+
+    launcher._submit = fake_submit
+    results = launcher.launch([["a"], ["b"], ["a"]], initial_job_idx=10)
+    assert results == [10, 11, 12]
+    assert [nums for nums, _ in submitted] == [[10, 12], [11]]
+    assert [params["mem_gb"] for _, params in submitted] == [1, 2]
+    assert "mem_gb" not in launcher.params          # the shared parameters are restored
