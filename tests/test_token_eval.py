@@ -1,0 +1,106 @@
+"""Token-level evaluation: the cascade, the KV fill accounting, and the three fill policies end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.confidence import get_metric
+from pipeline.engine.stats import CostModel
+from pipeline.heads import EarlyExitHeads
+from pipeline.token_eval import ExitPolicy, cascade_logits, evaluate_tokens, fill_costs
+from tests.conftest import tiny_gpt_neox
+
+LAYERS, HEADS = 4, [1, 2]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_gpt_neox(num_layers=LAYERS, vocab=96)
+    heads = EarlyExitHeads.from_backbone(model, HEADS, init="random", seed=3)
+    blocks = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0))
+    cost = CostModel.default(d_model=32, vocab_size=96)
+    return model, heads, blocks, cost
+
+
+def policy(heads, cost, thresholds) -> ExitPolicy:
+    return ExitPolicy(heads, thresholds, get_metric("entropy"), LAYERS, cost)
+
+
+def test_fill_costs_by_hand():
+    depths = np.array([4, 1, 1, 4])
+    # lazy: each of the 4 blocks runs every position up to the last deep token.
+    assert fill_costs(depths, 4, "lazy") == (16, 0)
+    # copy: own blocks only (10), K/V written for the skipped ones (3 + 3).
+    assert fill_costs(depths, 4, "copy") == (10, 6)
+    # recompute: 4 + 1 + 1, then position 3 recomputes positions 1 and 2 from scratch through 4 blocks.
+    assert fill_costs(depths, 4, "recompute") == (4 + 1 + 1 + 4 * 3, 0)
+    full = np.full(5, 4)
+    assert {fill_costs(full, 4, f)[0] for f in ("lazy", "copy", "recompute")} == {20}
+    # Nothing after the last shallow tokens is ever filled lazily.
+    assert fill_costs(np.array([4, 2, 2]), 4, "lazy") == (3 + 3 + 1 + 1, 0)
+    with pytest.raises(ValueError, match="fill policy"):
+        fill_costs(depths, 4, "magic")
+
+
+def test_cascade_takes_the_first_confident_head(setup):
+    model, heads, blocks, cost = setup
+    with torch.no_grad():
+        out = model(blocks, output_hidden_states=True)
+        head0 = heads(0, out.hidden_states[HEADS[0] + 1])
+    same, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [None, None]))
+    assert same is out.logits and bool((exits == -1).all())
+    forced, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [math.inf, math.inf]))
+    assert torch.equal(forced, head0) and bool((exits == 0).all())
+    # A threshold between the entropies: exactly the positions under it exit at head 0.
+    entropy = get_metric("entropy")(head0)
+    cut = float(entropy.median())
+    mixed, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [cut, None]))
+    assert torch.equal(exits == 0, entropy <= cut)
+    assert torch.equal(mixed[entropy > cut], out.logits[entropy > cut])
+
+
+def test_full_model_under_every_fill_policy(setup):
+    model, heads, blocks, cost = setup
+    results = evaluate_tokens(model, blocks, policy(heads, cost, [None, None]), batch_size=2)
+    with torch.no_grad():
+        logits = model(blocks).logits[:, :-1]
+    ppl = math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, 96), blocks[:, 1:].reshape(-1))))
+    for fill, res in results.items():
+        assert res.agreement == 1.0, fill
+        assert res.ppl == pytest.approx(ppl, rel=1e-4), fill
+        assert res.exit_fractions == [0.0, 0.0]
+        assert res.layer_equivalents_per_token == pytest.approx(LAYERS + cost.head)
+        assert res.compute_fraction == pytest.approx(1.0)
+        assert res.tokens == blocks.shape[0] * (blocks.shape[1] - 1)
+
+
+def test_forced_exit_costs_and_predictions(setup):
+    model, heads, blocks, cost = setup
+    results = evaluate_tokens(model, blocks, policy(heads, cost, [math.inf, None]), batch_size=2)
+    own = HEADS[0] + 1 + cost.head
+    assert results["lazy"].layer_equivalents_per_token == pytest.approx(own)
+    assert results["recompute"].layer_equivalents_per_token == pytest.approx(own)
+    assert results["copy"].layer_equivalents_per_token == pytest.approx(own + cost.kv_only * (LAYERS - HEADS[0] - 1))
+    # Head 0 reads blocks every position ran exactly, so copying K/V for deeper blocks changes nothing here.
+    assert results["copy"].ppl == pytest.approx(results["lazy"].ppl, rel=1e-4)
+    assert results["copy"].agreement == results["lazy"].agreement < 1.0
+    for res in results.values():
+        assert res.exit_fractions == [1.0, 0.0]
+
+
+def test_partial_exits_order_the_fill_policies(setup):
+    model, heads, blocks, cost = setup
+    with torch.no_grad():
+        out = model(blocks, output_hidden_states=True)
+        cut = float(get_metric("entropy")(heads(0, out.hidden_states[HEADS[0] + 1])).median())
+    results = evaluate_tokens(model, blocks, policy(heads, cost, [cut, None]), batch_size=2)
+    lazy, rec = results["lazy"], results["recompute"]
+    assert 0 < lazy.exit_fractions[0] < 1
+    # Exact-state policies give the same predictions; recomputation pays at least lazy fill's price.
+    assert (lazy.agreement, lazy.ppl) == (rec.agreement, rec.ppl)
+    assert rec.layer_equivalents_per_token >= lazy.layer_equivalents_per_token
+    assert lazy.layer_equivalents_per_token <= LAYERS + cost.head * 2
