@@ -78,8 +78,8 @@ class HeadsModule(L.LightningModule):
         self.hparams["betas"] = [float(b) for b in betas]
         self.hparams["heads_spec"] = asdict(heads.spec)
         # The heads' norms are deep copies of the backbone's final norm, which arrive frozen
-        # (requires_grad=False) when the backbone is; every head parameter is trained.
-        self.heads = heads.requires_grad_(True)
+        # (requires_grad=False) and in eval mode when the backbone is; every head parameter is trained.
+        self.heads = heads.requires_grad_(True).train()
         self.register_buffer("unembedding", unembedding.detach().clone().float(), persistent=False)
         self.register_buffer(
             "unembedding_bias",

@@ -141,7 +141,8 @@ def build_trainer(
     if progress:
         all_callbacks.append(TQDMProgressBar(refresh_rate=10))
     if logger is None:
-        logger = CSVLogger(save_dir=str(ckpt_dir.parent), name="logs", version="")
+        # One version_<n> folder per (re)start: a resumed run must not overwrite the interrupted run's log.
+        logger = CSVLogger(save_dir=str(ckpt_dir.parent), name="logs")
     max_steps = int(hcfg["max_steps"])
     return L.Trainer(
         max_steps=max_steps,
@@ -172,6 +173,7 @@ def train_heads(
     ckpt_dir: str | Path | None = None,
     backbone_id: str = "",
     backbone_revision: str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[EarlyExitHeads, dict[str, Any]]:
     """Train one head per layer of `head_layers` on the shards in `reader_dir`; save them to `out_dir`.
 
@@ -180,6 +182,7 @@ def train_heads(
     the trained heads and of the logit lens on the same tokens, steps, tokens/s. Under DDP only global rank 0
     writes files and evaluates; other ranks return their heads and `{"global_rank": r}`.
     Raises NonFiniteLossError if the loss turns NaN/inf (the last good checkpoint is kept).
+    `callbacks` are extra Lightning callbacks (Lightning runs checkpointing after them).
     """
     hcfg = heads_settings(heads_cfg)
     out_dir = Path(out_dir)
@@ -210,7 +213,7 @@ def train_heads(
     )
 
     throughput = ThroughputMonitor(hcfg["batch_tokens"])
-    trainer = build_trainer(trainer_cfg, hcfg, ckpt_dir, logger=logger, progress=progress, callbacks=[throughput])
+    trainer = build_trainer(trainer_cfg, hcfg, ckpt_dir, logger=logger, progress=progress, callbacks=[throughput, *callbacks])
     last = ckpt_dir / LAST_CHECKPOINT
     resume = str(last) if last.is_file() else None
     if resume:
