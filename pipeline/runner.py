@@ -35,7 +35,15 @@ STAGE_ORDER = ("backbone", "extract", "heads", "metrics", "calibrate", "early_ex
 
 def available_stages() -> dict[str, Stage]:
     present = {m.name for m in pkgutil.iter_modules(stages_pkg.__path__)}
-    return {name: importlib.import_module(f"pipeline.stages.{name}").STAGE for name in STAGE_ORDER if name in present}
+    stages: dict[str, Stage] = {}
+    for name in STAGE_ORDER:
+        if name not in present:
+            continue
+        stage = importlib.import_module(f"pipeline.stages.{name}").STAGE
+        # A stage whose inputs no present stage can produce cannot run (e.g. in a partial checkout).
+        if all(up in stages for up in stage.upstream):
+            stages[name] = stage
+    return stages
 
 
 def _as_list(value) -> list[str]:
