@@ -11,8 +11,10 @@ position: blocks up to the exit, every enabled head evaluated on the way, and fo
 blocks plus the unembedding (layer-equivalents, DESIGN.md §2). KV fill for skipped layers is not included here;
 `pipeline.token_eval` measures it per fill policy. Statistics are kept per lm-eval task (`exit_stats`).
 
-Generation requests (`generate_until`) go through the decoding engine's `early_exit` strategy (lossy) or its
-`dssd` strategy (identical to the full model's greedy output), chosen by `generation`.
+Generation requests (`generate_until`) go through the decoding engine (`pipeline.engine`): its `early_exit`
+strategy (lossy; KV fill policy `fill`) or its `dssd` strategy (identical to the full model's greedy output),
+chosen by `generation`. There, the statistics are the engine's own: generated tokens, exits per head (lossy
+exits only; DSSD's drafts are verified, not exits) and layer-equivalents including KV fill and verification.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from typing import Any
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm.auto import tqdm
 
 from pipeline.backbone import num_layers_of, unembedding_of
 from pipeline.confidence import ConfidenceMetric, get_metric
 from pipeline.engine.stats import CostModel
 from pipeline.heads import EarlyExitHeads
-from pipeline.token_eval import ExitCounts, ExitPolicy, cascade_logits
+from pipeline.token_eval import FILL_POLICIES, ExitCounts, ExitPolicy, cascade_logits
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +52,19 @@ class EarlyExitLM(HFLM):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, heads: EarlyExitHeads,
                  thresholds: Sequence[float | None] | None = None, metric: str | ConfidenceMetric = "entropy",
-                 cost: CostModel | None = None, generation: str = "early_exit", max_draft: int = 16,
-                 **hflm_kwargs: Any) -> None:
+                 cost: CostModel | None = None, generation: str = "early_exit", fill: str = "lazy",
+                 max_draft: int = 16, **hflm_kwargs: Any) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hflm_kwargs)
         if generation not in GENERATION_STRATEGIES:
             raise ValueError(f"generation={generation!r}; choose one of {GENERATION_STRATEGIES}")
+        if fill not in FILL_POLICIES:
+            raise ValueError(f"fill={fill!r}; choose one of {FILL_POLICIES}")
         unembed = unembedding_of(model)
         self.heads = heads.to(self.device).eval()
         self.generation = generation
+        self.fill = fill
         self.max_draft = max_draft
+        self._decoder = None            # the decoding engine, built on first generation request
         self.policy = ExitPolicy(
             heads=self.heads, thresholds=[None] * len(heads), metric=get_metric("entropy"),
             num_layers=num_layers_of(model),
@@ -143,9 +151,43 @@ class EarlyExitLM(HFLM):
 
     # -- generation --------------------------------------------------------------------------------------------
 
+    def _engine(self):
+        if self._decoder is None:
+            from pipeline.engine import Engine
+
+            self._decoder = Engine(self.model, self.heads, cost=self.policy.cost)
+        return self._decoder
+
+    def _strategy(self):
+        from pipeline.engine import DSSD, EarlyExit
+
+        thresholds, metric = self.policy.thresholds, self.policy.metric.name
+        if self.generation == "dssd":
+            return DSSD(thresholds, metric=metric, max_draft=self.max_draft)
+        return EarlyExit(thresholds, metric=metric, fill=self.fill)
+
     def _generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(
-            "generation tasks need the decoding engine's strategy API (pipeline.engine: an `early_exit` / `dssd` "
-            "strategy generating greedily from a prompt with per-generation stats); it is not available yet. "
-            "Use loglikelihood / multiple-choice tasks (e.g. evaluate.tasks=offline)."
-        )
+        """Greedy generation with the engine, one request at a time (the engine decodes batch size 1).
+
+        Prompt truncation, stop sequences and the decoded text follow `HFLM.generate_until`. The engine has no
+        stop strings, so it generates up to `max_gen_toks` tokens and the text is cut afterwards; the statistics
+        count every generated token.
+        """
+        engine, strategy = self._engine(), self._strategy()
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        results = []
+        for request in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="early-exit generation"):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+                raise ValueError("early-exit generation is greedy only: set do_sample=False / temperature=0")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks)
+            out = engine.generate(ids, strategy, max_new_tokens=max_gen_toks, eos_token_id=self.eot_token_id)
+            self._counts().add_generation(out.stats)
+            text = postprocess_generated_text(generation=self.tok_decode(out.tokens), stop=until,
+                                              think_end_token=None)
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results

@@ -14,8 +14,8 @@ Two parts:
    full model's, perplexity of the true next token under the policy, exit distribution, and layer-equivalents
    per token under each KV fill policy (DESIGN.md §2):
    - `lazy`: jagged cache; a token reaching block j first runs the positions pending at j (exact states).
-   - `recompute`: positions missing K/V at the depth a token needs are recomputed from the embedding (their
-     intermediate states were not kept: the author's demo recomputes the prefix). Exact states, more compute.
+   - `recompute`: no KV cache reuse (the paper author's demo): every token reruns the whole prefix through the
+     blocks it needs. Exact states, compute quadratic in the sequence length.
    - `copy` (CALM state copying): an exiting token's exit hidden state is fed to every deeper block's K/V
      projection. Cheap but *approximate*: later tokens attend to copied K/V, so their states, exits and
      predictions differ from the full model's; this policy is therefore run token by token through the
@@ -177,6 +177,13 @@ class ExitCounts:
             self.per_head[k] += int(counts[k])
         self.layer_equivalents += float((counts.double() * policy.exit_costs()).sum())
 
+    def add_generation(self, stats) -> None:
+        """Add one engine generation (`pipeline.engine.GenerationStats`): its tokens, exits and compute."""
+        self.positions += stats.generated
+        for k, count in enumerate(stats.exits_per_head):
+            self.per_head[k] += count
+        self.layer_equivalents += stats.layer_equivalents
+
     @property
     def exit_fractions(self) -> list[float]:
         return [c / self.positions if self.positions else math.nan for c in self.per_head]
@@ -200,8 +207,8 @@ def fill_costs(depths: np.ndarray, num_layers: int, policy: str) -> tuple[int, i
     lazy: block j runs every position up to the last one that reaches it (pending positions are filled when
     a later token needs the layer; positions after the last deep token are never filled).
     copy: each position runs its own blocks, and writes K/V only for the blocks it skipped.
-    recompute: before position p runs to depth D, every earlier position with K/V shallower than D is
-    recomputed from the embedding through D blocks (its intermediate states were not kept).
+    recompute: no cache reuse (the paper author's demo, as in the engine's `recompute`): position p reruns the
+    whole prefix [0, p] through the blocks it traverses, (p + 1) * depths[p] rows.
     """
     depths = np.asarray(depths, dtype=np.int64)
     if policy == "lazy":
@@ -213,16 +220,7 @@ def fill_costs(depths: np.ndarray, num_layers: int, policy: str) -> tuple[int, i
     if policy == "copy":
         return int(depths.sum()), int((num_layers - depths).sum())
     if policy == "recompute":
-        # After position p, every earlier position has K/V at least d_p deep, so the K/V depth profile of the
-        # prefix is a suffix maximum: non-increasing in position. Positions needing recomputation form a suffix.
-        have = np.zeros(len(depths), dtype=np.int64)
-        rows = 0
-        for p, need in enumerate(depths):
-            short = np.flatnonzero(have[:p] < need)
-            rows += int(need) * (len(short) + 1)
-            have[short] = need
-            have[p] = need
-        return rows, 0
+        return int(((np.arange(len(depths)) + 1) * depths).sum()), 0
     raise ValueError(f"unknown KV fill policy {policy!r}; choose one of {FILL_POLICIES}")
 
 

@@ -121,3 +121,35 @@ def test_set_policy_resets_stats_and_checks_length(tiny, tasks_dir):
     assert lm.exit_stats == {} and lm.policy.enabled == [1]
     with pytest.raises(ValueError, match="thresholds"):
         lm.set_policy([None])
+
+
+def generation_requests(docs: list[str], n: int = 4, max_gen_toks: int = 12) -> list:
+    from lm_eval.api.instance import Instance
+
+    kwargs = {"until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance(request_type="generate_until", doc={}, arguments=(doc[: 40 + 7 * i], dict(kwargs)), idx=0,
+                     metadata=("gen", i, 1)) for i, doc in enumerate(docs[:n])]
+
+
+def test_generation_dssd_gives_the_full_models_text(tiny):
+    model, tokenizer, heads, docs = tiny
+    requests = generation_requests(docs)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu").generate_until(requests)
+    # Permissive thresholds on random heads: drafts are often wrong, so verification is exercised.
+    dssd = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, 5.0], generation="dssd", max_draft=4,
+                       batch_size=1, device="cpu")
+    assert dssd.generate_until(requests) == reference
+    full = EarlyExitLM(model, tokenizer, heads, batch_size=1, device="cpu")
+    assert full.generate_until(requests) == reference
+    assert full.exit_stats["gen"].compute_fraction == pytest.approx(1.0)
+
+
+def test_generation_early_exit_records_exits(tiny):
+    model, tokenizer, heads, docs = tiny
+    lm = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, None], batch_size=1, device="cpu")
+    texts = lm.generate_until(generation_requests(docs, n=2, max_gen_toks=8))
+    assert len(texts) == 2
+    stats = lm.exit_stats["gen"]
+    # Every token after the first (which the prompt's full forward produces) exits at head 0.
+    assert stats.per_head[0] == stats.positions - 2 and stats.per_head[1] == 0
+    assert stats.compute_fraction < 1.0

@@ -36,10 +36,11 @@ def test_fill_costs_by_hand():
     assert fill_costs(depths, 4, "lazy") == (16, 0)
     # copy: own blocks only (10), K/V written for the skipped ones (3 + 3).
     assert fill_costs(depths, 4, "copy") == (10, 6)
-    # recompute: 4 + 1 + 1, then position 3 recomputes positions 1 and 2 from scratch through 4 blocks.
-    assert fill_costs(depths, 4, "recompute") == (4 + 1 + 1 + 4 * 3, 0)
+    # recompute: no cache, position p reruns positions 0..p through its own depth.
+    assert fill_costs(depths, 4, "recompute") == (1 * 4 + 2 * 1 + 3 * 1 + 4 * 4, 0)
     full = np.full(5, 4)
-    assert {fill_costs(full, 4, f)[0] for f in ("lazy", "copy", "recompute")} == {20}
+    assert {fill_costs(full, 4, f)[0] for f in ("lazy", "copy")} == {20}
+    assert fill_costs(full, 4, "recompute")[0] == 4 * (1 + 2 + 3 + 4 + 5)
     # Nothing after the last shallow tokens is ever filled lazily.
     assert fill_costs(np.array([4, 2, 2]), 4, "lazy") == (3 + 3 + 1 + 1, 0)
     with pytest.raises(ValueError, match="fill policy"):
@@ -69,12 +70,16 @@ def test_full_model_under_every_fill_policy(setup):
     with torch.no_grad():
         logits = model(blocks).logits[:, :-1]
     ppl = math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, 96), blocks[:, 1:].reshape(-1))))
+    seq_len = blocks.shape[1]
+    for fill in ("lazy", "copy"):
+        assert results[fill].layer_equivalents_per_token == pytest.approx(LAYERS + cost.head)
+        assert results[fill].compute_fraction == pytest.approx(1.0)
+    # Without cache reuse, position p recomputes p + 1 rows per block: L (T + 1) / 2 blocks per token on average.
+    assert results["recompute"].layer_equivalents_per_token == pytest.approx(LAYERS * (seq_len + 1) / 2 + cost.head)
     for fill, res in results.items():
         assert res.agreement == 1.0, fill
         assert res.ppl == pytest.approx(ppl, rel=1e-4), fill
         assert res.exit_fractions == [0.0, 0.0]
-        assert res.layer_equivalents_per_token == pytest.approx(LAYERS + cost.head)
-        assert res.compute_fraction == pytest.approx(1.0)
         assert res.tokens == blocks.shape[0] * (blocks.shape[1] - 1)
 
 
@@ -83,7 +88,8 @@ def test_forced_exit_costs_and_predictions(setup):
     results = evaluate_tokens(model, blocks, policy(heads, cost, [math.inf, None]), batch_size=2)
     own = HEADS[0] + 1 + cost.head
     assert results["lazy"].layer_equivalents_per_token == pytest.approx(own)
-    assert results["recompute"].layer_equivalents_per_token == pytest.approx(own)
+    depth, seq_len = HEADS[0] + 1, blocks.shape[1]
+    assert results["recompute"].layer_equivalents_per_token == pytest.approx(depth * (seq_len + 1) / 2 + cost.head)
     assert results["copy"].layer_equivalents_per_token == pytest.approx(own + cost.kv_only * (LAYERS - HEADS[0] - 1))
     # Head 0 reads blocks every position ran exactly, so copying K/V for deeper blocks changes nothing here.
     assert results["copy"].ppl == pytest.approx(results["lazy"].ppl, rel=1e-4)
