@@ -52,3 +52,17 @@ def build_all_figures(results_dir: str | Path, out_dir: str | Path | None = None
     out_dir = Path(out_dir) if out_dir is not None else (results_dir if results_dir.is_dir()
                                                          else results_dir.parent) / "figures"
     return build_figures(load(results_dir), out_dir, strict=strict)
+
+
+def show(res: Results, out_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """In a notebook: build the named figures and display their PNGs (a figure without data is reported)."""
+    from IPython.display import Image, Markdown, display
+
+    names = list(names)
+    paths = build_figures(res, out_dir, names=names)
+    if not paths:
+        display(Markdown(f"*No data for {', '.join(names)} in these results (see the notebook's intro).*"))
+    for path in paths:
+        if path.suffix == ".png":
+            display(Image(filename=str(path)))
+    return paths

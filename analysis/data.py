@@ -199,3 +199,25 @@ def tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
     """Benchmark names from metrics like 'acc/<task>'."""
     metrics = frame["metric"].dropna().astype(str)
     return sorted({m.split("/", 1)[1] for m in metrics if m.startswith(prefix + "/")})
+
+
+def latest_run(root: str | Path = "outputs") -> Path:
+    """The most recently written run or sweep under `root` (runs/ and multirun/ as laid out by conf/paths),
+    for notebooks opened without a `results` parameter."""
+    root = Path(root)
+    candidates = [p.parent for name in (RESULTS_FILE, *SUMMARY_FILES) for sub in ("runs", "multirun")
+                  if (root / sub).is_dir() for p in (root / sub).rglob(name)]
+    if not candidates:
+        raise FileNotFoundError(f"no run under {root}/runs or {root}/multirun: run `python -m pipeline` first, "
+                                "or set the notebook's `results` parameter")
+    # Newest by the results file's mtime; the path breaks ties so the choice is stable.
+    return max(candidates, key=lambda d: (max((d / n).stat().st_mtime for n in (RESULTS_FILE, *SUMMARY_FILES)
+                                              if (d / n).is_file()), str(d)))
+
+
+def resolve(results: str | Path | None, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Notebook parameters -> (results location, figure folder). Empty `results` means the latest run;
+    empty `out_dir` means `<results>/figures`, as for `python -m analysis`."""
+    path = Path(results) if results else latest_run()
+    out = Path(out_dir) if out_dir else (path if path.is_dir() else path.parent) / "figures"
+    return path, out

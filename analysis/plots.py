@@ -86,6 +86,8 @@ def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
         path = out_dir / f"{name}.{fmt}"
         fig.savefig(path, format=fmt, metadata=METADATA[fmt])
         paths.append(path)
+        # The first save ran the constrained layout; freeze it so later formats skip that (costly) pass.
+        fig.set_layout_engine("none")
     return paths
 
 
@@ -212,8 +214,7 @@ def confidence_histograms(res: Results, out_dir: Path) -> list[Path]:
         # Only the filled stairs carry labels; take them from the first panel that has both classes.
         handles, names = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1]))
         fig.legend(handles, names, loc="outside lower center", ncols=2)
-        fig.suptitle(f"{model_title(res, model)}: confidence metrics, correct vs incorrect head predictions "
-                     "(density; AUROC from the metrics stage)")
+        fig.suptitle(f"{model_title(res, model)}: confidence metrics on correct vs incorrect head predictions")
         paths += save(fig, out_dir, f"confidence_hist_{slug(model)}")
     if not paths:
         raise SkipFigure("no per-token metric table (tables/metrics/token_metrics.parquet)")
@@ -292,6 +293,7 @@ def heads_depth(res: Results, out_dir: Path) -> list[Path]:
                     _log_y(ax)
                 ax.set_ylabel("KL(full ‖ head) (nats)" if j == 0 else "")
             ax.set_xlabel("block the head reads (0-based)" if has_layer else "head index")
+            ax.set_xticks(sorted(mrows["layer" if has_layer else "head_idx"].unique()))
             if i == 0:
                 ax.set_title(model_title(res, model))
         axes[0, j].legend(loc="lower right")
@@ -357,8 +359,7 @@ def calibration(res: Results, out_dir: Path) -> list[Path]:
         proxies.append(Line2D([], [], color="black", linewidth=2.2, label="all heads (coverage)"))
         proxies += [Line2D([], [], color="gray", linestyle=style[m], label=label(m)) for m in methods]
         ax_cov.legend(handles=proxies, fontsize=6, loc="upper right")
-        fig.suptitle(f"{model_title(res, model)}: calibration of ε "
-                     f"({', '.join(label(m) for m in methods)}; line style = method)")
+        fig.suptitle(f"{model_title(res, model)}: calibration of ε (line style = method)")
         paths += save(fig, out_dir, f"calibration_{slug(model)}")
     if not paths:
         raise SkipFigure("no calibrate rows with an ε")
@@ -643,14 +644,15 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
     """Per model: the LayerSkip (head × draft length) grid as heatmaps, and DSSD vs ε against the tuned
     LayerSkip and the oracle bound, for acceptance rate and accepted tokens per verification."""
     dec = select(res.frame, stage="decoding")
-    metrics = (("acceptance_rate", "acceptance rate"), ("accepted_per_verification", "accepted tokens / verification"))
+    metrics = (("acceptance_rate", "acceptance rate", "acceptance rate"),
+               ("accepted_per_verification", "accepted tokens / verification", "accepted / verification"))
     paths: list[Path] = []
     for model in res.models:
         mrows = dec[dec["model"] == model]
-        if mrows.empty or not mrows["metric"].isin([m for m, _ in metrics]).any():
+        if mrows.empty or not mrows["metric"].isin([m for m, _, _ in metrics]).any():
             continue
         fig, axes = new_figure(2, 2, 3.3, 2.5)
-        for j, (metric, title) in enumerate(metrics):
+        for j, (metric, title, short) in enumerate(metrics):
             grid = layerskip_grid(res, model, metric)
             ax = axes[0, j]
             if grid.empty:
@@ -661,7 +663,7 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
                 image = _heatmap(ax, grid, float(np.nanmin(values)), float(np.nanmax(values)),
                                  fmt="{:.2f}", bold=[(int(r), int(c)) for r, c in best])
                 fig.colorbar(image, ax=ax, shrink=0.85)
-                ax.set(xlabel="draft length d", title=f"LayerSkip grid: {title}")
+                ax.set(xlabel="draft length d", title=f"LayerSkip: {short}")
             _dssd_vs_eps(axes[1, j], mrows, metric, title)
         fig.suptitle(f"{model_title(res, model)}: DSSD vs LayerSkip (grid best in bold)")
         paths += save(fig, out_dir, f"decoding_{slug(model)}")
@@ -715,12 +717,12 @@ def decoding_summary(res: Results, out_dir: Path) -> list[Path]:
                     ax.annotate(f"{d / ls:.2f}×", (xi, max(d, ls)), textcoords="offset points", xytext=(0, 3),
                                 ha="center", fontsize=7)
         ax.set_xticks(x, models, rotation=20 if len(models) > 3 else 0)
-        ax.set(ylabel=title, title=f"{title} (DSSD ÷ LayerSkip above)")
+        ax.set(ylabel=title, title=title)
         ax.grid(False, axis="x")
         ax.margins(y=0.15)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=len(methods))
-    fig.suptitle("DSSD vs tuned LayerSkip per model (DSSD at its fastest ε)")
+    fig.suptitle("DSSD (at its fastest ε) vs tuned LayerSkip; labels: DSSD ÷ LayerSkip")
     return save(fig, out_dir, "decoding_summary")
 
 

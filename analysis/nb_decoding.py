@@ -1,0 +1,66 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # DSSD vs LayerSkip
+#
+# DSSD drafts with the early-exit cascade itself (one knob: ε); LayerSkip drafts with one fixed head for a
+# fixed number of tokens, tuned over the (head × draft length) grid. Acceptance rate alone misleads (a
+# drafter that stops early looks good), so accepted tokens per verification sit next to it, with the oracle
+# bound (per token, the earliest head that agrees with the full model).
+#
+# Needs: the `decoding` stage's `acceptance_rate` and `accepted_per_verification` rows for `dssd` (per ε),
+# `layerskip` (tuned), `oracle`, and the `layerskip_grid` rows (per head, `draft_len` column).
+
+# %% tags=["parameters"]
+# A run directory (results.csv + tables/) or a sweep directory (summary.parquet/csv); "" = the latest run
+# under outputs/. Figures go to out_dir ("" = <results>/figures).
+results = ""
+out_dir = ""
+
+# %%
+import pandas as pd
+from IPython.display import display
+
+from analysis import load
+from analysis.build import show
+from analysis.data import resolve, select
+
+results_path, figures_dir = resolve(results, out_dir)
+res = load(results_path)
+print(f"results: {results_path} ({len(res.frame)} rows; models: {', '.join(res.models) or 'none'})")
+
+# %% [markdown]
+# ## Per model: the LayerSkip grid and DSSD across ε
+
+# %%
+show(res, figures_dir, ["decoding"])
+
+# %% [markdown]
+# ## Across models: DSSD at its fastest ε vs tuned LayerSkip vs the oracle
+
+# %%
+show(res, figures_dir, ["decoding_summary"])
+
+# %%
+from analysis.plots import decoding_point
+
+decoding = select(res.frame, stage="decoding")
+summary = []
+for model in res.models:
+    rows = decoding[decoding["model"] == model]
+    for method in ("greedy", "early_exit", "layerskip", "dssd", "oracle"):
+        if method in set(rows["method"]):
+            point, eps = decoding_point(rows, method)
+            summary.append({"model": model, "method": method, "eps": eps, **point.to_dict()})
+if summary:
+    display(pd.DataFrame(summary).set_index(["model", "method"]).round(3))
