@@ -35,6 +35,23 @@ def key_config(cfg: DictConfig) -> dict:
     return key
 
 
+def validate(cfg: DictConfig) -> None:
+    """A hub model that is neither cached nor reachable fails here, before any other stage starts."""
+    from pathlib import Path
+
+    from pipeline.backbone import _hub_snapshot_cached, hub_reachable
+
+    source = str(cfg.model.source)
+    if source == "tiny" or Path(source).is_dir():
+        return
+    if not _hub_snapshot_cached(source, cfg.model.revision) and not hub_reachable():
+        raise BackboneError(
+            f"model {source}@{cfg.model.revision} is not in the local Hugging Face cache and the hub is "
+            "unreachable. Use the offline default (model=tiny), a local directory (model.source=/path), "
+            "or run once where the hub is reachable to cache it."
+        )
+
+
 def run(ctx: StageContext) -> StageOutput:
     model_cfg = ctx.cfg.model
     rows, metrics = [], {}
@@ -71,4 +88,4 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(rows=rows, metrics={**metrics, **record})
 
 
-STAGE = Stage(name="backbone", upstream=(), key_config=key_config, run=run)
+STAGE = Stage(name="backbone", upstream=(), key_config=key_config, run=run, validate=validate)

@@ -17,13 +17,14 @@ from pipeline.backbone import load_from_stage_output
 from pipeline.results import row
 from pipeline.shards import ShardWriter
 from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
 SPLITS = ("train", "validation", "test")
 
 
-class DiskSpaceError(OSError):
+class DiskSpaceError(ConfigError):
     """Not enough free disk for the extraction estimate."""
 
 
@@ -71,6 +72,23 @@ def extract_split(model, blocks: torch.Tensor, layers: list[int], writer: ShardW
         writer.add(stacked, batch.flatten())
         n_tokens += batch.numel()
     return n_tokens
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks before any heavy work: disk space for the estimate, and (offline corpus) whether each
+    split can possibly hold its token budget (a token is at least one byte of text)."""
+    from pipeline.data import make_text_source
+
+    check_disk(cfg, Path(cfg.paths.cache))
+    source = make_text_source(cfg.data)
+    if hasattr(source, "n_bytes"):
+        for split, budget in cfg.data.budgets.items():
+            available = source.n_bytes(split)
+            if int(budget) > available:
+                raise ConfigError(
+                    f"data.budgets.{split}={budget} tokens cannot come from the {split} split: it holds only "
+                    f"{available} bytes of text. Lower data.budgets.{split} or change data.split_fractions"
+                )
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -125,4 +143,4 @@ def read_meta(extract_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-STAGE = Stage(name="extract", upstream=("backbone",), key_config=key_config, run=run)
+STAGE = Stage(name="extract", upstream=("backbone",), key_config=key_config, run=run, validate=validate)
