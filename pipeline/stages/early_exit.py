@@ -1,0 +1,219 @@
+"""Stage `early_exit`: benchmark accuracy with early exit, next to its compute, and token-level evaluation.
+
+For the full model and every (calibration method, ε), the configured lm-eval tasks run through `EarlyExitLM`
+(pipeline/lm_eval_adapter.py); then the same policies are evaluated token by token on the test split under each
+KV fill policy (pipeline/token_eval.py). `evaluate.tasks=offline` uses tasks built from the held-out split
+(pipeline/offline_tasks.py), so the default run needs no network.
+
+Rows (pipeline/results.py):
+  method full|<calibration>, eps e (none for full), head -: acc/<task>, acc_stderr/<task> (and every other
+      metric lm-eval reports, e.g. acc_norm/<task>, perplexity/<task>), compute_frac/<task>
+  same, head i: exit_frac/<task>
+  method lazy|copy|recompute, eps e, head -: agreement, ppl, layer_equiv_per_token, compute_frac; head i:
+      exit_frac; extra column `calibration` names the calibration method. The full model's token-level
+      ppl and layer_equiv_per_token are rows of method `full`.
+compute_frac is the exit policy's layer-equivalents per scored token over the full model's (L + unembedding);
+for benchmarks it excludes KV fill, which the token-level rows measure per fill policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pipeline.results import row
+from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.validation import ConfigError, check_eps
+
+log = logging.getLogger(__name__)
+THRESHOLDS_FILE = "thresholds.json"
+TASKS_DIR = "offline_tasks"
+LM_EVAL_DIR = "lm_eval"
+VOLATILE = ("batch_size",)
+
+
+# --- config -----------------------------------------------------------------------------------------------------
+
+
+def task_names(cfg: DictConfig) -> list[str] | None:
+    """The configured lm-eval task names; None means the offline tasks (built at run time)."""
+    tasks = cfg.evaluate.tasks
+    if isinstance(tasks, str):
+        if tasks == "offline":
+            return None
+        if tasks == "pythia":
+            return [str(t) for t in cfg.evaluate.pythia]
+        return [tasks]
+    if isinstance(tasks, ListConfig | list | tuple) and tasks:
+        return [str(t) for t in tasks]
+    raise ConfigError(f"evaluate.tasks must be 'offline', 'pythia' or a non-empty list of task names, got {tasks!r}")
+
+
+def key_config(cfg: DictConfig) -> dict:
+    evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
+    for key in VOLATILE:
+        evaluate.pop(key, None)
+        evaluate.get("token_eval", {}).pop(key, None)
+    return {"evaluate": evaluate, "seed": int(cfg.seed)}
+
+
+def validate(cfg: DictConfig) -> None:
+    from pipeline.calibration import eps_key
+    from pipeline.lm_eval_adapter import GENERATION_STRATEGIES
+    from pipeline.token_eval import FILL_POLICIES
+
+    ev = cfg.evaluate
+    eps = check_eps(list(ev.eps), "evaluate.eps")
+    calibrated = {eps_key(e) for e in cfg.calibrate.eps}
+    missing = [e for e in eps if eps_key(e) not in calibrated]
+    if missing:
+        raise ConfigError(f"evaluate.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
+                          "add them to calibrate.eps or drop them")
+    unknown = [m for m in ev.methods if m not in cfg.calibrate.methods]
+    if unknown:
+        raise ConfigError(f"evaluate.methods {unknown} are not calibrated (calibrate.methods="
+                          f"{list(cfg.calibrate.methods)})")
+    bad_fills = [f for f in ev.token_eval.fills if f not in FILL_POLICIES]
+    if bad_fills or ev.fill not in FILL_POLICIES:
+        raise ConfigError(f"evaluate fill policies must be among {list(FILL_POLICIES)}")
+    if ev.generation not in GENERATION_STRATEGIES:
+        raise ConfigError(f"evaluate.generation={ev.generation!r}; choose one of {list(GENERATION_STRATEGIES)}")
+    names = task_names(cfg)
+    if names is not None and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+        from pipeline.backbone import hub_reachable
+
+        if not hub_reachable():
+            raise ConfigError(f"evaluate.tasks {names} download their datasets from the Hugging Face hub, which is "
+                              "unreachable; use evaluate.tasks=offline, or HF_DATASETS_OFFLINE=1 if they are cached")
+
+
+# --- run --------------------------------------------------------------------------------------------------------
+
+
+def _prepare_tasks(cfg: DictConfig, out_dir: Path):
+    from pipeline.data import make_text_source
+    from pipeline.offline_tasks import OfflineTaskSettings, task_manager, write_offline_tasks
+
+    names = task_names(cfg)
+    if names is not None:
+        return names, task_manager(None, include_defaults=True)
+    settings = OfflineTaskSettings.from_config(OmegaConf.to_container(cfg.evaluate.offline, resolve=True))
+    counts = write_offline_tasks(out_dir / TASKS_DIR, make_text_source(cfg.data), settings)
+    log.info("offline tasks from the %s split: %s", settings.split, counts)
+    return list(counts), task_manager(out_dir / TASKS_DIR)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def task_rows(results: dict, exit_stats: dict, method: str, eps: float | None) -> list[dict]:
+    """Rows for one lm-eval run: every numeric metric (`acc,none` -> acc/<task>), compute and exit fractions."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            number = _number(value)
+            if not filt or number is None:
+                continue
+            suffix = "" if filt == "none" else f"[{filt}]"
+            rows.append(row(f"{name}/{task}{suffix}", number, method=method, eps=eps))
+        stats = exit_stats.get(task)
+        if stats is not None and stats.positions:
+            rows.append(row(f"compute_frac/{task}", stats.compute_fraction, method=method, eps=eps))
+            rows += [row(f"exit_frac/{task}", frac, method=method, eps=eps, head=k)
+                     for k, frac in enumerate(stats.exit_fractions)]
+    return rows
+
+
+def _token_rows(results: dict, method: str, eps: float) -> list[dict]:
+    rows = []
+    for fill, res in results.items():
+        common = {"method": fill, "eps": eps, "calibration": method}
+        rows += [row("agreement", res.agreement, **common), row("ppl", res.ppl, **common),
+                 row("layer_equiv_per_token", res.layer_equivalents_per_token, **common),
+                 row("compute_frac", res.compute_fraction, **common)]
+        rows += [row("exit_frac", frac, head=k, **common) for k, frac in enumerate(res.exit_fractions)]
+    return rows
+
+
+def run(ctx: StageContext) -> StageOutput:
+    import lm_eval
+
+    from pipeline.backbone import load_from_stage_output
+    from pipeline.calibration import ExitThresholds
+    from pipeline.data import make_text_source, token_blocks
+    from pipeline.heads import EarlyExitHeads
+    from pipeline.lm_eval_adapter import EarlyExitLM
+    from pipeline.token_eval import ExitPolicy, evaluate_tokens
+
+    cfg, ev = ctx.cfg, ctx.cfg.evaluate
+    model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
+    heads = EarlyExitHeads.load(ctx.inputs["heads"], model).to(ctx.device)
+    thresholds = ExitThresholds.load(Path(ctx.inputs["calibrate"]) / THRESHOLDS_FILE)
+    names, manager = _prepare_tasks(cfg, ctx.out_dir)
+    lm = EarlyExitLM(model, tokenizer, heads, metric=thresholds.metric, batch_size=int(ev.batch_size),
+                     generation=str(ev.generation), fill=str(ev.fill), max_draft=int(ev.max_draft))
+    settings: list[tuple[str, float | None]] = [("full", None)]
+    settings += [(str(m), float(e)) for m in ev.methods for e in ev.eps]
+    rows: list[dict] = []
+    (ctx.out_dir / LM_EVAL_DIR).mkdir()
+    for method, eps in settings:
+        lm.set_policy(None if eps is None else thresholds.for_eps(method, eps))
+        log.info("lm-eval %s ε=%s on %s", method, eps, names)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=ev.limit, num_fewshot=int(ev.num_fewshot),
+            bootstrap_iters=int(ev.bootstrap_iters), log_samples=False, random_seed=int(cfg.seed),
+            numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+        rows += task_rows(results, lm.exit_stats, method, eps)
+        label = method if eps is None else f"{method}_eps{eps:g}"
+        (ctx.out_dir / LM_EVAL_DIR / f"{label}.json").write_text(
+            json.dumps({"results": results["results"], "policy": lm.policy.thresholds,
+                        "exit_stats": {t: vars(s) for t, s in lm.exit_stats.items()}}, indent=1, default=str))
+
+    n_tokens = int(ev.token_eval.n_tokens)
+    if n_tokens > 0:
+        blocks = token_blocks(make_text_source(cfg.data), tokenizer, "test", n_tokens, int(cfg.data.seq_len),
+                              budget_key="evaluate.token_eval.n_tokens")
+        fills = [str(f) for f in ev.token_eval.fills]
+        batch = int(ev.token_eval.batch_size)
+        full = ExitPolicy.disabled(heads, lm.policy.num_layers, lm.policy.cost, thresholds.metric)
+        base = evaluate_tokens(model, blocks, full, fills=["lazy"], batch_size=batch, device=ctx.device)["lazy"]
+        rows += [row("ppl", base.ppl, method="full"), row("agreement", 1.0, method="full"),
+                 row("layer_equiv_per_token", base.layer_equivalents_per_token, method="full")]
+        for method, eps in settings[1:]:
+            policy = ExitPolicy(heads, thresholds.for_eps(method, eps), thresholds.metric, full.num_layers, full.cost)
+            log.info("token-level %s ε=%s: %d tokens, fills %s", method, eps, blocks.numel(), fills)
+            rows += _token_rows(evaluate_tokens(model, blocks, policy, fills=fills, batch_size=batch,
+                                                device=ctx.device), method, eps)
+    table = accuracy_compute_table(rows)
+    ctx.tracker.log_table("accuracy_compute", table)
+    metrics = {}
+    for (method, eps), group in table.groupby(["method", table["eps"].fillna(-1)], sort=False):
+        metrics[f"mean_acc/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["acc"].mean())
+        metrics[f"mean_compute_frac/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["compute_frac"].mean())
+    return StageOutput(rows=rows, metrics=metrics, tables={"accuracy_compute": table})
+
+
+def accuracy_compute_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per (method, ε, task), in run order: acc, its stderr and the compute fraction."""
+    columns = ("acc", "acc_stderr", "compute_frac")
+    lines: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        name, sep, task = r["metric"].partition("/")
+        if sep and name in columns and r.get("head") is None:
+            lines.setdefault((r["method"], r["eps"], task), {})[name] = r["value"]
+    return pd.DataFrame([{"method": m, "eps": e, "task": t, **{c: v.get(c, math.nan) for c in columns}}
+                         for (m, e, t), v in lines.items()],
+                        columns=["method", "eps", "task", *columns])
+
+
+STAGE = Stage(name="early_exit", upstream=("backbone", "extract", "heads", "calibrate"), key_config=key_config,
+              run=run, validate=validate)
