@@ -153,3 +153,77 @@ def test_generation_early_exit_records_exits(tiny):
     # Every token after the first (which the prompt's full forward produces) exits at head 0.
     assert stats.per_head[0] == stats.positions - 2 and stats.per_head[1] == 0
     assert stats.compute_fraction < 1.0
+
+
+def stage_config(**evaluate):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({
+        "model": OmegaConf.load("conf/model/tiny.yaml"), "data": OmegaConf.load("conf/data/local_text.yaml"),
+        "evaluate": OmegaConf.load("conf/evaluate/default.yaml"), "calibrate": OmegaConf.load("conf/calibrate/default.yaml"),
+        "seed": 0})
+    for key, value in evaluate.items():
+        OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
+    return cfg
+
+
+def test_stage_validate_rejects_bad_eps_and_methods():
+    from pipeline.stages.early_exit import validate
+    from pipeline.validation import ConfigError
+
+    validate(stage_config())
+    with pytest.raises(ConfigError, match="outside"):
+        validate(stage_config(eps=[1.5]))
+    with pytest.raises(ConfigError, match="not calibrated"):
+        validate(stage_config(eps=[0.77]))
+    with pytest.raises(ConfigError, match="not calibrated"):
+        validate(stage_config(methods=["bogus"]))
+
+
+def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
+    import json
+
+    from pipeline.calibration import ExitThresholds, eps_key
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.early_exit import run
+    from pipeline.tracking import Tracker
+
+    model, tokenizer, heads, _ = tiny
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone / "model")
+    tokenizer.save_pretrained(backbone / "model")
+    (backbone / "backbone.json").write_text(json.dumps({"local": True}))
+    heads.save(tmp_path / "heads")
+    cfg = stage_config(eps=[0.9], offline={"n_examples": 4, "context_lines": 2, "split": "test", "n_choices": 3,
+                                            "seed": 0},
+                       token_eval={"n_tokens": 128, "fills": ["lazy", "copy"], "batch_size": 1})
+    cfg.data.seq_len = 64
+    # Head 0 always exits at ε=0.9 (empirical); the other ε are irrelevant here.
+    table = {m: {eps_key(e): [1e9 if e == 0.9 else None, None] for e in cfg.calibrate.eps} for m in ("empirical",)}
+    ExitThresholds(metric="entropy", lower_is_confident=True, layers=HEAD_LAYERS, eps=list(cfg.calibrate.eps),
+                   delta=0.05, cascade=True, thresholds=table).save(tmp_path / "calibrate" / "thresholds.json")
+
+    class NoTracker(Tracker):
+        def __init__(self) -> None:
+            pass
+
+        def log_table(self, name, frame) -> None:
+            pass
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(cfg=cfg, out_dir=out, inputs={"backbone": backbone, "heads": tmp_path / "heads",
+                                                     "calibrate": tmp_path / "calibrate", "extract": tmp_path},
+                       device=torch.device("cpu"), tracker=NoTracker(), progress=False)
+    output = run(ctx)
+    rows = {(r["method"], r["eps"], r["head"], r["metric"]): r["value"] for r in output.rows}
+    for task in TASKS:
+        assert ("full", None, None, f"acc/{task}") in rows and ("full", None, None, f"acc_stderr/{task}") in rows
+        assert rows[("full", None, None, f"compute_frac/{task}")] == pytest.approx(1.0)
+        assert rows[("empirical", 0.9, 0, f"exit_frac/{task}")] == 1.0
+        assert rows[("empirical", 0.9, None, f"compute_frac/{task}")] < 1.0
+    assert rows[("lazy", 0.9, 0, "exit_frac")] == 1.0 and ("copy", 0.9, None, "agreement") in rows
+    assert ("full", None, None, "ppl") in rows
+    acc = output.tables["accuracy_compute"]
+    assert list(acc["method"]) == ["full", "full", "empirical", "empirical"]
+    assert (out / "offline_tasks" / "offline_next_line.jsonl").is_file()
