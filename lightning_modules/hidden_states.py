@@ -172,8 +172,11 @@ class HiddenStatesDataModule(L.LightningDataModule):
         self.val_batch_tokens = int(val_batch_tokens or batch_tokens)
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
-        self.train_reader = ShardReader(self.train_dir)
-        n_total = len(self.train_reader)
+        # Only sizes are kept: the DataModule is pickled into spawned DDP workers, and pickling an open
+        # reader would copy its memory maps' contents. Datasets open their own readers, lazily.
+        train_reader = ShardReader(self.train_dir)
+        self.n_heads, self.d_model = train_reader.n_slots - 1, train_reader.d_model
+        n_total = len(train_reader)
         if self.val_dir is None:
             self.n_train = held_out_range(n_total, self.val_tokens)[0]
             self.val_range = (self.n_train, n_total)
@@ -181,14 +184,6 @@ class HiddenStatesDataModule(L.LightningDataModule):
             self.n_train = n_total
             n_val = len(ShardReader(self.val_dir))
             self.val_range = (max(0, n_val - self.val_tokens), n_val)
-
-    @property
-    def n_heads(self) -> int:
-        return self.train_reader.n_slots - 1
-
-    @property
-    def d_model(self) -> int:
-        return self.train_reader.d_model
 
     def _position(self) -> tuple[int, int, int]:
         """(rank, world size, first batch number), from the Trainer when attached (after checkpoint restore,

@@ -94,6 +94,11 @@ class ThroughputMonitor(Callback):
         if self._steps == self.skip:
             self._t0, self._val_time = time.perf_counter(), 0.0
         self._t_last = time.perf_counter()
+        # Also logged as metrics: they reach the tracker, and with a spawning strategy (ddp_spawn) the
+        # callback metrics are what comes back from the workers to the main process.
+        pl_module.log("train/global_step", float(trainer.global_step), on_step=True, on_epoch=False)
+        if self.tokens_per_s is not None:
+            pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = time.perf_counter()
@@ -227,6 +232,11 @@ def train_heads(
         return heads, {"global_rank": trainer.global_rank}
 
     heads.save(out_dir)
+    # trainer.global_step is the truth in-process; under ddp_spawn the main process only gets the workers'
+    # logged metrics back.
+    steps = trainer.global_step or int(_float_or_none(trainer.callback_metrics.get("train/global_step")) or 0)
+    tokens_per_s = throughput.tokens_per_s or _float_or_none(trainer.callback_metrics.get("train/tokens_per_s"))
+    tokens_per_step = hcfg["batch_tokens"] * trainer.world_size * trainer.accumulate_grad_batches
     # Both methods are scored on the validation slice the DataModule held out from training.
     eval_reader = ShardReader(val_dir if val_dir is not None else reader_dir)
     n_eval = data.val_range[1] - data.val_range[0]
@@ -237,10 +247,10 @@ def train_heads(
         "trained": evaluate_heads(heads, eval_reader, unembed, n_eval, hcfg["eval_batch_tokens"], device),
         "logit_lens": evaluate_heads(lens, eval_reader, unembed, n_eval, hcfg["eval_batch_tokens"], device),
         "eval_tokens": n_eval,
-        "steps": trainer.global_step,
-        "train_tokens": trainer.global_step * throughput.tokens_per_step,
+        "steps": steps,
+        "train_tokens": steps * tokens_per_step,
         "train_seconds": train_seconds,
-        "train_tokens_per_s": throughput.tokens_per_s,
+        "train_tokens_per_s": tokens_per_s,
         "final_train_loss": _float_or_none(trainer.callback_metrics.get("train/loss")),
         "resumed_from": resume,
         "global_rank": 0,

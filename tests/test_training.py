@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf
 
 from lightning_modules.heads_module import NonFiniteLossError
 from pipeline.heads import EarlyExitHeads, HeadsMismatchError
@@ -217,3 +218,64 @@ def test_ddp_two_cpu_processes_on_gloo_equals_one_process_with_twice_the_batch(t
                             tmp_path / "single", progress=False)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# --- the heads stage -------------------------------------------------------------------------------------------
+
+
+def _stage_cfg(**heads_overrides):
+    cfg = _compose("trainer=cpu", "logger=none")
+    OmegaConf.set_struct(cfg, False)  # lets a test add an unknown heads key
+    cfg.model.head_layers = HEAD_LAYERS
+    cfg.model.source, cfg.model.revision, cfg.model.dtype = "tiny-test", None, "float32"
+    cfg.data.budgets.train = 4096
+    for key, value in {**HEADS, "max_steps": 40, "val_every_n_steps": 20, **heads_overrides}.items():
+        cfg.heads[key] = value
+    return cfg
+
+
+def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
+    from pipeline.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
+    from pipeline.stages import heads as heads_stage
+    from pipeline.stages.base import StageContext
+    from pipeline.tracking import Tracker
+
+    model, directory = tiny
+    backbone_dir, extract_dir = tmp_path / "backbone", directory.parent
+    model.save_pretrained(backbone_dir / LOCAL_MODEL_DIR)
+    (backbone_dir / BACKBONE_RECORD).write_text(json.dumps({"local": True, "source": "tiny", "revision": None}))
+    (extract_dir / "meta.json").write_text(json.dumps({"layers": HEAD_LAYERS}))
+    cfg = _stage_cfg()
+    heads_stage.validate(cfg)
+    out_dir = tmp_path / "heads.partial"
+    out_dir.mkdir()
+    ctx = StageContext(cfg=cfg, out_dir=out_dir, inputs={"backbone": backbone_dir, "extract": extract_dir},
+                       device=torch.device("cpu"), tracker=Tracker(), progress=False)
+    output = heads_stage.run(ctx)
+
+    EarlyExitHeads.load(out_dir, model)  # what the metrics/calibrate stages do
+    assert not (out_dir / "checkpoints").exists()
+    rows = {(r["method"], r["head"], r["metric"]): r for r in output.rows}
+    for method in ("trained", "logit_lens"):
+        for head, layer in enumerate(HEAD_LAYERS):
+            for metric in ("kl", "agree"):
+                assert rows[(method, head, metric)]["layer"] == layer
+    assert rows[("trained", None, "train_tokens_per_s")]["value"] > 0
+    assert output.metrics["steps"] == 40 and len(output.tables["heads_eval"]) == 2 * len(HEAD_LAYERS)
+
+
+def test_heads_stage_key_and_validation():
+    from pipeline.stages import heads as heads_stage
+    from pipeline.validation import ConfigError
+
+    base = heads_stage.key_config(_stage_cfg())
+    assert base == heads_stage.key_config(_stage_cfg(num_workers=3, eval_batch_tokens=64))
+    assert base != heads_stage.key_config(_stage_cfg(lr=1e-3))
+    ddp = _stage_cfg()
+    ddp.trainer.devices = 2
+    assert heads_stage.key_config(ddp)["world_size"] == 2  # global batch doubles: other weights
+    assert heads_stage.stage_trainer_cfg(_compose("trainer=ddp").trainer)["strategy"] == "ddp_spawn"
+    for override, message in [({"head_type": "conv"}, "head_type"), ({"lr": 0.0}, "lr"),
+                              ({"val_tokens": 4000}, "exceed"), ({"learning_rate": 1.0}, "unknown")]:
+        with pytest.raises(ConfigError, match=message):
+            heads_stage.validate(_stage_cfg(**override))

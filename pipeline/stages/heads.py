@@ -1,0 +1,139 @@
+"""Stage `heads`: train one early-exit head per `model.head_layers` on the extracted train split (Lightning,
+self-supervised KL to the frozen model), then score them and the logit lens on the same held-out tokens.
+
+Output directory: `heads.safetensors` + `heads.json` (load with `EarlyExitHeads.load(dir, backbone)`), the
+Lightning CSV logs under `logs/`. Training checkpoints live in `checkpoints/` while the stage runs (the stage
+is resumable: an interrupted run continues from `checkpoints/last.ckpt`) and are deleted once the heads are
+saved — for Pythia-2.8b they weigh several GB and nothing downstream reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.backbone import load_from_stage_output
+from pipeline.heads import HEAD_TYPES, INITS
+from pipeline.results import row
+from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.stages.extract import read_meta
+from pipeline.training import CHECKPOINT_DIR, heads_settings, train_heads
+from pipeline.validation import ConfigError
+
+log = logging.getLogger(__name__)
+# heads-config keys that do not change the trained heads (throughput and evaluation batching only).
+_VOLATILE_HEADS_KEYS = ("num_workers", "eval_batch_tokens")
+METHODS = ("trained", "logit_lens")
+
+
+def _world_size(trainer_cfg: DictConfig) -> int | str:
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, int):
+        return devices * nodes
+    return str(devices)  # "auto" or a device list: not resolvable before the run, keyed as written
+
+
+def key_config(cfg: DictConfig) -> dict[str, Any]:
+    heads = {k: v for k, v in heads_settings(cfg.heads).items() if k not in _VOLATILE_HEADS_KEYS}
+    trainer = cfg.trainer
+    return {
+        "heads": heads,
+        "seed": int(cfg.seed),
+        # Not the whole trainer config (where it runs is volatile), but what changes the weights: numerics
+        # and the global batch (batch_tokens is per data-parallel process).
+        "precision": str(trainer.get("precision", "32-true")),
+        "world_size": _world_size(trainer),
+        "accumulate_grad_batches": int(trainer.get("accumulate_grad_batches", 1) or 1),
+    }
+
+
+def validate(cfg: DictConfig) -> None:
+    try:
+        h = heads_settings(cfg.heads)
+    except ValueError as err:
+        raise ConfigError(f"heads: {err}") from err
+    if h["head_type"] not in HEAD_TYPES:
+        raise ConfigError(f"heads.head_type={h['head_type']!r}: choose one of {HEAD_TYPES} (heads=linear|mlp)")
+    if h["init"] not in INITS:
+        raise ConfigError(f"heads.init={h['init']!r}: choose one of {INITS}")
+    for key in ("lr", "batch_tokens", "max_steps", "val_tokens", "val_every_n_steps", "eval_batch_tokens"):
+        if not float(h[key]) > 0:
+            raise ConfigError(f"heads.{key} must be positive, got {h[key]}")
+    if int(h["warmup_steps"]) < 0 or not 0.0 <= float(h["min_lr_ratio"]) <= 1.0:
+        raise ConfigError("heads.warmup_steps must be >= 0 and heads.min_lr_ratio in [0, 1]")
+    budget = OmegaConf.select(cfg, "data.budgets.train", default=None)
+    if budget is not None:
+        world = _world_size(cfg.trainer)
+        per_step = int(h["batch_tokens"]) * (world if isinstance(world, int) else 1)
+        if int(h["val_tokens"]) + per_step > int(budget):
+            raise ConfigError(
+                f"heads.val_tokens ({h['val_tokens']}) + one global batch ({per_step}) exceed the extracted "
+                f"train tokens (data.budgets.train={budget}): lower them or extract more"
+            )
+    reserved = {"max_steps", "max_epochs", "val_check_interval", "callbacks", "logger"} & set(cfg.trainer)
+    if reserved:
+        raise ConfigError(f"trainer.{sorted(reserved)} are set from conf/heads by the heads stage; remove them")
+
+
+def stage_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """conf/trainer as used inside the pipeline.
+
+    `strategy: ddp` launches the other ranks by re-running the command line; inside the pipeline that would
+    re-run the whole runner, whose rank-1 copy then waits on the stage lock rank 0 holds while rank 0 waits
+    for rank 1 in the process group (deadlock). `ddp_spawn` starts workers that run only the training loop.
+    """
+    tcfg = OmegaConf.to_container(trainer_cfg, resolve=True)
+    if tcfg.get("strategy") == "ddp":
+        log.info("heads stage: trainer.strategy=ddp runs as ddp_spawn inside the pipeline")
+        tcfg["strategy"] = "ddp_spawn"
+    return tcfg
+
+
+def result_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for method in METHODS:
+        for r in metrics[method]:
+            for name in ("kl", "agree"):
+                rows.append(row(name, r[name], method=method, head=r["head"], layer=r["layer"]))
+    for name in ("train_tokens_per_s", "train_seconds", "train_tokens", "steps"):
+        if metrics.get(name) is not None:
+            rows.append(row(name, metrics[name], method="trained"))
+    return rows
+
+
+def run(ctx: StageContext) -> StageOutput:
+    cfg = ctx.cfg
+    layers = [int(x) for x in cfg.model.head_layers]
+    meta = read_meta(ctx.inputs["extract"])
+    if meta["layers"] != layers:
+        raise ConfigError(f"extracted layers {meta['layers']} differ from model.head_layers {layers}")
+    backbone, _ = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device="cpu",
+                                         with_tokenizer=False)
+    extract_dir = Path(ctx.inputs["extract"])
+    logger = ctx.tracker.lightning_logger()  # W&B when tracking is on; None -> CSV logs in the output
+    heads, metrics = train_heads(
+        backbone, layers, extract_dir / "train", cfg.heads, stage_trainer_cfg(cfg.trainer), int(cfg.seed),
+        ctx.out_dir, logger=logger, progress=ctx.progress,
+        backbone_id=str(cfg.model.source), backbone_revision=cfg.model.revision,
+    )
+    shutil.rmtree(ctx.out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for t, lens in zip(metrics["trained"], metrics["logit_lens"], strict=True):
+        log.info("head %d (block %d): KL %.4f (logit lens %.4f), agreement %.3f (logit lens %.3f)",
+                 t["head"], t["layer"], t["kl"], lens["kl"], t["agree"], lens["agree"])
+    table = pd.DataFrame([{**r, "method": method} for method in METHODS for r in metrics[method]])
+    summary: dict[str, Any] = {k: metrics[k] for k in ("steps", "train_tokens", "train_seconds",
+                                                        "train_tokens_per_s", "eval_tokens")}
+    for method in METHODS:
+        for r in metrics[method]:
+            summary[f"{method}/kl_head{r['head']}"] = r["kl"]
+            summary[f"{method}/agree_head{r['head']}"] = r["agree"]
+    return StageOutput(rows=result_rows(metrics), metrics=summary, tables={"heads_eval": table})
+
+
+STAGE = Stage(name="heads", upstream=("backbone", "extract"), key_config=key_config, run=run, validate=validate,
+              resumable=True)
