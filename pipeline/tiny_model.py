@@ -1,0 +1,336 @@
+"""The offline tiny backbone: a byte-level BPE tokenizer and a small GPT-NeoX pretrained from scratch on CPU.
+
+This is the model `python -m pipeline` uses when the hub is out of reach (DESIGN.md §4). It is built to go
+through exactly the Pythia code path: same architecture class (`GPTNeoXForCausalLM`, parallel residual,
+partial rotary), saved with `save_pretrained` and read back by `pipeline.backbone.load_backbone`.
+
+It must be *clearly trained* — early exits only make sense when deeper layers know more than shallow ones —
+yet cheap: the default config pretrains in a few minutes on 2 CPU cores. The returned metrics include the
+logit-lens agreement of every intermediate block with the final layer, the depth gradient early exit needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.data import TextSource, token_blocks
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+
+# Defaults for every key of `model.tiny` (conf/model/tiny.yaml), so callers and tests can pass a partial
+# mapping. `num_layers`, `d_model` and `max_position_embeddings` are interpolated from the model config
+# there, keeping one source of truth for the architecture facts other stages read.
+DEFAULTS: dict[str, Any] = {
+    "vocab_size": 4096,
+    "num_layers": 6,
+    "d_model": 128,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 256,
+    "rotary_pct": 0.25,
+    "seq_len": 128,
+    "train_tokens": 2_000_000,
+    "epochs": 1,
+    "batch_size": 32,
+    "lr": 3.0e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 50,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.95),
+    "grad_clip": 1.0,
+    "eval_tokens": 100_000,
+    "eval_batch_size": 64,
+    "tokenizer_min_frequency": 2,
+    "tokenizer_max_bytes": 64_000_000,
+    "num_threads": 2,
+    "seed": 0,
+}
+
+
+def resolve_tiny_config(tiny_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`tiny_cfg` over the defaults, rejecting unknown keys (a typo would otherwise be silently ignored)."""
+    unknown = set(tiny_cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown model.tiny key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **dict(tiny_cfg)}
+    if cfg["d_model"] % cfg["num_attention_heads"]:
+        raise ValueError(f"d_model={cfg['d_model']} is not divisible by num_attention_heads="
+                         f"{cfg['num_attention_heads']}")
+    if cfg["seq_len"] > cfg["max_position_embeddings"]:
+        raise ValueError(f"model.tiny.seq_len={cfg['seq_len']} exceeds max_position_embeddings="
+                         f"{cfg['max_position_embeddings']}")
+    return cfg
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------
+
+
+def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if seen >= max_bytes:
+            return
+        seen += len(text)
+        yield text
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 2,
+                    model_max_length: int = 2048):
+    """A byte-level BPE tokenizer (GPT-2/Pythia style) trained on `texts`, as a `PreTrainedTokenizerFast`.
+
+    Byte-level means no unknown tokens ever, so `<|endoftext|>` can double as bos/eos/pad/unk exactly as in
+    Pythia's tokenizer. No prefix space is added: code is not prose, and Pythia's tokenizer adds none.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        # All 256 byte symbols up front, so any text round-trips even if some byte never occurs in training.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        model_max_length=model_max_length,
+    )
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: Mapping[str, Any], vocab_size: int, eos_token_id: int):
+    """A randomly initialised GPT-NeoX shaped like Pythia (parallel residual, partial rotary, untied head)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=int(cfg["d_model"]),
+        num_hidden_layers=int(cfg["num_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        max_position_embeddings=int(cfg["max_position_embeddings"]),
+        rotary_pct=float(cfg["rotary_pct"]),
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    return GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
+def _optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    # Decay matrices only: decaying LayerNorm gains and biases just fights the normalisation.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(cfg["lr"]), betas=tuple(float(b) for b in cfg["betas"]),
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_lm(model, blocks: torch.Tensor, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+    """Held-out loss/perplexity and the logit lens: how often each block's output, put through the final
+    LayerNorm and the unembedding, has the same argmax as the full model.
+
+    The logit lens is exactly what an untrained early-exit head would predict (the head is initialised as
+    a copy of that norm + projection), so it previews how much room early exit has at each depth.
+    """
+    from pipeline.backbone import final_norm_of, unembedding_of
+
+    model.eval()
+    norm, unembed = final_norm_of(model), unembedding_of(model)
+    n_layers = model.config.num_hidden_layers
+    nll_sum, n_pred, n_tok = 0.0, 0, 0
+    agree = torch.zeros(n_layers - 1, dtype=torch.long)
+    for start in tqdm(range(0, len(blocks), batch_size), desc="eval", disable=not progress, leave=False):
+        batch = blocks[start:start + batch_size]
+        out = model(input_ids=batch, output_hidden_states=True)
+        logits = out.logits.float()
+        nll_sum += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        n_pred += batch[:, 1:].numel()
+        final_top = logits.argmax(-1)
+        # hidden_states[0] is the embedding output, [i] the (pre-norm) output of block i-1, and the last
+        # entry is already post-norm: it is the final layer itself and skipped.
+        for block in range(n_layers - 1):
+            lens_top = unembed(norm(out.hidden_states[block + 1])).argmax(-1)
+            agree[block] += (lens_top == final_top).sum()
+        n_tok += batch.numel()
+    val_loss = nll_sum / n_pred
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "eval_tokens": n_tok,
+        # Keyed by 0-based block index, the convention of `model.head_layers`.
+        "logit_lens_agreement": {b: agree[b].item() / n_tok for b in range(n_layers - 1)},
+    }
+
+
+# --- pretraining -----------------------------------------------------------------------------------------------
+
+
+def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir: Path,
+                        progress: bool = True) -> dict[str, Any]:
+    """Train the tokenizer and the model on `source`'s train split, evaluate on its validation split, and
+    `save_pretrained` both into `out_dir` (created), so `load_backbone(out_dir)` loads them.
+
+    Deterministic given `tiny_cfg` (its `seed`), the corpus and the thread count: the seed fixes the
+    initialisation and the block order, and the corpus order is fixed by the source.
+    Returns scalar metrics plus `logit_lens_agreement` ({block index: fraction}).
+    """
+    cfg = resolve_tiny_config(tiny_cfg)
+    out_dir = Path(out_dir)
+    with _torch_threads(cfg["num_threads"]):
+        t0 = time.perf_counter()
+        tokenizer = train_tokenizer(
+            _capped(source.documents("train"), int(cfg["tokenizer_max_bytes"])),
+            vocab_size=int(cfg["vocab_size"]),
+            min_frequency=int(cfg["tokenizer_min_frequency"]),
+            model_max_length=int(cfg["max_position_embeddings"]),
+        )
+        tokenizer_seconds = time.perf_counter() - t0
+        log.info("tokenizer: %d tokens trained in %.1fs", len(tokenizer), tokenizer_seconds)
+
+        seq_len = int(cfg["seq_len"])
+        t0 = time.perf_counter()
+        train = token_blocks(source, tokenizer, "train", int(cfg["train_tokens"]), seq_len,
+                             budget_key="model.tiny.train_tokens")
+        val = token_blocks(source, tokenizer, "validation", int(cfg["eval_tokens"]), seq_len,
+                           budget_key="model.tiny.eval_tokens")
+        tokenize_seconds = time.perf_counter() - t0
+        log.info("data: %d train blocks, %d validation blocks of %d tokens (%.1fs)",
+                 len(train), len(val), seq_len, tokenize_seconds)
+
+        torch.manual_seed(int(cfg["seed"]))
+        model = build_model(cfg, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: GPT-NeoX %d layers, d_model %d, %.2fM parameters",
+                 cfg["num_layers"], cfg["d_model"], n_params / 1e6)
+
+        batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
+        steps_per_epoch = math.ceil(len(train) / batch_size)
+        total_steps = steps_per_epoch * epochs
+        optimizer = _optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, total_steps, int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"])),
+        )
+
+        model.train()
+        losses: list[float] = []
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        bar = tqdm(total=total_steps, desc="pretrain tiny", unit="step", disable=not progress)
+        for epoch in range(epochs):
+            # Per-epoch generator: the order depends only on (seed, epoch), never on global RNG state.
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(cfg["seed"]) + epoch))
+            for start in range(0, len(order), batch_size):
+                batch = train[order[start:start + batch_size]]
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                losses.append(loss.item())
+                bar.update(1)
+                if len(losses) % 10 == 0:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}",
+                                    tok_s=f"{len(losses) * batch_size * seq_len / elapsed:.0f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        # CPU time next to wall time: on a shared machine wall time measures the neighbours too, while
+        # cpu_seconds / num_threads estimates the wall time on idle cores.
+        train_cpu_seconds = time.process_time() - cpu0
+        # The last batch of an epoch can be short; count what was actually consumed.
+        tokens_seen = len(train) * seq_len * epochs
+
+        t0 = time.perf_counter()
+        evaluation = evaluate_lm(model, val, batch_size=int(cfg["eval_batch_size"]), progress=progress)
+        eval_seconds = time.perf_counter() - t0
+
+    tail = losses[-min(20, len(losses)):]
+    metrics: dict[str, Any] = {
+        "n_params": n_params,
+        "n_layers": int(cfg["num_layers"]),
+        "d_model": int(cfg["d_model"]),
+        "vocab_size": len(tokenizer),
+        "train_tokens": tokens_seen,
+        "train_steps": len(losses),
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "tokenizer_seconds": tokenizer_seconds,
+        "tokenize_seconds": tokenize_seconds,
+        "eval_seconds": eval_seconds,
+        "initial_train_loss": losses[0],
+        "final_train_loss": sum(tail) / len(tail),
+        **evaluation,
+        # The same agreement as flat scalars, so it lands in the results table next to the other metrics.
+        **{f"lens_agreement_block{b}": a for b, a in evaluation["logit_lens_agreement"].items()},
+        "corpus_fingerprint": source.fingerprint,
+        "num_threads": int(cfg["num_threads"] or torch.get_num_threads()),
+    }
+    log.info("pretrained in %.0fs (%.0f tok/s): held-out ppl %.2f; logit lens vs final: %s",
+             train_seconds, metrics["tokens_per_s"], metrics["val_ppl"],
+             ", ".join(f"block {b}: {a:.0%}" for b, a in metrics["logit_lens_agreement"].items()))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    # A human-readable record next to the weights: what was trained on what, and how well.
+    record = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}, "metrics": metrics}
+    (out_dir / "pretraining.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return metrics

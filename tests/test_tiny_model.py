@@ -1,0 +1,146 @@
+"""The offline tiny backbone: tokenizer round trip, a very small pretrain, save/load through load_backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.tiny_model import (
+    EOS_TOKEN,
+    lr_factor,
+    pretrain_tiny_model,
+    resolve_tiny_config,
+    train_tokenizer,
+)
+
+
+class ListSource:
+    name = "list"
+
+    def __init__(self, docs: dict[str, list[str]]) -> None:
+        self.docs = docs
+
+    def documents(self, split: str) -> Iterator[str]:
+        yield from self.docs[split]
+
+    @property
+    def fingerprint(self) -> str:
+        return "list-source"
+
+
+def _docs(n: int, offset: int = 0) -> list[str]:
+    return [
+        f'def function_{i}(value, other=None):\n    """Return value plus {i}."""\n'
+        f"    if other is None:\n        return value + {i}\n    return value + other\n\n"
+        for i in range(offset, offset + n)
+    ]
+
+
+SOURCE = ListSource({"train": _docs(300), "validation": _docs(40, offset=1000), "test": _docs(10, 2000)})
+
+SMALL = {
+    "vocab_size": 300,
+    "num_layers": 2,
+    "d_model": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "seq_len": 32,
+    "train_tokens": 8192,
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 1e-2,
+    "warmup_steps": 5,
+    "eval_tokens": 1024,
+    "seed": 0,
+    # One thread: with tiny matrices OpenMP sync dominates, and on a busy machine two spinning threads
+    # made this test 30x slower.
+    "num_threads": 1,
+}
+
+
+def test_tokenizer_round_trip_and_special_tokens() -> None:
+    tok = train_tokenizer(iter(SOURCE.docs["train"]), vocab_size=300)
+    assert len(tok) <= 300
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(tok, name) == EOS_TOKEN
+    # Byte-level: any text round-trips, even characters never seen in training.
+    text = "def f(x):\n\treturn x ** 2  # café ∑ 🐍\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(EOS_TOKEN) == tok.eos_token_id
+    # Same corpus, same vocabulary (tokenizer training is deterministic).
+    again = train_tokenizer(iter(SOURCE.docs["train"]), vocab_size=300)
+    assert again.get_vocab() == tok.get_vocab()
+
+
+def test_config_validation() -> None:
+    assert resolve_tiny_config({})["num_layers"] == 6
+    with pytest.raises(ValueError, match="unknown model.tiny key"):
+        resolve_tiny_config({"num_layer": 3})
+    with pytest.raises(ValueError, match="not divisible"):
+        resolve_tiny_config({"d_model": 30, "num_attention_heads": 4})
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        resolve_tiny_config({"seq_len": 512, "max_position_embeddings": 256})
+
+
+def test_lr_schedule_shape() -> None:
+    factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny")
+    metrics = pretrain_tiny_model(SMALL, SOURCE, out, progress=False)
+    return out, metrics
+
+
+def test_pretrain_learns_and_reports(pretrained: tuple[Path, dict]) -> None:
+    _, metrics = pretrained
+    assert metrics["final_train_loss"] < metrics["initial_train_loss"] - 1.0
+    assert metrics["val_ppl"] < metrics["vocab_size"] / 4  # far better than uniform guessing
+    assert metrics["train_tokens"] == 8192 * 2 and metrics["n_layers"] == 2
+    assert set(metrics["logit_lens_agreement"]) == {0}
+    assert 0.0 <= metrics["logit_lens_agreement"][0] == metrics["lens_agreement_block0"] <= 1.0
+    assert metrics["corpus_fingerprint"] == "list-source"
+
+
+def test_saved_model_round_trips_through_load_backbone(pretrained: tuple[Path, dict]) -> None:
+    out, metrics = pretrained
+    model, tok = load_backbone(out)
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+    assert model.config.use_parallel_residual
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25  # transformers 5 name of rotary_pct
+    assert len(tok) == metrics["vocab_size"] == model.config.vocab_size
+    assert tok.eos_token_id == model.config.eos_token_id
+    assert (out / "pretraining.json").is_file()
+
+    # Same weights as a fresh from_pretrained load, and logits that depend on the text.
+    text = SOURCE.docs["validation"][0]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :32]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    reloaded, _ = load_backbone(out, with_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(logits, reloaded(input_ids=ids).logits)
+    assert tok.decode(ids[0]) == text[: len(tok.decode(ids[0]))]
+
+
+def test_pretrain_is_deterministic(pretrained: tuple[Path, dict], tmp_path: Path) -> None:
+    out, metrics = pretrained
+    quick = {**SMALL, "train_tokens": 2048, "epochs": 1, "eval_tokens": 256}
+    a = pretrain_tiny_model(quick, SOURCE, tmp_path / "a", progress=False)
+    b = pretrain_tiny_model(quick, SOURCE, tmp_path / "b", progress=False)
+    assert a["val_loss"] == b["val_loss"] and a["final_train_loss"] == b["final_train_loss"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
