@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", action="store_true",
                         help="also execute every analysis notebook on these results; executed .ipynb files go "
                              "to <out>/notebooks (slower: one Jupyter kernel per notebook)")
+    parser.add_argument("--formats", default="png,pdf",
+                        help="comma-separated subset of png,pdf (e.g. png for the figures committed to the repo)")
     parser.add_argument("--strict", action="store_true", help="fail on the first figure error instead of skipping")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args = parser.parse_args(argv)
@@ -31,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else (args.results if args.results.is_dir()
                                                  else args.results.parent) / "figures"
     try:
-        paths = build_all_figures(args.results, out, strict=args.strict)
-    except FileNotFoundError as err:
+        paths = build_all_figures(args.results, out, strict=args.strict,
+                                  formats=[f.strip() for f in args.formats.split(",") if f.strip()])
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.notebooks:

@@ -7,14 +7,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from analysis.data import Results, load
-from analysis.plots import FIGURES, SkipFigure
+from analysis.plots import FIGURES, FORMATS, SkipFigure, output_formats
 
 log = logging.getLogger("analysis")
 
 
 def build_figures(res: Results, out_dir: str | Path, names: Iterable[str] | None = None,
-                  strict: bool = False) -> list[Path]:
-    """Draw the named figures (all by default) into `out_dir`; returns the files written.
+                  strict: bool = False, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Draw the named figures (all by default) into `out_dir` as PNG and/or PDF; returns the files written.
 
     A figure whose data is absent is skipped with a logged notice. Any other failure is logged and skipped
     too unless `strict` (tests use strict): at the end of a long pipeline run, one broken plot must not cost
@@ -28,7 +28,8 @@ def build_figures(res: Results, out_dir: str | Path, names: Iterable[str] | None
     written: list[Path] = []
     for name in names:
         try:
-            paths = FIGURES[name](res, out_dir)
+            with output_formats(formats):
+                paths = FIGURES[name](res, out_dir)
         except SkipFigure as why:
             log.info("figure %-22s skipped: %s", name, why)
             continue
@@ -43,7 +44,7 @@ def build_figures(res: Results, out_dir: str | Path, names: Iterable[str] | None
 
 
 def build_all_figures(results_dir: str | Path, out_dir: str | Path | None = None,
-                      strict: bool = False) -> list[Path]:
+                      strict: bool = False, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Every figure for a run directory (results.csv + tables/) or a sweep directory (summary.*).
 
     `out_dir` defaults to `<results_dir>/figures`. Returns the PNG and PDF files written.
@@ -51,7 +52,7 @@ def build_all_figures(results_dir: str | Path, out_dir: str | Path | None = None
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else (results_dir if results_dir.is_dir()
                                                          else results_dir.parent) / "figures"
-    return build_figures(load(results_dir), out_dir, strict=strict)
+    return build_figures(load(results_dir), out_dir, strict=strict, formats=formats)
 
 
 def show(res: Results, out_dir: str | Path, names: Iterable[str]) -> list[Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -201,10 +202,17 @@ def tasks(frame: pd.DataFrame, prefix: str) -> list[str]:
     return sorted({m.split("/", 1)[1] for m in metrics if m.startswith(prefix + "/")})
 
 
-def latest_run(root: str | Path = "outputs") -> Path:
+def outputs_root() -> Path:
+    """Where the pipeline writes (conf/paths: $PIPELINE_OUTPUTS, else outputs/ in the repository), found the
+    same way from a notebook whatever folder Jupyter was started in."""
+    env = os.environ.get("PIPELINE_OUTPUTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "outputs"
+
+
+def latest_run(root: str | Path | None = None) -> Path:
     """The most recently written run or sweep under `root` (runs/ and multirun/ as laid out by conf/paths),
     for notebooks opened without a `results` parameter."""
-    root = Path(root)
+    root = Path(root) if root is not None else outputs_root()
     candidates = [p.parent for name in (RESULTS_FILE, *SUMMARY_FILES) for sub in ("runs", "multirun")
                   if (root / sub).is_dir() for p in (root / sub).rglob(name)]
     if not candidates:

@@ -14,9 +14,11 @@ and on the command line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import matplotlib as mpl
@@ -33,6 +35,8 @@ from analysis.data import Results, head_labels, model_size, per_head, select, sl
 
 STYLE = Path(__file__).with_name("style.mplstyle")
 FORMATS = ("png", "pdf")
+# The formats `save` writes; `output_formats` narrows it (e.g. PNG only for the figures committed to the repo).
+_ACTIVE_FORMATS: ContextVar[tuple[str, ...]] = ContextVar("formats", default=FORMATS)
 # Fixed metadata: matplotlib otherwise stamps its version (PNG, PDF) and the creation time (PDF).
 METADATA = {
     "png": {"Software": "dssd-pipeline analysis"},
@@ -80,9 +84,22 @@ def styled(fn: Callable[[Results, Path], list[Path]]) -> Callable[[Results, Path
     return wrapper
 
 
+@contextlib.contextmanager
+def output_formats(formats: Iterable[str]) -> Iterator[None]:
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    token = _ACTIVE_FORMATS.set(formats)
+    try:
+        yield
+    finally:
+        _ACTIVE_FORMATS.reset(token)
+
+
 def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
-    for fmt in FORMATS:
+    for fmt in _ACTIVE_FORMATS.get():
         path = out_dir / f"{name}.{fmt}"
         fig.savefig(path, format=fmt, metadata=METADATA[fmt])
         paths.append(path)

@@ -172,3 +172,16 @@ def test_cli_reports_a_missing_directory(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "nope")], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_png_only_and_latest_run(tmp_path: Path) -> None:
+    """`formats` narrows the output (PNG for committed figures); an empty `results` parameter finds the newest
+    run under outputs/runs."""
+    from analysis.data import latest_run
+
+    old = write_run(tmp_path / "outputs" / "runs" / "old", "pythia-70m")
+    new = write_run(tmp_path / "outputs" / "runs" / "new", "pythia-160m")
+    os.utime(old / "results.csv", (1_000_000, 1_000_000))
+    assert latest_run(tmp_path / "outputs") == new
+    paths = build_figures(load(new), tmp_path / "fig", names=["confidence_auroc"], formats=["png"], strict=True)
+    assert [p.name for p in paths] == ["confidence_auroc.png"]
