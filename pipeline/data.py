@@ -22,8 +22,8 @@ from pipeline.corpus import SPLITS, LocalTextCorpus
 
 log = logging.getLogger(__name__)
 
-# Documents are tokenized in batches: the fast tokenizer parallelises within a batch, and a batch bounds
-# how far past the budget we read.
+# Documents are tokenized in batches (the fast tokenizer parallelises within a batch) that start at one
+# document and double up to this size, so a small budget does not tokenize dozens of whole files.
 _TOKENIZE_BATCH = 64
 
 
@@ -117,6 +117,7 @@ def iter_token_ids(source: TextSource, tokenizer: Any, split: str) -> Iterator[l
     """Each document of `split` as token ids followed by EOS, in the source's deterministic order."""
     eos = _eos_id(tokenizer)
     batch: list[str] = []
+    batch_size = 1
 
     def encode(texts: list[str]) -> list[list[int]]:
         # verbose=False: documents are longer than the model's context by design (they are chopped
@@ -125,10 +126,11 @@ def iter_token_ids(source: TextSource, tokenizer: Any, split: str) -> Iterator[l
 
     for text in source.documents(split):
         batch.append(text)
-        if len(batch) == _TOKENIZE_BATCH:
+        if len(batch) == batch_size:
             for ids in encode(batch):
                 yield [*ids, eos]
             batch = []
+            batch_size = min(2 * batch_size, _TOKENIZE_BATCH)
     if batch:
         for ids in encode(batch):
             yield [*ids, eos]

@@ -88,12 +88,14 @@ def test_token_blocks_budget_errors(tokenizer) -> None:
         token_blocks(source, tokenizer, "train", n_tokens=8, seq_len=16)
 
 
-def test_local_text_blocks_and_split_hint(tokenizer) -> None:
-    corpus = LocalTextCorpus()
-    blocks = token_blocks(corpus, tokenizer, "validation", n_tokens=2048, seq_len=128)
+def test_local_text_blocks_and_split_hint(tokenizer, tmp_path) -> None:
+    blocks = token_blocks(LocalTextCorpus(), tokenizer, "validation", n_tokens=2048, seq_len=128)
     assert blocks.shape == (16, 128) and int(blocks.max()) < len(tokenizer)
+    for i in range(10):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    small = LocalTextCorpus(root=tmp_path)
     with pytest.raises(ValueError, match=r"data.split_fractions.test"):
-        token_blocks(corpus, tokenizer, "test", n_tokens=10**9, seq_len=128)
+        token_blocks(small, tokenizer, "test", n_tokens=10**6, seq_len=128)
 
 
 def test_seq_len_helpers(tokenizer) -> None:
