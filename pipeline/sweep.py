@@ -1,5 +1,4 @@
-"""Sweeps: collect a Hydra multirun's per-job results into one summary, compare models, and launch SLURM jobs
-with per-size resources.
+"""Sweeps: collect a Hydra multirun's per-job results into one summary, compare models, estimate costs.
 
 A multirun directory holds one subdirectory per job, each with Hydra's `.hydra/` record and the runner's
 `results.csv`. Aggregation only reads those files, so it works the same after the local launcher, after
@@ -27,7 +26,6 @@ from typing import Any
 import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.results import COLUMNS, RESULTS_FILE, read_results
@@ -290,22 +288,23 @@ def comparison(summary: pd.DataFrame, selectors: Sequence[Selector] = COMPARISON
 
 def print_comparison(table: pd.DataFrame, jobs: pd.DataFrame | None = None, title: str = "sweep") -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=200)
     if jobs is not None and not jobs.empty:
         missing = jobs[jobs["status"] != "ok"]
-        console.print(f"[bold]{title}[/bold]: {len(jobs)} job(s), {len(jobs) - len(missing)} with results"
-                      + (f"; missing: {', '.join(missing['job'])}" if len(missing) else ""))
+        console.print(f"[bold]{escape(title)}[/bold]: {len(jobs)} job(s), {len(jobs) - len(missing)} with results"
+                      + (f"; missing: {escape(', '.join(missing['job']))}" if len(missing) else ""))
     if table.empty:
         console.print("no comparable rows yet")
         return
-    out = Table(title=f"{title}: comparison across models (full table in summary.csv)")
+    out = Table(title=f"{escape(title)}: comparison across models", caption="full table: summary.csv")
     out.add_column("")
     for variant in table.columns:
-        out.add_column(str(variant), justify="right")
+        out.add_column(escape(str(variant)), justify="right")   # "tiny [heads=mlp]" is not rich markup
     for label, values in table.iterrows():
-        out.add_row(str(label), *("" if pd.isna(v) else f"{v:.4g}" for v in values))
+        out.add_row(escape(str(label)), *("" if pd.isna(v) else f"{v:.4g}" for v in values))
     console.print(out)
 
 
@@ -335,89 +334,17 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        logger_cfg = config.get("logger")
-        wandb_cfg = logger_cfg if logger_cfg is not None and logger_cfg.get("enabled", False) else None
-        if wandb_cfg is not None:
-            # The report's W&B runs live with the stages' runs (same directory, same project).
-            wandb_cfg = OmegaConf.merge(wandb_cfg, {"dir": str(config.paths.wandb)})
         try:
-            summarize(sweep_dir, report=self.report, wandb_cfg=wandb_cfg,
-                      group=str(logger_cfg.get("group") or sweep_dir.name) if logger_cfg else sweep_dir.name)
+            logger_cfg = config.get("logger")
+            wandb_cfg = None
+            if logger_cfg is not None and logger_cfg.get("enabled", False):
+                # The report's W&B runs go where the stages' runs are (same directory, project and group).
+                wandb_cfg = OmegaConf.create({**OmegaConf.to_container(logger_cfg, resolve=True),
+                                              "dir": str(config.paths.wandb)})
+            group = str((logger_cfg or {}).get("group") or sweep_dir.name)
+            summarize(sweep_dir, report=self.report, wandb_cfg=wandb_cfg, group=group)
         except Exception:  # noqa: BLE001 - a summary failure must not hide that every job finished
             log.exception("sweep summary failed; rerun it with `python -m pipeline.sweep %s`", sweep_dir)
-
-
-# --- launching: one submitit job array per resource request ----------------------------------------------
-
-# Keys of hydra.launcher that may differ between jobs of one sweep (they interpolate the job's `size`).
-RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
-
-
-class _SizedMixin:
-    """hydra-submitit-launcher builds one executor from the master config, so every job of a sweep would get
-    the resources of one model. This launcher composes each job's config, reads its resolved resource keys,
-    and submits one job array per distinct request (all arrays are queued before waiting on any), keeping
-    Hydra's job numbering. Everything else is the plugin's own code."""
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        groups: dict[tuple, list[int]] = {}
-        for i, overrides in enumerate(job_overrides):
-            request = self._job_resources(overrides)
-            groups.setdefault(tuple(sorted(request.items())), []).append(i)
-        if len(groups) == 1:
-            return super().launch(job_overrides, initial_job_idx)
-        base = dict(self.params)
-        results: list[Any] = [None] * len(job_overrides)
-        pending = []
-        try:
-            for request, indices in groups.items():
-                self.params = {**base, **dict(request)}
-                log.info("submitting %d job(s) with %s", len(indices), dict(request))
-                pending.append((indices, self._submit([job_overrides[i] for i in indices],
-                                                      [initial_job_idx + i for i in indices])))
-        finally:
-            self.params = base
-        for indices, jobs in pending:
-            for i, job in zip(indices, jobs, strict=True):
-                results[i] = job.results()[0]
-        return results
-
-    def _job_resources(self, overrides: Sequence[str]) -> dict[str, Any]:
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-        return {k: launcher[k] for k in RESOURCE_KEYS if k in launcher}
-
-    def _submit(self, job_overrides: Sequence[Sequence[str]], job_nums: Sequence[int]):
-        """The plugin's `launch` up to `map_array`, with explicit job numbers and without waiting."""
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import filter_overrides
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-        params = self.params
-        init_keys = {"max_num_timeout", "submitit_folder"}
-        init_params = {"folder": params["submitit_folder"]}
-        if "max_num_timeout" in params:
-            init_params[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
-        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in baseparams else f"{self._EXECUTOR}_{k}": v
-                                      for k, v in params.items() if k not in init_keys})
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        job_params = []
-        for num, overrides in zip(job_nums, job_overrides, strict=True):
-            log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-            job_params.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}",
-                               Singleton.get_state()))
-        return executor.map_array(self, *zip(*job_params, strict=True))
-
-
-class SizedSlurmLauncher(_SizedMixin, SlurmLauncher):
-    """`hydra/launcher=slurm`: the submitit SLURM launcher with per-size resources."""
-
-
-class SizedLocalLauncher(_SizedMixin, LocalLauncher):
-    """`hydra/launcher=slurm_local`: the same code path through submitit's local executor."""
 
 
 # --- estimating disk and GPU time ------------------------------------------------------------------------

@@ -118,18 +118,10 @@ def test_slurm_launcher_composes_with_per_size_resources(model, gpus, mem, timeo
     cfg = _compose(["+experiment=full_sweep", f"model={model}", "hydra/launcher=slurm",
                     "hydra.launcher.partition=gpu"], hydra=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert launcher["_target_"] == "pipeline.sweep.SizedSlurmLauncher"
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["mem_gb"], launcher["timeout_min"]) == (gpus, mem, timeout)
     assert launcher["partition"] == "gpu"
     assert launcher["submitit_folder"].startswith(str(cfg.hydra.sweep.dir))
-
-
-def test_slurm_launcher_class_is_importable_and_is_the_submitit_plugin():
-    from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-
-    assert issubclass(get_class("pipeline.sweep.SizedSlurmLauncher"), SlurmLauncher)
-    assert issubclass(get_class("pipeline.sweep.SizedLocalLauncher"), LocalLauncher)
 
 
 def test_slurm_launcher_composes_without_an_experiment():
