@@ -1,0 +1,275 @@
+"""The engine: one model, its early-exit heads, one jagged cache, and the step primitive strategies use."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.confidence import ConfidenceMetric
+from pipeline.engine.adapters import BackboneAdapter, adapter_for
+from pipeline.engine.cache import JaggedKVCache
+from pipeline.engine.stats import CostModel, GenerationStats, OracleBound
+
+
+@dataclass
+class ExitRule:
+    """Where a token may leave the stack: block index -> (head index, threshold). A threshold of None means
+    the token exits there unconditionally (LayerSkip); otherwise it exits when `metric` says confident."""
+
+    by_layer: dict[int, tuple[int, float | None]]
+    metric: ConfidenceMetric | None = None
+
+
+@dataclass
+class StepResult:
+    head: int | None  # the head the token exited at, or None when it reached the final layer
+    token: int  # that head's argmax, or the full model's argmax for this position
+    final_tokens: list[int] | None = None  # full model's argmax for every row verified in this pass
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the new tokens only (prompt excluded)
+    stats: GenerationStats
+
+
+class DecodeSession:
+    """State of one generation: token ids, the engine's jagged cache, statistics, emitted tokens.
+
+    Positions are absolute: the prompt fills [0, prompt_len); running position p consumes token ids[p] and
+    predicts token p + 1.
+    """
+
+    def __init__(self, engine: Engine, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                 strategy_name: str, extra_capacity: int = 0):
+        self.engine = engine
+        self.adapter: BackboneAdapter = engine.adapter
+        self.prompt_len = int(prompt.numel())
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = eos_token_id
+        capacity = self.prompt_len + max_new_tokens + extra_capacity + 2
+        self.cache = engine._cache_for(capacity)
+        self.ids = torch.empty(capacity, dtype=torch.long, device=self.adapter.device)
+        self.ids[: self.prompt_len] = prompt.view(-1)
+        self.out: list[int] = []
+        self.done = max_new_tokens <= 0
+        n_heads = len(engine.head_layers)
+        self.stats = GenerationStats(strategy=strategy_name, num_layers=self.adapter.num_layers, cost=engine.cost,
+                                     prompt_tokens=self.prompt_len, exits_per_head=[0] * n_heads,
+                                     drafts_per_head=[0] * n_heads)
+        self.accepted_per_head = [0] * n_heads
+
+    # -- output ----------------------------------------------------------------------------------------------
+
+    def emit(self, token: int, kind: str) -> bool:
+        """Append a generated token of the given accounting kind; return False once generation must stop."""
+        if self.done:
+            return False
+        self.out.append(token)
+        self.stats.generated += 1
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        if len(self.out) >= self.max_new_tokens or token == self.eos_token_id:
+            self.done = True
+        return not self.done
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.out)
+
+    # -- compute primitives ------------------------------------------------------------------------------------
+
+    def prefill(self, probe: list[list[int]] | None = None) -> int:
+        """Run the prompt through every block; return the full model's next token. The last prompt row is
+        counted as a decoding step (it produces the first token), the others as prefill."""
+        adapter, cache, n = self.adapter, self.cache, self.prompt_len
+        cache.reset()
+        cache.hidden[:, :n] = adapter.embed(self.ids[:n])
+        probe_row: list[int] = []
+        for i in range(adapter.num_layers):
+            out = adapter.block(i, cache.hidden[:, :n], cache, 0)
+            cache.hidden[:, :n] = out
+            cache.lengths[i] = n
+            if probe is not None and i in self.engine.head_index:
+                probe_row.append(self._head_token(self.engine.head_index[i], out[:, -1:]))
+        if probe is not None:
+            probe.append(probe_row)
+        self.stats.prefill_block_rows += (n - 1) * adapter.num_layers
+        self.stats.block_rows += adapter.num_layers
+        self.stats.lm_head_rows += 1
+        return int(adapter.logits(cache.hidden[:, n - 1 : n]).argmax(-1).view(-1)[0])
+
+    def step(self, position: int, token: int, rule: ExitRule | None = None, verify_from: int | None = None,
+             probe: list[list[int]] | None = None) -> StepResult:
+        """Run token `token` at `position` up the stack, lazily filling each block's pending positions first.
+
+        Exits at the first block of `rule` whose head is confident. Otherwise it reaches the final layer; the
+        full model's argmax is then computed for rows [verify_from, position] (all drafts since the last
+        verification, in one batch) or for this row only.
+        """
+        adapter, cache, stats = self.adapter, self.cache, self.stats
+        self.ids[position] = token
+        cache.hidden[:, position : position + 1] = adapter.embed(self.ids[position : position + 1])
+        end = position + 1
+        by_layer = rule.by_layer if rule is not None else None
+        metric = rule.metric if rule is not None else None
+        prev_head_input = cache.hidden[:, position : end].clone() if metric is not None and metric.needs_hidden \
+            else None
+        probe_row: list[int] = []
+        lengths = cache.lengths
+        for i in range(adapter.num_layers):
+            start = lengths[i]
+            if start > position:
+                raise RuntimeError(f"position {position} already in layer {i}'s cache ({lengths}): crop first")
+            out = adapter.block(i, cache.hidden[:, start:end], cache, start)
+            cache.hidden[:, start:end] = out
+            lengths[i] = end
+            stats.block_rows += end - start
+            if probe is not None and i in self.engine.head_index:
+                probe_row.append(self._head_token(self.engine.head_index[i], out[:, -1:]))
+            if by_layer is not None and i in by_layer:
+                head, threshold = by_layer[i]
+                hidden = out[:, -1:]
+                logits = self.engine.heads(head, hidden.to(self.engine.head_dtype))
+                stats.head_evals += 1
+                if threshold is None:
+                    return StepResult(head, int(logits.argmax(-1).view(-1)[0]))
+                value = metric(logits, hidden, prev_head_input) if metric.needs_hidden else metric(logits)
+                if metric.is_confident(value.view(-1)[0].item(), threshold):
+                    return StepResult(head, int(logits.argmax(-1).view(-1)[0]))
+            if prev_head_input is not None and i in self.engine.head_index:
+                # `saturation` compares a head's input with the previous head's input (the embedding for
+                # the first head), whether or not that previous head is enabled.
+                prev_head_input = out[:, -1:]
+        if probe is not None:
+            probe.append(probe_row)
+        first = position if verify_from is None else verify_from
+        logits = adapter.logits(cache.hidden[:, first:end])
+        stats.lm_head_rows += end - first
+        tokens = logits.argmax(-1).view(-1).tolist()
+        return StepResult(None, tokens[-1], tokens)
+
+    def _head_token(self, head: int, hidden: torch.Tensor) -> int:
+        self.stats.head_evals += 1
+        return int(self.engine.heads(head, hidden.to(self.engine.head_dtype)).argmax(-1).view(-1)[0])
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(length)
+
+    def copy_fill(self, position: int, exit_layer: int) -> None:
+        """CALM state copying: K/V of every block above `exit_layer` for `position`, computed from the exit
+        hidden state instead of the (skipped) true inputs of those blocks. Approximate by design."""
+        cache = self.cache
+        hidden = cache.hidden[:, position : position + 1]
+        for j in range(exit_layer + 1, self.adapter.num_layers):
+            if cache.lengths[j] != position:
+                raise RuntimeError(f"copy fill expects no pending positions, lengths={cache.lengths}")
+            self.adapter.kv_only(j, hidden, cache, position)
+            cache.lengths[j] = position + 1
+            self.stats.kv_only_rows += 1
+
+    def reset_for_recompute(self, position: int) -> None:
+        """Drop every cached K/V so that the next step recomputes the whole prefix [0, position] through the
+        blocks it traverses (the paper author's demo: no cache reuse)."""
+        cache = self.cache
+        cache.reset()
+        if position:
+            cache.hidden[:, :position] = self.adapter.embed(self.ids[:position])
+
+
+class Engine:
+    """Layer-wise decoding of one causal LM with optional early-exit heads.
+
+    `Engine(model, heads, cost=None)`; `generate(input_ids, strategy, max_new_tokens, eos_token_id)`.
+    The cache buffers are allocated once and reused, so an engine is meant for one thread at a time.
+    """
+
+    def __init__(self, model: nn.Module, heads: nn.Module | None = None, cost: CostModel | None = None):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.heads = heads
+        self.head_layers: list[int] = list(heads.layers) if heads is not None else []
+        if any(not 0 <= layer < self.adapter.num_layers for layer in self.head_layers):
+            raise ValueError(f"head layers {self.head_layers} outside the model's {self.adapter.num_layers} blocks")
+        self.head_index = {layer: k for k, layer in enumerate(self.head_layers)}
+        self.head_dtype = next(heads.parameters()).dtype if heads is not None else self.adapter.dtype
+        self.cost = cost or CostModel.default(self.adapter.d_model, self.adapter.vocab_size)
+        self._cache: JaggedKVCache | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def _cache_for(self, capacity: int) -> JaggedKVCache:
+        a = self.adapter
+        if self._cache is None:
+            self._cache = JaggedKVCache(a.num_layers, a.n_kv_heads, a.head_dim, a.d_model, capacity, a.dtype,
+                                        a.device)
+        self._cache.reserve(capacity)
+        a.rope_table(self._cache.capacity)
+        return self._cache
+
+    def _prompt(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.adapter.device)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"the engine decodes one sequence at a time (batch size 1), got {ids.shape[0]}")
+            ids = ids[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [seq] or [1, seq] tensor, got shape {tuple(ids.shape)}")
+        return ids
+
+    def session(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None, strategy_name: str = "",
+                extra_capacity: int = 0) -> DecodeSession:
+        """A fresh decoding state on this engine's cache (invalidates any earlier session)."""
+        return DecodeSession(self, self._prompt(input_ids), max_new_tokens, eos_token_id, strategy_name,
+                             extra_capacity)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | Sequence[int], strategy, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> GenerationResult:
+        """Decode up to `max_new_tokens` tokens after `input_ids` with `strategy` (see `strategies`)."""
+        strategy.validate(self)
+        t0 = time.perf_counter()
+        sess = self.session(input_ids, max_new_tokens, eos_token_id, strategy.name, strategy.extra_capacity)
+        if not sess.done:
+            first = sess.prefill()
+            if sess.emit(first, "prefill_tokens"):
+                strategy.run(sess, first)
+        sess.stats.wall_time_s = time.perf_counter() - t0
+        return GenerationResult(sess.out, sess.stats)
+
+    @torch.inference_mode()
+    def oracle_bound(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
+                     eos_token_id: int | None = None) -> OracleBound:
+        """Greedy generation with every head probed: per token, the earliest head that agrees with the full
+        model, and what exiting there would have cost."""
+        if self.heads is None:
+            raise ValueError("the oracle bound needs early-exit heads")
+        sess = self.session(input_ids, max_new_tokens, eos_token_id, "oracle")
+        probes: list[list[int]] = []
+        if not sess.done:
+            token = sess.prefill(probe=probes)
+            position = sess.prompt_len
+            while sess.emit(token, "full_tokens"):
+                token = sess.step(position, token, probe=probes).token
+                position += 1
+        probes = probes[: len(sess.out)]
+        earliest: list[int | None] = []
+        for token, row in zip(sess.out, probes, strict=True):
+            earliest.append(next((k for k, t in enumerate(row) if t == token), None))
+        L, head = self.num_layers, self.cost.head
+        n_heads = len(self.head_layers)
+        oracle, cascade = [], []
+        for k in earliest:
+            if k is None:
+                oracle.append(L + head)
+                cascade.append(L + (n_heads + 1) * head)
+            else:
+                oracle.append(self.head_layers[k] + 1 + head)
+                cascade.append(self.head_layers[k] + 1 + (k + 1) * head)
+        return OracleBound(tokens=list(sess.out), earliest_head=earliest, head_layers=list(self.head_layers),
+                           oracle_cost=oracle, cascade_cost=cascade, full_cost=L + head)

@@ -1,0 +1,218 @@
+"""Decoding strategies on one engine: greedy, early exit (lossy), LayerSkip and DSSD (both lossless).
+
+Each strategy is a small object with `run(session, first_token)`: the session has already run the prompt
+and emitted the full model's first token. Strategies only decide *where* tokens exit and *when* to verify;
+the engine's step does the compute and the counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline.confidence import get_metric
+from pipeline.engine.engine import DecodeSession, Engine, ExitRule
+
+FILL_POLICIES = ("lazy", "copy", "recompute")
+
+
+class Strategy:
+    name = "strategy"
+    extra_capacity = 0  # positions beyond the output that drafting may occupy before a crop
+
+    def validate(self, engine: Engine) -> None:
+        """Raise ValueError when this strategy cannot run on `engine` (e.g. wrong number of thresholds)."""
+
+    def run(self, session: DecodeSession, first_token: int) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"strategy": self.name}
+
+
+def _threshold_rule(engine: Engine, thresholds: Sequence[float | None], metric: str) -> ExitRule:
+    by_layer = {layer: (k, float(t)) for k, (layer, t) in enumerate(zip(engine.head_layers, thresholds,
+                                                                            strict=True)) if t is not None}
+    return ExitRule(by_layer, get_metric(metric))
+
+
+def _check_thresholds(engine: Engine, thresholds: Sequence[float | None]) -> None:
+    if engine.heads is None:
+        raise ValueError("this strategy needs early-exit heads: Engine(model, heads)")
+    if len(thresholds) != len(engine.head_layers):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(engine.head_layers)} heads "
+                         f"(one per head, None disables a head)")
+
+
+class Greedy(Strategy):
+    """The full model, one token per step, through the engine (the reference for losslessness)."""
+
+    name = "greedy"
+
+    def run(self, session: DecodeSession, first_token: int) -> None:
+        position, token = session.prompt_len, first_token
+        while True:
+            token = session.step(position, token).token
+            session.stats.full_passes += 1
+            position += 1
+            if not session.emit(token, "full_tokens"):
+                return
+
+
+class EarlyExit(Strategy):
+    """Lossy early exit: a token leaves at the first head whose confidence metric passes its threshold.
+
+    `fill` decides the K/V of blocks a token skipped: `lazy` (exact: computed when a later token needs that
+    block), `copy` (CALM: projected from the exit hidden state at once, approximate) or `recompute` (no cache:
+    every step reruns the whole prefix through the blocks it needs; exact and expensive).
+    """
+
+    name = "early_exit"
+
+    def __init__(self, thresholds: Sequence[float | None], metric: str = "entropy", fill: str = "lazy"):
+        if fill not in FILL_POLICIES:
+            raise ValueError(f"unknown fill policy {fill!r}; choose one of {FILL_POLICIES}")
+        self.thresholds = list(thresholds)
+        self.metric = metric
+        self.fill = fill
+
+    def validate(self, engine: Engine) -> None:
+        _check_thresholds(engine, self.thresholds)
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "metric": self.metric, "fill": self.fill, "thresholds": self.thresholds}
+
+    def run(self, session: DecodeSession, first_token: int) -> None:
+        engine = session.engine
+        rule = _threshold_rule(engine, self.thresholds, self.metric)
+        stats = session.stats
+        position, token = session.prompt_len, first_token
+        while True:
+            if self.fill == "recompute":
+                session.reset_for_recompute(position)
+            result = session.step(position, token, rule)
+            if result.head is None:
+                stats.full_passes += 1
+                kind = "full_tokens"
+            else:
+                stats.exits_per_head[result.head] += 1
+                kind = "exited"
+                if self.fill == "copy":
+                    session.copy_fill(position, engine.head_layers[result.head])
+            token = result.token
+            position += 1
+            if not session.emit(token, kind):
+                return
+
+
+class _Speculative(Strategy):
+    """Draft with early exits, verify with the final layer over all drafts at once, keep the longest
+    matching prefix. Output is exactly greedy decoding of the full model."""
+
+    max_draft: int
+
+    def _rule(self, engine: Engine) -> ExitRule:
+        raise NotImplementedError
+
+    def run(self, session: DecodeSession, first_token: int) -> None:
+        rule = self._rule(session.engine)
+        stats, eos = session.stats, session.eos_token_id
+        position, token = session.prompt_len, first_token
+        while True:
+            base = position
+            drafts: list[int] = []
+            draft_heads: list[int] = []
+            # The verification pass always yields one more token, so never draft past the output budget.
+            cap = min(self.max_draft, session.remaining - 1)
+            while True:
+                forced = len(drafts) >= cap or (drafts and drafts[-1] == eos)
+                result = session.step(position, token, None if forced else rule, verify_from=base)
+                if result.head is None:
+                    break
+                drafts.append(result.token)
+                draft_heads.append(result.head)
+                position += 1
+                token = result.token
+            # `result.final_tokens[j]` is the full model's token after row base + j.
+            full = result.final_tokens
+            stats.full_passes += 1
+            stats.drafted += len(drafts)
+            for head in draft_heads:
+                stats.drafts_per_head[head] += 1
+            if drafts:
+                stats.verifications += 1
+            matched = 0
+            while matched < len(drafts) and drafts[matched] == full[matched]:
+                matched += 1
+            for j in range(matched):
+                session.accepted_per_head[draft_heads[j]] += 1
+                if not session.emit(drafts[j], "accepted"):
+                    return
+            kind = "corrections" if matched < len(drafts) else ("bonus" if drafts else "full_tokens")
+            token = full[matched]
+            # Rows after the first mismatch were computed from a wrong token: drop them from every layer.
+            position = base + matched + 1
+            session.crop(position)
+            if not session.emit(token, kind):
+                return
+
+
+class DSSD(_Speculative):
+    """Dynamic self-speculative decoding: draft while some head is confident (per-head thresholds for one
+    ε), stop drafting when a token finds no confident head (it then reaches the final layer, which
+    verifies every draft in the same pass) or at `max_draft` drafts."""
+
+    name = "dssd"
+
+    def __init__(self, thresholds: Sequence[float | None], metric: str = "entropy", max_draft: int = 16):
+        if max_draft < 0:
+            raise ValueError("max_draft must be >= 0")
+        self.thresholds = list(thresholds)
+        self.metric = metric
+        self.max_draft = max_draft
+        self.extra_capacity = max_draft
+
+    def validate(self, engine: Engine) -> None:
+        _check_thresholds(engine, self.thresholds)
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "metric": self.metric, "max_draft": self.max_draft,
+                "thresholds": self.thresholds}
+
+    def _rule(self, engine: Engine) -> ExitRule:
+        return _threshold_rule(engine, self.thresholds, self.metric)
+
+
+class LayerSkip(_Speculative):
+    """LayerSkip-style self-speculation: every draft exits at one fixed head, `draft_length` drafts per
+    verification (no confidence test)."""
+
+    name = "layerskip"
+
+    def __init__(self, head: int, draft_length: int):
+        if draft_length < 1:
+            raise ValueError("draft_length must be >= 1")
+        self.head = head
+        self.max_draft = draft_length
+        self.extra_capacity = draft_length
+
+    def validate(self, engine: Engine) -> None:
+        if engine.heads is None:
+            raise ValueError("layerskip needs early-exit heads: Engine(model, heads)")
+        if not 0 <= self.head < len(engine.head_layers):
+            raise ValueError(f"head index {self.head} out of range: {len(engine.head_layers)} heads")
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "head": self.head, "draft_length": self.max_draft}
+
+    def _rule(self, engine: Engine) -> ExitRule:
+        return ExitRule({engine.head_layers[self.head]: (self.head, None)})
+
+
+STRATEGIES = {cls.name: cls for cls in (Greedy, EarlyExit, LayerSkip, DSSD)}
+
+
+def make_strategy(name: str, **kwargs) -> Strategy:
+    """Build a strategy by name: greedy, early_exit, layerskip, dssd (keyword arguments as the classes)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](**kwargs)
