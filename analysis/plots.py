@@ -56,6 +56,8 @@ MARKERS = ["o", "s", "^", "D", "v", "P"]
 CONFIDENCE_METRICS = ["entropy", "max_prob", "prob_margin", "logit_margin", "saturation"]
 TOKEN_META_COLUMNS = {"head", "layer", "correct", "model", "position", "token", "split"}
 DECODING_METHODS = ["greedy", "early_exit", "layerskip", "dssd"]
+KV_FILLS = ["lazy", "copy", "recompute"]           # early_exit token-level rows: method = KV-cache fill strategy
+TASK_METRICS = ["acc", "acc_norm", "exact_match"]  # a benchmark's headline score, first one present
 METHOD_LABELS = {"generate": "HF generate", "greedy": "greedy (ours)", "early_exit": "early exit",
                  "layerskip": "LayerSkip (tuned)", "dssd": "DSSD", "oracle": "oracle bound",
                  "empirical": "empirical", "ltt": "LTT (guaranteed)", "trained": "trained heads",
@@ -450,8 +452,8 @@ def accuracy_compute(res: Results, out_dir: Path) -> list[Path]:
     """Benchmark accuracy against the fraction of the full model's compute, one point per ε, per model×task;
     plus token-level agreement vs layer-equivalents per token for each KV-cache strategy."""
     ee = _need(select(res.frame, stage="early_exit"), "early_exit rows")
-    task_names = tasks(ee, "acc")
-    token_level = ee[ee["method"].isin(["lazy", "copy", "recompute"])]
+    task_names = sorted({t for name in TASK_METRICS for t in tasks(ee, name)})
+    token_level = ee[ee["method"].isin(KV_FILLS)]
     columns = task_names + (["token level"] if not token_level.empty else [])
     if not columns:
         raise SkipFigure("no early_exit acc/<task> or token-level rows")
@@ -471,19 +473,23 @@ def accuracy_compute(res: Results, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(f"{model}\n{ax.get_ylabel()}")
             if ax.lines:
                 ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle("Accuracy vs compute as ε varies (labels: ε)")
+    _, calibration = _token_level_rows(ee)
+    fig.suptitle("Accuracy vs compute as ε varies (labels: ε)"
+                 + (f"; token level with {label(calibration)} thresholds" if calibration else ""))
     return save(fig, out_dir, "accuracy_compute")
 
 
 def _task_panel(ax: Axes, rows: pd.DataFrame, task: str) -> None:
-    acc = rows[rows["metric"] == f"acc/{task}"]
-    compute = rows[rows["metric"] == f"compute_frac/{task}"]
-    if acc.empty:
+    # lm-eval names the score per task type: the first of TASK_METRICS the task reports is its headline.
+    name = next((n for n in TASK_METRICS if (rows["metric"] == f"{n}/{task}").any()), None)
+    if name is None:
         _no_data(ax)
         return
+    acc = rows[rows["metric"] == f"{name}/{task}"]
+    compute = rows[rows["metric"] == f"compute_frac/{task}"]
     full = acc[acc["method"] == "full"]["value"]
     if len(full):
-        stderr = rows[(rows["method"] == "full") & (rows["metric"] == f"acc_stderr/{task}")]["value"]
+        stderr = rows[(rows["method"] == "full") & (rows["metric"] == f"{name}_stderr/{task}")]["value"]
         ax.axhline(full.mean(), color=FULL_COLOR, linestyle=":", label=label("full"))
         if len(stderr) and np.isfinite(stderr.mean()):
             ax.axhspan(full.mean() - stderr.mean(), full.mean() + stderr.mean(), color=FULL_COLOR, alpha=0.15,
@@ -498,12 +504,30 @@ def _task_panel(ax: Axes, rows: pd.DataFrame, task: str) -> None:
                 color=OKABE_ITO[k], label=label(method))
         if k == 0:
             _eps_annotations(ax, joined["compute"].to_numpy(), joined["acc"].to_numpy(), joined.index.to_numpy())
-    ax.set(xlabel="compute (fraction of full model)", ylabel="accuracy")
+    ax.set(xlabel="compute (fraction of full model)", ylabel=name)
+
+
+def _token_level_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Token-level rows (method = KV fill) of one calibration method, empirical first, and its name ("" when
+    the rows carry no `calibration` column): mixing methods at one ε would average two exit policies."""
+    token = rows[rows["method"].isin(KV_FILLS)]
+    if "calibration" not in token or token["calibration"].isna().all():
+        return token, ""
+    calibration = token["calibration"].astype("string").fillna("")
+    chosen = _methods(pd.DataFrame({"method": calibration[calibration != ""]}), first=("empirical", "ltt"))[0]
+    return token[calibration == chosen], chosen
 
 
 def _token_level_panel(ax: Axes, rows: pd.DataFrame) -> None:
-    for k, method in enumerate(m for m in ("lazy", "copy", "recompute") if m in set(rows["method"])):
-        part = rows[rows["method"] == method]
+    """Agreement vs layer-equivalents per KV fill strategy, with the full model as a reference star."""
+    token, _ = _token_level_rows(rows)
+    full = rows[(rows["method"] == "full") & rows["metric"].isin(["agreement", "layer_equiv_per_token"])]
+    full = full.groupby("metric")["value"].mean()
+    if {"agreement", "layer_equiv_per_token"} <= set(full.index):
+        ax.plot([full["layer_equiv_per_token"]], [full["agreement"]], marker="*", markersize=9, linestyle="none",
+                color=FULL_COLOR, label=label("full"))
+    for k, method in enumerate(m for m in KV_FILLS if m in set(token["method"])):
+        part = token[token["method"] == method]
         joined = part.pivot_table(index="eps", columns="metric", values="value", aggfunc="mean")
         if not {"agreement", "layer_equiv_per_token"} <= set(joined.columns):
             continue
@@ -513,7 +537,8 @@ def _token_level_panel(ax: Axes, rows: pd.DataFrame) -> None:
         if k == 0:
             _eps_annotations(ax, joined["layer_equiv_per_token"].to_numpy(), joined["agreement"].to_numpy(),
                              joined.index.to_numpy())
-    if not ax.lines:
+    if len(ax.lines) <= 1:  # the full-model star alone is not a comparison
+        ax.cla()
         _no_data(ax)
         return
     ax.set(xlabel="layer-equivalents per token", ylabel="token agreement with full model")

@@ -119,11 +119,18 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
                 add("early_exit", f"compute_frac/{task}", 0.45 + 0.55 * eps, method=method, eps=eps)
                 for head in range(len(blocks)):
                     add("early_exit", f"exit_frac/{task}", (1 - eps) * 0.2, method=method, eps=eps, head=head)
-    for method, overhead in (("lazy", 0.0), ("copy", -0.3), ("recompute", 1.5)):
-        for eps in EPS:
-            add("early_exit", "agreement", eps - 0.02 * (method == "copy"), method=method, eps=eps)
-            add("early_exit", "ppl", 20 + 10 * (1 - eps), method=method, eps=eps)
-            add("early_exit", "layer_equiv_per_token", n_layers * (0.5 + 0.5 * eps) + overhead, method=method, eps=eps)
+    # Token level: method = KV-cache fill, the calibration method in the extra `calibration` column.
+    add("early_exit", "agreement", 1.0, method="full")
+    add("early_exit", "ppl", 20.0, method="full")
+    add("early_exit", "layer_equiv_per_token", n_layers + 1, method="full")
+    for calibration, shift in (("empirical", 0.0), ("ltt", 0.3)):
+        for fill, overhead in (("lazy", 0.0), ("copy", -0.3), ("recompute", 1.5)):
+            for eps in EPS:
+                common = {"method": fill, "eps": eps, "calibration": calibration}
+                add("early_exit", "agreement", eps - 0.02 * (fill == "copy"), **common)
+                add("early_exit", "ppl", 20 + 10 * (1 - eps), **common)
+                add("early_exit", "layer_equiv_per_token", n_layers * (0.5 + 0.5 * eps) + overhead + shift, **common)
+                add("early_exit", "compute_frac", 0.5 + 0.5 * eps, **common)
 
     # Decoding: greedy/generate references, DSSD and early exit per ε, tuned LayerSkip, oracle, and the grid.
     def decode(method: str, eps: float | None, speedup: float, acc_rate: float, per_ver: float,
