@@ -26,7 +26,14 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir).name
     try:
-        run_pipeline(cfg, run_dir=Path(hydra_cfg.runtime.output_dir), group=group)
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        run_pipeline(cfg, run_dir=run_dir, group=group)
+        if cfg.get("figures", True):
+            from analysis import build_all_figures
+
+            figures = build_all_figures(run_dir, run_dir / "figures")
+            log.info("%d figure files in %s (rebuild: python -m analysis %s)", len(figures), run_dir / "figures",
+                     run_dir)
     except USER_ERRORS as err:
         log.error("%s: %s", type(err).__name__, err)
         if multirun:
