@@ -191,21 +191,24 @@ from tests.test_lightning_modules import tiny_backbone, HEAD_LAYERS
 from pipeline.training import train_heads
 
 torch.set_num_threads(1)
-trainer_cfg = dict(accelerator="cpu", devices=2, strategy="ddp", precision="32-true", log_every_n_steps=10)
-# Lightning's ddp launcher re-runs this script for rank 1; both ranks train, only rank 0 writes.
-heads, metrics = train_heads(tiny_backbone(), HEAD_LAYERS, {extract!r}, {heads_cfg!r}, trainer_cfg, 0,
-                             Path({out!r}) / "heads", progress=False)
-if metrics["global_rank"] == 0:
-    (Path({out!r}) / "metrics.json").write_text(json.dumps(metrics))
+trainer_cfg = dict(accelerator="cpu", devices=2, strategy={strategy!r}, precision="32-true")
+# ddp: Lightning re-runs this script for rank 1; ddp_spawn: it spawns workers that run only the fit.
+# Only global rank 0 (the main process) writes.
+if __name__ == "__main__":
+    heads, metrics = train_heads(tiny_backbone(), HEAD_LAYERS, {extract!r}, {heads_cfg!r}, trainer_cfg, 0,
+                                 Path({out!r}) / "heads", progress=False)
+    if metrics["global_rank"] == 0:
+        (Path({out!r}) / "metrics.json").write_text(json.dumps(metrics))
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_on_gloo_equals_one_process_with_twice_the_batch(tiny, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_two_cpu_processes_on_gloo_equals_one_process_with_twice_the_batch(tiny, tmp_path, strategy):
     model, directory = tiny
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(repo=str(REPO), extract=str(directory), heads_cfg=DDP_HEADS,
-                                        out=str(tmp_path)))
+                                        out=str(tmp_path), strategy=strategy))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "MASTER_PORT": "29517"})
     assert result.returncode == 0, result.stderr[-3000:]
