@@ -5,8 +5,9 @@ not a run of consecutive positions. The shards stay memory-mapped; a batch is on
 over its token indices, which reads only those rows.
 
 Split of one extraction directory into training and validation:
-  validation = the last `val_tokens` tokens (a fixed, contiguous tail: whole sequences, so validation tokens
-               share no context window with training tokens), or the last `val_tokens` of a separate `val_dir`;
+  validation = the last `val_tokens` tokens: a fixed, contiguous tail, i.e. the last sequences of the split
+               (only the one straddling the boundary shares context with training tokens), or the last
+               `val_tokens` of a separate `val_dir`;
   training   = every other token, visited in a fresh random permutation each epoch (no replacement).
 
 The training stream is a pure function of (seed, rank, world size, batch number): batch `k` of rank `r` is
