@@ -136,7 +136,8 @@ class EarlyExitHeads(nn.Module):
                     head.proj.weight.copy_(unembed.weight)
                 else:
                     nn.init.normal_(head.proj.weight, std=unembed.in_features**-0.5)
-        return heads.float()
+        # The norms are deep copies of a frozen backbone's: make the new heads trainable.
+        return heads.float().requires_grad_(True).train()
 
     # -- artifact ----------------------------------------------------------------------------------------------
 
