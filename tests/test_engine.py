@@ -94,6 +94,16 @@ def _entropy_quantiles(engine: Engine, prompts, qs) -> list[list[float]]:
     return [[float(torch.tensor(e).quantile(q)) for e in ents] for q in qs]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP threads spinning
+    against other processes make every op 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["neox", "llama"])
 def setup(request):
     model = _build(request.param)
