@@ -56,8 +56,18 @@ def to_frame(rows: Iterable[dict[str, Any]], model: str | None = None, stage: st
     for column in COLUMNS:
         if column not in frame:
             frame[column] = None
+    frame["head"] = frame["head"].map(_head_label)
     extra = [c for c in frame.columns if c not in COLUMNS]
     return frame[COLUMNS + extra]
+
+
+def _head_label(head: Any) -> str | None:
+    """Head indices as "0", "1", ... (never "0.0"), "all" for a whole policy, None when not per head."""
+    if head is None or (isinstance(head, float) and math.isnan(head)):
+        return None
+    if isinstance(head, int | float) and not isinstance(head, bool):
+        return str(int(head))
+    return str(head)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:

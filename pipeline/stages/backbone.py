@@ -64,7 +64,7 @@ def run(ctx: StageContext) -> StageOutput:
         model, _ = load_backbone(ctx.out_dir / LOCAL_MODEL_DIR, with_tokenizer=False)
         record = {"local": True, "source": "tiny", "revision": None}
         rows += [row(name, value, method="pretrain") for name, value in metrics.items()
-                 if isinstance(value, int | float)]
+                 if isinstance(value, int | float) and name != "n_params"]
     else:
         model, _ = load_backbone(model_cfg.source, revision=model_cfg.revision, dtype=model_cfg.dtype, with_tokenizer=True)
         record = {"local": False, "source": str(model_cfg.source), "revision": model_cfg.revision}
