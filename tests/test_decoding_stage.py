@@ -1,0 +1,167 @@
+"""The `decoding` stage: config checks, the oracle drafter, and the rows of a micro pipeline run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipeline.stages import decoding
+from pipeline.validation import ConfigError
+
+from .micro import compose_micro
+
+
+def _validate(tmp_path, *overrides):
+    decoding.validate(compose_micro(tmp_path / "out", *overrides))
+
+
+def test_micro_config_is_valid(tmp_path):
+    _validate(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["decoding.eps=[0]"], "outside"),
+    (["decoding.eps=[1.2]"], "outside"),
+    (["decoding.eps=[0.83]"], "not calibrated"),
+    (["decoding.calibration_method=ltt", "calibrate.methods=[empirical]"], "not calibrated"),
+    (["decoding.max_draft=0"], "max_draft"),
+    (["decoding.layerskip_d=[0]"], "layerskip_d"),
+    (["decoding.layerskip_d=[2,-1]"], "layerskip_d"),
+    (["decoding.layerskip_d=[]"], "layerskip_d"),
+    (["decoding.n_prompts=0"], "n_prompts"),
+    (["decoding.n_tune_prompts=0"], "n_tune_prompts"),
+    (["decoding.prompt_len=100", "decoding.max_new_tokens=64"], "maximum sequence length"),
+    (["decoding.layerskip_select=speed"], "layerskip_select"),
+    (["decoding.early_exit_fill=magic"], "early_exit_fill"),
+])
+def test_validate_rejects(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _validate(tmp_path, *overrides)
+
+
+@pytest.mark.parametrize("earliest, max_draft, expected", [
+    ([None, 0, 1, None, 2, None], 16, (3, 2)),      # runs [0,1] and [2], each ended by a full-model token
+    ([0, 0, 0, 0, 0, 0, 0], 2, (4, 2)),             # capped at 2 drafts; the last token is never drafted
+    ([None, None, None], 4, (0, 0)),
+    ([1], 4, (0, 0)),                               # the first token comes from the prompt's pass
+])
+def test_oracle_speculation(earliest, max_draft, expected):
+    assert decoding.oracle_speculation(earliest, max_draft) == expected
+
+
+def test_check_identical_raises_on_mismatch():
+    decoding.check_identical([1, 2, 3], [1, 2, 3], "dssd", "greedy", "test", 0)
+    with pytest.raises(decoding.LosslessnessError, match="position 1"):
+        decoding.check_identical([1, 2, 3], [1, 5, 3], "dssd eps=0.8", "greedy", "test", 0)
+
+
+# --- on the micro pipeline ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows(micro_run):
+    _, _, results = micro_run
+    dec = results[results["stage"] == "decoding"]
+    if dec.empty:
+        pytest.skip("decoding stage absent")
+    return dec
+
+
+def _values(rows, method, metric, head=None):
+    part = rows[(rows["method"] == method) & (rows["metric"] == metric)]
+    part = part[part["head"].isna()] if head is None else part[part["head"] == str(head)]
+    return part
+
+
+def test_rows_for_every_method_and_eps(rows):
+    eps = {0.8, 0.9}
+    for method in ("generate", "greedy", "layerskip"):
+        for metric in ("tokens_per_s", "speedup_vs_generate", "identical"):
+            assert len(_values(rows, method, metric)) == 1, (method, metric)
+    for method in ("dssd", "early_exit"):
+        got = _values(rows, method, "layer_equiv_per_token")
+        assert set(got["eps"].round(6)) == eps, method
+    for metric in ("identical", "speedup_vs_generate", "drafted_per_token"):
+        assert set(_values(rows, "dssd", metric)["eps"].round(6)) == eps, metric
+    # Acceptance exists wherever DSSD drafted (an ε at which no head is confident drafts nothing).
+    drafted = _values(rows, "dssd", "drafted_per_token")
+    drafting_eps = set(drafted[drafted["value"] > 0]["eps"].round(6))
+    for metric in ("acceptance_rate", "accepted_per_verification"):
+        assert set(_values(rows, "dssd", metric)["eps"].round(6)) == drafting_eps, metric
+    assert len(_values(rows, "layerskip", "acceptance_rate")) == 1
+    assert set(_values(rows, "early_exit", "agreement")["eps"].round(6)) == eps
+    assert _values(rows, "early_exit", "identical").empty   # lossy: agreement, never "identical"
+    assert float(_values(rows, "generate", "speedup_vs_generate")["value"].iloc[0]) == pytest.approx(1.0)
+
+
+def test_everything_lossless_is_identical(rows):
+    identical = rows[rows["metric"] == "identical"]
+    assert {"generate", "greedy", "dssd", "layerskip", "layerskip_grid", "oracle"} <= set(identical["method"])
+    assert (identical["value"] == 1).all()
+
+
+def test_ratios_and_oracle(rows):
+    ratios = rows[rows["method"] == "dssd_vs_layerskip"]
+    for metric in ("acceptance_ratio", "accepted_per_verification_ratio", "layer_equiv_ratio", "speed_ratio"):
+        part = ratios[ratios["metric"] == metric]
+        assert set(part["eps"].round(6)) == {0.8, 0.9}, metric
+        assert (part["value"].dropna() > 0).all()
+    assert ratios[ratios["metric"] == "layer_equiv_ratio"]["value"].notna().all()
+    grid = rows[rows["method"] == "layerskip_grid"]
+    assert {"acceptance_rate", "accepted_per_verification", "speedup_vs_generate"} <= set(grid["metric"])
+    assert float(_values(rows, "oracle", "acceptance_rate")["value"].iloc[0]) == 1.0
+    oracle = float(_values(rows, "oracle", "layer_equiv_per_token")["value"].iloc[0])
+    greedy = float(_values(rows, "greedy", "layer_equiv_per_token")["value"].iloc[0])
+    assert oracle <= greedy + 1e-9
+    assert float(_values(rows, "oracle", "exit_frac", head="all")["value"].iloc[0]) <= 1.0
+
+
+def test_layerskip_grid_and_tuned_setting(rows):
+    grid = rows[(rows["method"] == "layerskip_grid") & (rows["metric"] == "layer_equiv_per_token")]
+    assert len(grid) == 3 * 2                                           # 3 heads × d in {1, 2}
+    assert set(pd.to_numeric(grid["draft_len"]).astype(int)) == {1, 2}
+    assert set(grid["head"]) == {"0", "1", "2"}
+    head = int(_values(rows, "layerskip", "draft_head")["value"].iloc[0])
+    d = int(_values(rows, "layerskip", "draft_len")["value"].iloc[0])
+    # The tuned setting is the grid's cheapest per token (layerskip_select=layer_equiv_per_token).
+    best = grid.loc[grid["value"].idxmin()]
+    chosen = grid[(grid["head"] == str(head)) & (pd.to_numeric(grid["draft_len"]) == d)]
+    assert float(chosen["value"].iloc[0]) == pytest.approx(float(best["value"]))
+
+
+def test_per_prompt_table(micro_run):
+    root, _, results = micro_run
+    if "decoding" not in set(results["stage"]):
+        pytest.skip("decoding stage absent")
+    tables = list((root / "cache" / "decoding").rglob("tables/per_prompt.parquet"))
+    assert len(tables) == 1
+    table = pd.read_parquet(tables[0])
+    test = table[table["split"] == "test"]
+    assert set(test["prompt"]) == {0, 1, 2}
+    assert {"generate", "greedy", "dssd", "layerskip", "early_exit"} <= set(test["method"])
+    assert (test["n_tokens"] == 8).all()
+    assert set(table[table["split"] == "tune"]["prompt"]) == {0, 1}
+
+
+def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
+    """A DSSD that changes one token must stop the stage with LosslessnessError and leave no finished output."""
+    from pipeline.engine import DSSD, Engine
+    from pipeline.runner import Runner
+    from pipeline.store import SUCCESS_FILE
+
+    if not (micro_copy / "cache" / "decoding").exists():
+        pytest.skip("decoding stage absent")
+    original = Engine.generate
+
+    def corrupt(self, input_ids, strategy, max_new_tokens, eos_token_id=None):
+        result = original(self, input_ids, strategy, max_new_tokens, eos_token_id)
+        if isinstance(strategy, DSSD):
+            result.tokens[-1] = (result.tokens[-1] + 1) % 7
+        return result
+
+    monkeypatch.setattr(Engine, "generate", corrupt)
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(micro_copy / "cache" / "decoding")
+    with pytest.raises(decoding.LosslessnessError, match="dssd"):
+        Runner(compose_micro(micro_copy, "stages=[decoding]")).run()
+    assert not list((micro_copy / "cache" / "decoding").rglob(SUCCESS_FILE))
