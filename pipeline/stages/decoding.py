@@ -235,7 +235,7 @@ def _now() -> float:
 def check_identical(reference: list[int], tokens: list[int], what: str, against: str, split: str, index: int) -> None:
     if tokens == reference:
         return
-    first = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+    first = next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b), min(len(reference), len(tokens)))
     raise LosslessnessError(
         f"{what} is not lossless: on {split} prompt {index} its {len(tokens)} tokens differ from {against}'s "
         f"{len(reference)} tokens at position {first} ({tokens[first:first + 5]} vs {reference[first:first + 5]}). "
@@ -272,7 +272,7 @@ def _rows_for(setting: Setting, generate_tps: float, reference: list[list[int]] 
         if not (isinstance(value, float) and math.isnan(value)):
             out.append(row(metric, value, **common))
     if setting.method == "early_exit":
-        same = sum(a == b for ref, toks in zip(reference, setting.tokens, strict=True) for a, b in zip(ref, toks))
+        same = sum(a == b for ref, toks in zip(reference, setting.tokens, strict=True) for a, b in zip(ref, toks, strict=False))
         out.append(row("agreement", same / sum(map(len, reference)), **common))
         out += [row("exit_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("exits_per_head"))]
     else:
