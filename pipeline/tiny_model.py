@@ -286,8 +286,12 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
                 bar.update(1)
                 if len(losses) % 10 == 0:
                     elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}",
-                                    tok_s=f"{len(losses) * batch_size * seq_len / elapsed:.0f}")
+                    recent, tok_s = sum(losses[-10:]) / 10, len(losses) * batch_size * seq_len / elapsed
+                    bar.set_postfix(loss=f"{recent:.3f}", tok_s=f"{tok_s:.0f}")
+                    # Also in the log (every ~10% of training), for runs without a terminal.
+                    if len(losses) % max(10, total_steps // 10 // 10 * 10) == 0:
+                        log.info("step %d/%d: loss %.3f, lr %.2e, %.0f tok/s", len(losses), total_steps,
+                                 recent, scheduler.get_last_lr()[0], tok_s)
         bar.close()
         train_seconds = time.perf_counter() - t0
         # CPU time next to wall time: on a shared machine wall time measures the neighbours too, while
