@@ -6,9 +6,25 @@ same repeat (median), layer-equivalents per generated token, acceptance rate, ac
 verification, and whether the output is identical to greedy `generate` on every prompt.
 
 Usage:
-    python benchmarks/decoding_speed.py                       # random-weight tiny and Pythia-70m shapes
-    python benchmarks/decoding_speed.py --shapes pythia-160m pythia-410m --new-tokens 32
+    python benchmarks/decoding_speed.py                       # the default run's own outputs (outputs/cache, tiny)
+    python benchmarks/decoding_speed.py --from-outputs outputs/ --model tiny --eps 0.8 0.9
     python benchmarks/decoding_speed.py --model-dir M --heads-dir H --thresholds T.json [--eps 0.8 0.9]
+    python benchmarks/decoding_speed.py --shapes tiny pythia-70m pythia-160m   # random weights, real shapes
+    python benchmarks/decoding_speed.py --no-llama            # skip the Llama / assistant_early_exit section
+
+With --from-outputs (the default), the latest finished `calibrate` entry for the model under <outputs>/cache
+names the backbone, heads and thresholds it was computed from (its upstream keys), so the three always
+belong together; prompts are windows of the test split (tuning prompts: validation split) of the data the
+`extract` stage read, as in the pipeline's `decoding` stage.
+
+transformers' own early-exit assistant (`generate(assistant_early_exit=k)`, LayerSkip-style self-speculation)
+is benchmarked on a small random-weight LlamaForCausalLM built locally, next to our LayerSkip with the same
+drafter (block k-1's output through the final norm and the LM head: exactly what transformers drafts with)
+and the same draft length. It is shown only for Llama: on GPT-NeoX (Pythia) transformers' assistant_early_exit
+silently runs the FULL model (its layer loop ignores `num_hidden_layers`, DESIGN.md §6), so a row there would
+look lossless and merely slow. The Llama model scales its token embeddings (×10) so that the residual stream,
+and hence the early exits, stay close to the final layer's prediction: random weights otherwise give early
+exits that almost never agree with the full model, and every speculative method would only pay for drafts.
 
 Random-weight models get logit-lens heads (each head = the model's own final norm + unembedding): on random
 weights the residual stream barely changes across blocks, so these heads often agree with the full model —
@@ -27,7 +43,7 @@ import platform
 import statistics
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,18 +143,19 @@ def tune_layerskip(engine: Engine, prompts, new_tokens: int, draft_lengths: Sequ
 def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_eps: dict[float, list[float | None]],
                   prompts: Sequence[torch.Tensor], new_tokens: int = 64, repeats: int = 5, warmup: int = 1,
                   layerskip: Sequence[LayerSkip] = (), max_draft: int = 16, metric: str = "entropy",
-                  fills: Sequence[str] = ("lazy",), label: str = "") -> pd.DataFrame:
+                  fills: Sequence[str] = ("lazy",), label: str = "",
+                  extra: Sequence[tuple[str, str, Callable[[torch.Tensor], list[int]]]] = (),
+                  oracle: bool = True) -> pd.DataFrame:
     """One row per method/setting: speed (median, min, max over repeats; ratio to `generate`), compute and
-    acceptance (summed over prompts), and whether every prompt's output equals greedy `generate`."""
+    acceptance (summed over prompts), and whether every prompt's output equals greedy `generate`.
+    `extra`: (method, setting, fn) where fn(prompt) -> new tokens, timed like `generate` (no engine stats)."""
     engine = Engine(model, heads)
 
-    @torch.inference_mode()
     def hf_generate(prompt: torch.Tensor) -> list[int]:
-        out = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
-                             do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-        return out[0, prompt.numel():].tolist()
+        return hf_greedy(model, prompt, new_tokens)
 
-    methods: list[tuple[str, str, Strategy | None]] = [("generate", "transformers", None), ("greedy", "engine", Greedy())]
+    methods: list[tuple[str, str, Strategy | Callable | None]] = [("generate", "transformers", None),
+                                                                   ("greedy", "engine", Greedy())]
     for eps, thr in thresholds_by_eps.items():
         for fill in fills:
             methods.append(("early_exit", f"eps={eps} fill={fill}", EarlyExit(thr, metric=metric, fill=fill)))
@@ -146,6 +163,7 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
         methods.append(("layerskip", f"head={strategy.head} d={strategy.max_draft}", strategy))
     for eps, thr in thresholds_by_eps.items():
         methods.append(("dssd", f"eps={eps} max_draft={max_draft}", DSSD(thr, metric=metric, max_draft=max_draft)))
+    methods += list(extra)
 
     speeds: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     outputs: dict[int, list[list[int]]] = {}
@@ -157,6 +175,8 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
             for prompt in prompts:
                 if strategy is None:
                     tokens.append(hf_generate(prompt))
+                elif not isinstance(strategy, Strategy):
+                    tokens.append(strategy(prompt))
                 else:
                     result = engine.generate(prompt, strategy, new_tokens)
                     tokens.append(result.tokens)
@@ -185,6 +205,8 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
                 "exit_fraction": total["exited"] / total["generated"],
             })
         rows.append(row)
+    if not oracle:
+        return pd.DataFrame(rows)
     bound = [engine.oracle_bound(p, new_tokens) for p in prompts]
     n_tok = sum(len(b.oracle_cost) for b in bound)
     rows.append({"model": label, "method": "oracle_bound", "setting": "earliest agreeing head",
@@ -194,14 +216,138 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
     return pd.DataFrame(rows)
 
 
+def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **generation: object) -> list[int]:
+    """transformers' greedy `generate` with an explicit GenerationConfig (no EOS: exactly `new_tokens` tokens,
+    whatever the model's own generation_config says). `generation` adds e.g. assistant_early_exit=k."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, eos_token_id=None,
+                              pad_token_id=0, **generation)
+    with torch.inference_mode():
+        out = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long,
+                                                                           device=prompt.device),
+                             generation_config=config)
+    return out[0, prompt.numel():].tolist()
+
+
 def _default_text() -> str:
     return inspect.getsource(textwrap)
 
 
+# -- the pipeline's own outputs ---------------------------------------------------------------------------------
+
+
+def _finished(cache: Path, stage: str, model: str) -> list[tuple[dict, Path]]:
+    """Finished entries of one stage, newest first (completion record's start time, then file time)."""
+    entries = []
+    for record_path in (cache / stage / model).glob("*/_SUCCESS.json"):
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        entries.append((record.get("started", ""), record_path.stat().st_mtime, record, record_path.parent))
+    entries.sort(key=lambda e: (e[0], e[1]), reverse=True)
+    return [(record, path) for _, _, record, path in entries]
+
+
+def find_pipeline_outputs(root: Path, model: str = "tiny") -> dict:
+    """The latest finished calibrate entry for `model` under `root`/cache and the backbone, heads and extract
+    entries it was computed from (its recorded upstream keys). Without a calibrate entry: the latest heads
+    entry and its backbone (thresholds are then calibrated on the fly)."""
+    cache = Path(root) / "cache"
+
+    def upstream(record: dict, stage: str) -> Path | None:
+        key = record.get("upstream", {}).get(stage)
+        entry = cache / stage / model / str(key)
+        return entry if key and (entry / "_SUCCESS.json").is_file() else None
+
+    for record, entry in _finished(cache, "calibrate", model):
+        found = {name: upstream(record, name) for name in ("backbone", "heads", "extract")}
+        if found["backbone"] and found["heads"]:
+            return {**found, "thresholds": entry / "thresholds.json", "calibrate": entry}
+    for record, entry in _finished(cache, "heads", model):
+        found = {"backbone": upstream(record, "backbone"), "extract": upstream(record, "extract")}
+        if found["backbone"]:
+            return {**found, "heads": entry, "thresholds": None, "calibrate": None}
+    raise SystemExit(f"no finished backbone + heads outputs for model {model!r} under {cache}: run the pipeline "
+                     "first (`python -m pipeline`), pass --model-dir/--heads-dir/--thresholds, or use random-weight "
+                     "models (--shapes tiny pythia-70m)")
+
+
+def pipeline_prompts(found: dict, tokenizer, n: int, n_tune: int, length: int):
+    """Test-split prompts and validation-split tuning prompts of the data the extract stage read."""
+    from pipeline.data import make_text_source, token_blocks
+
+    record = json.loads((found["extract"] / "_SUCCESS.json").read_text())
+    source = make_text_source(record["config"]["data"])
+    test = token_blocks(source, tokenizer, "test", n * length, length)
+    tune = token_blocks(source, tokenizer, "validation", n_tune * length, length)
+    return list(test), list(tune)
+
+
+# -- Llama: transformers' assistant_early_exit next to our LayerSkip ---------------------------------------------
+
+LLAMA_SHAPES = {  # (layers, d_model, attention heads, KV heads, vocab)
+    "llama-tiny": (8, 256, 8, 4, 4096),
+    "llama-small": (16, 512, 8, 4, 32000),
+}
+
+
+def random_llama(shape: str = "llama-tiny", embed_scale: float = 10.0, seed: int = 0) -> torch.nn.Module:
+    """A random-weight LlamaForCausalLM (GQA, untied LM head) whose token embeddings are scaled by
+    `embed_scale`, so that early exits often agree with the full model (see the module docstring)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, d_model, n_heads, n_kv, vocab = LLAMA_SHAPES[shape]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=int(2.6875 * d_model) // 16 * 16,
+                         num_hidden_layers=layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                         max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model.model.embed_tokens.weight.mul_(embed_scale)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llama_assistant_benchmark(shape: str, args) -> pd.DataFrame:
+    """Our LayerSkip (tuned head and d) vs transformers' assistant_early_exit with the same exit block and
+    draft length, plus `generate` and our greedy, on one random Llama model and the same prompts."""
+    model = random_llama(shape, args.llama_embed_scale)
+    vocab = model.get_output_embeddings().out_features
+    prompts = random_prompts(vocab, args.n_prompts, args.prompt_len, seed=1)
+    tune = random_prompts(vocab, args.n_tune_prompts, args.prompt_len, seed=2)
+    layers = default_head_layers(num_layers_of(model))
+    heads = EarlyExitHeads.from_backbone(model, layers, init="unembedding").eval()   # final norm + LM head
+    engine = Engine(model, heads)
+    best = tune_layerskip(engine, tune, args.new_tokens, args.layerskip_d)
+    k, d = layers[best.head] + 1, best.max_draft   # transformers counts the drafter's blocks: block k-1's output
+    extra = [
+        ("assistant_early_exit", f"transformers k={k} d={d} (constant)",
+         lambda prompt: hf_greedy(model, prompt, args.new_tokens, assistant_early_exit=k, num_assistant_tokens=d,
+                                  num_assistant_tokens_schedule="constant")),
+        ("assistant_early_exit", f"transformers k={k} (default schedule)",
+         lambda prompt: hf_greedy(model, prompt, args.new_tokens, assistant_early_exit=k)),
+    ]
+    label = f"{shape} (random weights, embeddings ×{args.llama_embed_scale:g})"
+    return run_benchmark(model, heads, {}, prompts, args.new_tokens, args.repeats, args.warmup, [best],
+                         args.max_draft, label=label, extra=extra, oracle=False)
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+GPT_NEOX_NOTE = ("note: transformers' assistant_early_exit is shown only for Llama: on GPT-NeoX (Pythia) it "
+                 "silently runs the full model (its layer loop ignores num_hidden_layers; DESIGN.md §6).")
+
+
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["tiny", "pythia-70m"])
-    parser.add_argument("--model-dir", type=Path, help="a saved model (overrides --shapes)")
+    parser.add_argument("--from-outputs", type=Path, default=Path("outputs"),
+                        help="pipeline outputs root: latest finished backbone/heads/calibrate (default: outputs)")
+    parser.add_argument("--model", default="tiny", help="model name under <outputs>/cache (default: tiny)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                        help="random-weight models of these shapes instead of the pipeline's outputs")
+    parser.add_argument("--model-dir", type=Path, help="a saved model (overrides --from-outputs)")
     parser.add_argument("--heads-dir", type=Path, help="trained heads for --model-dir (default: logit lens)")
     parser.add_argument("--thresholds", type=Path, help="thresholds file from the calibrate stage")
     parser.add_argument("--method", default="empirical", help="calibration method in the thresholds file")
@@ -216,37 +362,64 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--max-draft", type=int, default=16)
     parser.add_argument("--layerskip-d", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--fills", nargs="+", default=["lazy"], choices=["lazy", "copy", "recompute"])
+    parser.add_argument("--llama", action=argparse.BooleanOptionalAction, default=True,
+                        help="also benchmark transformers' assistant_early_exit vs our LayerSkip on a random Llama")
+    parser.add_argument("--llama-shape", choices=list(LLAMA_SHAPES), default="llama-tiny")
+    parser.add_argument("--llama-embed-scale", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is stable on a shared machine; ratios are per setting)")
     parser.add_argument("--csv", type=Path, default=Path("outputs/benchmarks/decoding_speed.csv"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.model_dir:
+    # (label, model, tokenizer, heads dir, thresholds file, prompts or None)
+    targets: list[tuple] = []
+    if args.shapes:
+        targets = [(f"{s} (random weights)", random_model(s), None, None, None, None) for s in args.shapes]
+    elif args.model_dir:
         model, tokenizer = load_backbone(args.model_dir)
-        targets = [(str(args.model_dir), model, tokenizer)]
+        targets = [(str(args.model_dir), model, tokenizer, args.heads_dir, args.thresholds, None)]
     else:
-        targets = [(f"{s} (random weights)", random_model(s), None) for s in args.shapes]
+        from pipeline.backbone import load_from_stage_output
+
+        found = find_pipeline_outputs(args.from_outputs, args.model)
+        model, tokenizer = load_from_stage_output(found["backbone"])
+        prompts = None
+        if found["extract"] is not None:
+            try:
+                prompts = pipeline_prompts(found, tokenizer, args.n_prompts, args.n_tune_prompts, args.prompt_len)
+            except (ValueError, OSError) as err:   # e.g. a hub corpus that is not reachable now
+                print(f"# prompts from the pipeline's data unavailable ({err}); using standard-library text")
+        print(f"# pipeline outputs: backbone {found['backbone']}, heads {found['heads']}, "
+              f"thresholds {found['thresholds'] or 'calibrated on the fly'}")
+        targets = [(f"{args.model} (pipeline outputs)", model, tokenizer, found["heads"], found["thresholds"],
+                    prompts)]
     frames = []
-    for label, model, tokenizer in targets:
+    for label, model, tokenizer, heads_dir, thresholds_file, given in targets:
+        model.eval().requires_grad_(False)
         vocab = model.get_output_embeddings().out_features
-        if tokenizer is not None:
+        if given is not None:
+            prompts, tune = given
+        elif tokenizer is not None:
             text = args.text.read_text() if args.text else _default_text()
             prompts = text_prompts(tokenizer, text, args.n_prompts, args.prompt_len)
             tune = text_prompts(tokenizer, text, args.n_tune_prompts, args.prompt_len, offset=args.n_prompts)
         else:
             prompts = random_prompts(vocab, args.n_prompts, args.prompt_len, seed=1)
             tune = random_prompts(vocab, args.n_tune_prompts, args.prompt_len, seed=2)
-        if args.heads_dir:
-            heads = EarlyExitHeads.load(args.heads_dir, model)
+        if heads_dir:
+            heads = EarlyExitHeads.load(heads_dir, model)
         else:
             layers = default_head_layers(num_layers_of(model))
             heads = EarlyExitHeads.from_backbone(model, layers, init="unembedding")
         heads.eval()
         engine = Engine(model, heads)
-        if args.thresholds:
-            table = ExitThresholds.load(args.thresholds)
-            thresholds = {e: table.for_eps(args.method, e) for e in args.eps}
+        if thresholds_file:
+            table = ExitThresholds.load(thresholds_file)
+            eps = [e for e in args.eps if any(abs(e - c) < 1e-9 for c in table.eps)]
+            if not eps:
+                raise SystemExit(f"none of --eps {args.eps} is calibrated in {thresholds_file} (ε: {table.eps})")
+            thresholds = {e: table.for_eps(args.method, e) for e in eps}
             metric = table.metric
         else:
             metric = "entropy"
@@ -256,6 +429,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                               [layerskip], args.max_draft, metric, args.fills, label)
         frames.append(frame)
         _print(frame, label, args)
+    if args.llama:
+        frame = llama_assistant_benchmark(args.llama_shape, args)
+        frames.append(frame)
+        _print(frame, frame["model"].iloc[0], args)
+        print(GPT_NEOX_NOTE)
     result = pd.concat(frames, ignore_index=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(args.csv, index=False)
@@ -267,7 +445,7 @@ def _print(frame: pd.DataFrame, label: str, args) -> None:
                "prompts": args.n_prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "repeats": args.repeats}
     print(f"\n# decoding speed on {label}; {json.dumps(machine)}")
-    shown = frame.drop(columns=["model"])
+    shown = frame.drop(columns=["model"]).dropna(axis=1, how="all")
     try:
         print(shown.to_markdown(index=False, floatfmt=".3g"))
     except ImportError:  # tabulate is optional
