@@ -165,3 +165,26 @@ def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
     with pytest.raises(decoding.LosslessnessError, match="dssd"):
         Runner(compose_micro(micro_copy, "stages=[decoding]")).run()
     assert not list((micro_copy / "cache" / "decoding").rglob(SUCCESS_FILE))
+
+
+# --- benchmarks/decoding_speed.py on the pipeline's own outputs ---------------------------------------------------
+
+
+def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
+    from benchmarks.decoding_speed import find_pipeline_outputs, main
+
+    root, _, _ = micro_run
+    found = find_pipeline_outputs(root, "tiny")
+    record = __import__("json").loads((found["calibrate"] / "_SUCCESS.json").read_text())
+    assert found["heads"].name == record["upstream"]["heads"]
+    assert found["backbone"].name == record["upstream"]["backbone"]
+    frame = main(["--from-outputs", str(root), "--n-prompts", "2", "--n-tune-prompts", "1", "--prompt-len", "8",
+                  "--new-tokens", "6", "--repeats", "1", "--layerskip-d", "1", "2", "--eps", "0.8",
+                  "--csv", str(tmp_path / "bench.csv")])
+    assert (tmp_path / "bench.csv").is_file()
+    lossless = frame[frame["method"].isin(["greedy", "layerskip", "dssd", "assistant_early_exit"])]
+    assert lossless["identical_to_greedy"].all()
+    assert {"generate", "greedy", "early_exit", "layerskip", "dssd", "oracle_bound",
+            "assistant_early_exit"} <= set(frame["method"])
+    llama = frame[frame["model"].str.startswith("llama")]
+    assert {"generate", "greedy", "layerskip", "assistant_early_exit"} == set(llama["method"])
