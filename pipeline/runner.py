@@ -101,6 +101,7 @@ class Runner:
     def __init__(self, cfg: DictConfig, group: str = "local"):
         self.cfg = cfg
         self.group = group
+        validate_config(cfg)  # before anything reads the config (keys, device)
         self.known = available_stages()
         self.requested = requested_stages(cfg, self.known)
         self.forced = forced_stages(cfg, self.requested, self.known)
@@ -114,7 +115,6 @@ class Runner:
         self.status: dict[str, str] = {}
 
     def validate(self) -> None:
-        validate_config(self.cfg)
         for name in self._closure(self.requested):
             stage = self.known[name]
             if stage.validate is not None:

@@ -26,6 +26,20 @@ def check_eps(values: Iterable[float] | float, key: str) -> list[float]:
     return out
 
 
+def check_device(device: str) -> None:
+    import torch
+
+    if device == "auto" or device == "cpu":
+        return
+    kind = device.split(":")[0]
+    if kind not in ("cuda", "mps"):
+        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but no CUDA GPU is visible here; use device=auto or device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps but Apple's MPS backend is not available here; use device=cpu")
+
+
 def _require(cfg: DictConfig, dotted: str):
     node = cfg
     for part in dotted.split("."):
@@ -37,6 +51,7 @@ def _require(cfg: DictConfig, dotted: str):
 
 def validate_config(cfg: DictConfig) -> None:
     """Checks on the model and data groups; each stage adds its own in `Stage.validate`."""
+    check_device(str(cfg.get("device", "auto")))
     model = _require(cfg, "model")
     num_layers = int(_require(cfg, "model.num_layers"))
     layers = _require(cfg, "model.head_layers")
@@ -54,6 +69,10 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if layers != sorted(set(layers)):
         raise ConfigError(f"model.head_layers must be strictly increasing, got {layers}")
+    from pipeline.backbone import DTYPES
+
+    if str(model.get("dtype")) not in DTYPES:
+        raise ConfigError(f"model.dtype={model.get('dtype')!r} is not supported; choose one of {sorted(DTYPES)}")
     seq_len = int(_require(cfg, "data.seq_len"))
     max_len = int(model.get("max_seq_len") or 0)
     if seq_len <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -30,3 +31,24 @@ def tiny_gpt_neox(num_layers: int = 4, d_model: int = 32, vocab: int = 128, seed
                            num_attention_heads=4, intermediate_size=4 * d_model, max_position_embeddings=256,
                            rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
     return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """One full micro pipeline run; tests that modify outputs work on a copy (`micro_copy`)."""
+    from pipeline.runner import Runner
+
+    from .micro import compose_micro
+
+    root = tmp_path_factory.mktemp("micro") / "outputs"
+    runner = Runner(compose_micro(root))
+    results = runner.run(root / "run")
+    return root, runner, results
+
+
+@pytest.fixture
+def micro_copy(micro_run, tmp_path):
+    root, _, _ = micro_run
+    copy = tmp_path / "outputs"
+    shutil.copytree(root / "cache", copy / "cache")
+    return copy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
@@ -14,23 +13,6 @@ from pipeline.runner import Runner, available_stages
 from pipeline.shards import ShardReader
 
 from .micro import compose_micro
-
-
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory):
-    """One full micro pipeline run; tests that modify outputs work on a copy (`micro_copy`)."""
-    root = tmp_path_factory.mktemp("micro") / "outputs"
-    runner = Runner(compose_micro(root))
-    results = runner.run(root / "run")
-    return root, runner, results
-
-
-@pytest.fixture
-def micro_copy(micro_run, tmp_path):
-    root, _, _ = micro_run
-    copy = tmp_path / "outputs"
-    shutil.copytree(root / "cache", copy / "cache")
-    return copy
 
 
 def test_every_stage_wrote_rows(micro_run):
