@@ -69,6 +69,7 @@ from scipy.special import xlogy
 from scipy.stats import binom
 
 from pipeline.confidence import ConfidenceMetric, get_metric
+from pipeline.validation import check_eps as check_eps_config
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,8 @@ _TOL = 1e-9
 
 
 def check_eps(eps: float | Sequence[float]) -> list[float]:
-    """Validate target accuracies: each must lie in (0, 1]."""
-    values = [eps] if isinstance(eps, numbers.Real) else list(eps)
-    if not values:
-        raise ValueError("the ε grid is empty; give at least one target accuracy in (0, 1]")
-    for e in values:
-        if not isinstance(e, numbers.Real) or isinstance(e, bool) or not 0.0 < float(e) <= 1.0:
-            raise ValueError(
-                f"ε={e!r} is not a valid target accuracy: ε is the required agreement with the full model among "
-                "exited tokens and must lie in (0, 1] (e.g. 0.9)"
-            )
-    return [float(e) for e in values]
+    """Validate target accuracies: each must lie in (0, 1] (one implementation, shared with config checks)."""
+    return check_eps_config(eps, "ε grid")
 
 
 def check_delta(delta: float) -> float:

@@ -11,11 +11,17 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the fix."""
 
 
-def check_eps(values: Iterable[float] | float, key: str) -> list[float]:
+def check_eps(values: Iterable[float] | float, key: str = "eps") -> list[float]:
+    """Each ε is a target accuracy (agreement with the full model among exited tokens) in (0, 1]."""
     if isinstance(values, int | float):
         values = [values]
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{key}: the ε list is empty; give at least one target accuracy in (0, 1], e.g. [0.9]")
     out = []
     for eps in values:
+        if isinstance(eps, bool | str):
+            raise ConfigError(f"{key}: ε must be a number in (0, 1], got {eps!r}")
         try:
             eps_f = float(eps)
         except (TypeError, ValueError):
