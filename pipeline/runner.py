@@ -24,7 +24,7 @@ from pipeline.results import RESULTS_FILE, print_table, read_results, to_frame
 from pipeline.stages.base import Stage, StageContext
 from pipeline.store import StageStore, stage_key
 from pipeline.tracking import make_tracker
-from pipeline.validation import ConfigError, validate_config
+from pipeline.validation import ConfigError, check_device, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Runner:
         self.cfg = cfg
         self.group = group
         validate_config(cfg)  # before anything reads the config (keys, device)
+        check_device(str(cfg.device), available=True)
         self.known = available_stages()
         self.requested = requested_stages(cfg, self.known)
         self.forced = forced_stages(cfg, self.requested, self.known)

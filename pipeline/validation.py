@@ -32,7 +32,9 @@ def check_eps(values: Iterable[float] | float, key: str = "eps") -> list[float]:
     return out
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, available: bool = False) -> None:
+    """The device name is valid; with `available`, also present on this machine (checked by the runner, not
+    by config composition, so a GPU sweep's configs can be checked on a laptop)."""
     import torch
 
     if device == "auto" or device == "cpu":
@@ -40,6 +42,8 @@ def check_device(device: str) -> None:
     kind = device.split(":")[0]
     if kind not in ("cuda", "mps"):
         raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    if not available:
+        return
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} but no CUDA GPU is visible here; use device=auto or device=cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
