@@ -143,12 +143,13 @@ def token_blocks(
     n_tokens: int,
     seq_len: int,
     budget_key: str | None = None,
+    allow_short: bool = False,
 ) -> torch.LongTensor:
     """The first `n_tokens` tokens of `split` as a `[n_tokens // seq_len, seq_len]` LongTensor.
 
     The budget is rounded down to whole blocks. Raises ValueError when the split holds fewer tokens than
-    the budget; `budget_key` names the config key that set the budget, for the message
-    (default `data.budgets.<split>`).
+    the budget, unless `allow_short`, which returns every whole block there is (at least one); `budget_key`
+    names the config key that set the budget, for the message (default `data.budgets.<split>`).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -166,6 +167,9 @@ def token_blocks(
         filled += take
         if filled == needed:
             break
+    if filled < needed and allow_short and filled >= seq_len:
+        n_blocks = filled // seq_len
+        return out[:n_blocks * seq_len].view(n_blocks, seq_len)
     if filled < needed:
         hint = f"lower {key}"
         if getattr(source, "name", None) == "local_text":

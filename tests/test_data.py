@@ -86,6 +86,10 @@ def test_token_blocks_budget_errors(tokenizer) -> None:
         token_blocks(source, tokenizer, "test", n_tokens=64, seq_len=16, budget_key="model.tiny.eval_tokens")
     with pytest.raises(ValueError, match="smaller than one block"):
         token_blocks(source, tokenizer, "train", n_tokens=8, seq_len=16)
+    # allow_short: every whole block there is, instead of an error.
+    short = token_blocks(source, tokenizer, "validation", n_tokens=1000, seq_len=4, allow_short=True)
+    n_val = len(tokenizer(DOCS["validation"][0], add_special_tokens=False)["input_ids"]) + 1
+    assert short.shape == (n_val // 4, 4)
 
 
 def test_local_text_blocks_and_split_hint(tokenizer, tmp_path) -> None:

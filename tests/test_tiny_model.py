@@ -11,6 +11,7 @@ import torch
 from pipeline.backbone import load_backbone
 from pipeline.tiny_model import (
     EOS_TOKEN,
+    build_model,
     lr_factor,
     pretrain_tiny_model,
     resolve_tiny_config,
@@ -50,8 +51,7 @@ SMALL = {
     "intermediate_size": 64,
     "max_position_embeddings": 64,
     "seq_len": 32,
-    "train_tokens": 8192,
-    "epochs": 2,
+    "train_tokens": 16384,  # more than the train split holds: exercises the second pass
     "batch_size": 8,
     "lr": 1e-2,
     "warmup_steps": 5,
@@ -86,6 +86,19 @@ def test_config_validation() -> None:
         resolve_tiny_config({"d_model": 30, "num_attention_heads": 4})
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         resolve_tiny_config({"seq_len": 512, "max_position_embeddings": 256})
+    with pytest.raises(ValueError, match="model.tiny.precision"):
+        resolve_tiny_config({"precision": "fp16"})
+    with pytest.raises(ValueError, match="model.tiny.init"):
+        build_model(resolve_tiny_config({**SMALL, "init": "xavier"}), vocab_size=300, eos_token_id=0)
+
+
+def test_pythia_init_scales() -> None:
+    model = build_model(resolve_tiny_config(SMALL), vocab_size=300, eos_token_id=0)
+    layer = model.gpt_neox.layers[0]
+    # small init sqrt(2/(5d)) = 0.112 for d=32; wang init 2/(L sqrt(d)) = 0.177 for L=2 (loose: few samples).
+    assert layer.mlp.dense_h_to_4h.weight.std().item() == pytest.approx(0.112, rel=0.15)
+    assert layer.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(0.177, rel=0.15)
+    assert float(layer.attention.query_key_value.bias.abs().max()) == 0.0
 
 
 def test_lr_schedule_shape() -> None:
@@ -106,7 +119,8 @@ def test_pretrain_learns_and_reports(pretrained: tuple[Path, dict]) -> None:
     _, metrics = pretrained
     assert metrics["final_train_loss"] < metrics["initial_train_loss"] - 1.0
     assert metrics["val_ppl"] < metrics["vocab_size"] / 4  # far better than uniform guessing
-    assert metrics["train_tokens"] == 8192 * 2 and metrics["n_layers"] == 2
+    assert metrics["train_tokens"] == 16384 and metrics["train_steps"] == 16384 // (8 * 32)
+    assert metrics["train_epochs"] > 1.0 and metrics["n_layers"] == 2
     assert set(metrics["logit_lens_agreement"]) == {0}
     assert 0.0 <= metrics["logit_lens_agreement"][0] == metrics["lens_agreement_block0"] <= 1.0
     assert metrics["corpus_fingerprint"] == "list-source"
@@ -136,7 +150,8 @@ def test_saved_model_round_trips_through_load_backbone(pretrained: tuple[Path, d
 
 def test_pretrain_is_deterministic(pretrained: tuple[Path, dict], tmp_path: Path) -> None:
     out, metrics = pretrained
-    quick = {**SMALL, "train_tokens": 2048, "epochs": 1, "eval_tokens": 256}
+    # bf16-mixed here, so the autocast path is covered too (and is deterministic as well).
+    quick = {**SMALL, "train_tokens": 2048, "eval_tokens": 256, "precision": "bf16-mixed"}
     a = pretrain_tiny_model(quick, SOURCE, tmp_path / "a", progress=False)
     b = pretrain_tiny_model(quick, SOURCE, tmp_path / "b", progress=False)
     assert a["val_loss"] == b["val_loss"] and a["final_train_loss"] == b["final_train_loss"]
