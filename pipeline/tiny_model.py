@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "init": "pythia",
     "tie_word_embeddings": False,
     "seq_len": 128,
-    "train_tokens": 2_250_000,
+    "train_tokens": 2_800_000,
     "batch_size": 16,
     "lr": 6.0e-3,
     "min_lr_ratio": 0.1,
@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 64,
     "tokenizer_min_frequency": 2,
     "tokenizer_max_bytes": 64_000_000,
-    "precision": "fp32",
+    "precision": "bf16-mixed",
     "num_threads": 2,
     "seed": 0,
 }
@@ -170,8 +170,8 @@ def _normal_init(model: torch.nn.Module, std: float, out_std: float) -> None:
 
 def _pythia_init(model: torch.nn.Module) -> None:
     """GPT-NeoX/Pythia's init: "small init" sqrt(2 / (5 d)) everywhere, "wang init" 2 / (L sqrt(d)) for the
-    residual-writing projections. transformers initialises everything at 0.02 instead, far too small for
-    d=128 (1/sqrt(d) = 0.09): in a 600k-token trial it cost 16% held-out perplexity (94.6 vs 79.4)."""
+    residual-writing projections. transformers initialises everything at 0.02 instead, too small for
+    d=128 (1/sqrt(d) = 0.09): in 600k-token trials 0.02 gave held-out perplexity 94.6, this init 80.8."""
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     _normal_init(model, std=math.sqrt(2.0 / (5.0 * d)), out_std=2.0 / (n_layers * math.sqrt(d)))
 
@@ -206,6 +206,16 @@ def _batch_indices(n_blocks: int, batch_size: int, n_steps: int, seed: int) -> I
             pending = torch.cat([pending, torch.randperm(n_blocks, generator=generator)])
         yield pending[:batch_size]
         pending = pending[batch_size:]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32. Linux only: reads /proc/cpuinfo, and says False when it cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @contextmanager
@@ -321,6 +331,9 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
         # bf16-mixed: weights, optimizer and the saved model stay fp32; only the matmuls run in bf16, which
         # CPUs with AVX512-BF16/AMX execute faster. Evaluation is always fp32.
         bf16 = cfg["precision"] == "bf16-mixed"
+        if bf16 and not cpu_has_native_bf16():
+            log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): pretraining will be slow; "
+                        "set model.tiny.precision=fp32")
         losses: list[float] = []
         t0, cpu0 = time.perf_counter(), time.process_time()
         bar = tqdm(total=total_steps, desc="pretrain tiny", unit="step", disable=not progress)
