@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.1,
     "warmup_steps": 50,
     "weight_decay": 0.1,
-    "betas": (0.9, 0.95),
+    "betas": [0.9, 0.95],
     "grad_clip": 1.0,
     "eval_tokens": 100_000,
     "eval_batch_size": 64,
@@ -62,7 +62,15 @@ DEFAULTS: dict[str, Any] = {
 
 
 def resolve_tiny_config(tiny_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """`tiny_cfg` over the defaults, rejecting unknown keys (a typo would otherwise be silently ignored)."""
+    """`tiny_cfg` over the defaults, rejecting unknown keys (a typo would otherwise be silently ignored).
+
+    Accepts an OmegaConf node (`cfg.model.tiny`, whose interpolations resolve against the model config)
+    and returns plain Python values.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(tiny_cfg, DictConfig):
+        tiny_cfg = OmegaConf.to_container(tiny_cfg, resolve=True)
     unknown = set(tiny_cfg) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown model.tiny key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -399,6 +407,6 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     # A human-readable record next to the weights: what was trained on what, and how well.
-    record = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}, "metrics": metrics}
+    record = {"config": cfg, "metrics": metrics}
     (out_dir / "pretraining.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return metrics

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.backbone import load_backbone
 from pipeline.tiny_model import (
+    DEFAULTS,
     EOS_TOKEN,
     build_model,
     lr_factor,
@@ -77,6 +78,18 @@ def test_tokenizer_round_trip_and_special_tokens() -> None:
     # Same corpus, same vocabulary (tokenizer training is deterministic).
     again = train_tokenizer(iter(SOURCE.docs["train"]), vocab_size=300)
     assert again.get_vocab() == tok.get_vocab()
+
+
+def test_yaml_config_matches_code_defaults() -> None:
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "tiny.yaml")
+    resolved = resolve_tiny_config(model_cfg.tiny)
+    assert resolved["num_layers"] == model_cfg.num_layers and resolved["d_model"] == model_cfg.d_model
+    assert resolved["max_position_embeddings"] == model_cfg.max_seq_len
+    assert isinstance(resolved["betas"], list)  # plain values, not OmegaConf nodes
+    # The yaml spells out every key, with the code's defaults (one place to read the real settings).
+    assert set(model_cfg.tiny) == set(DEFAULTS) and resolved == DEFAULTS
 
 
 def test_config_validation() -> None:
