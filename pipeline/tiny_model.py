@@ -18,12 +18,15 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import TextSource, token_blocks
+
+if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only needed when training
+    from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 2,
-                    model_max_length: int = 2048):
+                    model_max_length: int = 2048) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2/Pythia style) trained on `texts`, as a `PreTrainedTokenizerFast`.
 
     Byte-level means no unknown tokens ever, so `<|endoftext|>` can double as bos/eos/pad/unk exactly as in
@@ -133,7 +136,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 
 # --- model -----------------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: Mapping[str, Any], vocab_size: int, eos_token_id: int):
+def build_model(cfg: Mapping[str, Any], vocab_size: int, eos_token_id: int) -> GPTNeoXForCausalLM:
     """A randomly initialised GPT-NeoX shaped like Pythia (parallel residual, partial rotary, untied head)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -241,7 +244,8 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate_lm(model, blocks: torch.Tensor, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+def evaluate_lm(model: GPTNeoXForCausalLM, blocks: torch.Tensor, batch_size: int = 64,
+                progress: bool = False) -> dict[str, Any]:
     """Held-out loss/perplexity and the logit lens: how often each block's output, put through the final
     LayerNorm and the unembedding, has the same argmax as the full model.
 
