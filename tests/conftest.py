@@ -54,3 +54,12 @@ def micro_copy(micro_run, tmp_path):
     copy = tmp_path / "outputs"
     shutil.copytree(root / "cache", copy / "cache")
     return copy
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Some tests pin one thread; results are bitwise-reproducible only for a fixed thread count, so every
+    test (and the session's micro run) starts from the same count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
