@@ -36,15 +36,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
-    """True when the Hugging Face hub answers a TCP connect; never hangs longer than `timeout_s`."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
-        return False
+def host_reachable(host: str, timeout_s: float = 3.0) -> bool:
+    """True when `host` answers a TCP connect on port 443; never hangs longer than `timeout_s`."""
     try:
         with socket.create_connection((host, 443), timeout=timeout_s):
             return True
     except OSError:
         return False
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True when the Hugging Face hub is reachable and not switched off by HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    return host_reachable("huggingface.co", timeout_s)
 
 
 def _hub_snapshot_cached(hub_id: str, revision: str | None) -> bool:
@@ -55,6 +60,21 @@ def _hub_snapshot_cached(hub_id: str, revision: str | None) -> bool:
         return isinstance(found, str)
     except Exception:
         return False
+
+
+def require_loadable(source: str, revision: str | None) -> None:
+    """Fail at once, with the offline alternatives named, when `source` is neither a local directory nor a
+    hub model that is cached or reachable (no long retry loops inside transformers)."""
+    if Path(source).is_dir():
+        return
+    if source.startswith(("/", "./", "../")):
+        raise BackboneError(f"model directory {source!r} does not exist")
+    if not _hub_snapshot_cached(source, revision) and not hub_reachable():
+        raise BackboneError(
+            f"cannot load {source!r}@{revision or 'main'}: the Hugging Face hub is unreachable and the "
+            "model is not in the local cache. Use the offline default (model=tiny), a local directory "
+            "(model.source=/path/to/model), or run where the hub is reachable once to cache it."
+        )
 
 
 def load_backbone(
@@ -74,15 +94,7 @@ def load_backbone(
 
     source_str = str(source)
     is_local = Path(source_str).is_dir()
-    if not is_local:
-        if source_str.startswith(("/", "./", "../")) or os.sep in source_str and source_str.count("/") > 1:
-            raise BackboneError(f"model directory {source_str!r} does not exist")
-        if not _hub_snapshot_cached(source_str, revision) and not hub_reachable():
-            raise BackboneError(
-                f"cannot load {source_str!r}@{revision or 'main'}: the Hugging Face hub is unreachable and the "
-                "model is not in the local cache. Use the offline default (model=tiny), a local directory "
-                "(model.source=/path/to/model), or run where the hub is reachable once to cache it."
-            )
+    require_loadable(source_str, revision)
     kwargs = {"revision": revision} if (revision and not is_local) else {}
     torch_dtype = resolve_dtype(dtype)
     try:

@@ -305,9 +305,9 @@ def wandb_online(mode: str) -> bool:
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     if not has_key:
         return False
-    from pipeline.backbone import hub_reachable
+    from pipeline.tracking import _wandb_reachable
 
-    return hub_reachable("api.wandb.ai")
+    return _wandb_reachable()
 
 
 def log_report_runs(panels: list[Panel], summary: pd.DataFrame, wandb_cfg: DictConfig, group: str,

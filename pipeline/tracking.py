@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.backbone import hub_reachable
+from pipeline.backbone import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def _artifact_name(name: str) -> str:
 
 
 def _wandb_reachable() -> bool:
-    return hub_reachable("api.wandb.ai")
+    # Not hub_reachable: HF_HUB_OFFLINE says nothing about W&B.
+    return host_reachable("api.wandb.ai")
 
 
 def make_tracker(cfg, stage: str, group: str) -> Tracker:

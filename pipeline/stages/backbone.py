@@ -16,6 +16,7 @@ from pipeline.backbone import (
     backbone_fingerprint,
     load_backbone,
     num_layers_of,
+    require_loadable,
     unembedding_of,
 )
 from pipeline.results import row
@@ -37,19 +38,8 @@ def key_config(cfg: DictConfig) -> dict:
 
 def validate(cfg: DictConfig) -> None:
     """A hub model that is neither cached nor reachable fails here, before any other stage starts."""
-    from pathlib import Path
-
-    from pipeline.backbone import _hub_snapshot_cached, hub_reachable
-
-    source = str(cfg.model.source)
-    if source == "tiny" or Path(source).is_dir():
-        return
-    if not _hub_snapshot_cached(source, cfg.model.revision) and not hub_reachable():
-        raise BackboneError(
-            f"model {source}@{cfg.model.revision} is not in the local Hugging Face cache and the hub is "
-            "unreachable. Use the offline default (model=tiny), a local directory (model.source=/path), "
-            "or run once where the hub is reachable to cache it."
-        )
+    if cfg.model.source != "tiny":
+        require_loadable(str(cfg.model.source), cfg.model.revision)
 
 
 def run(ctx: StageContext) -> StageOutput:
