@@ -69,6 +69,7 @@ from scipy.special import xlogy
 from scipy.stats import binom
 
 from pipeline.confidence import ConfidenceMetric, get_metric
+from pipeline.separation import finite_pairs
 from pipeline.validation import check_eps as check_eps_config
 
 log = logging.getLogger(__name__)
@@ -110,12 +111,7 @@ def eps_key(eps: float | str) -> str:
 
 
 def _sorted_finite(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    correct = np.asarray(correct, dtype=bool).ravel()
-    if scores.shape != correct.shape:
-        raise ValueError(f"scores and correct differ in length: {scores.shape} vs {correct.shape}")
-    keep = ~np.isnan(scores)
-    scores, correct = scores[keep], correct[keep]
+    scores, correct = finite_pairs(scores, correct)
     order = np.argsort(-scores, kind="stable")
     return scores[order], correct[order]
 

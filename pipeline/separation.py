@@ -18,7 +18,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 
-def _clean(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def finite_pairs(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened float scores and boolean correctness, same length checked, NaN scores dropped."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     correct = np.asarray(correct, dtype=bool).ravel()
     if scores.shape != correct.shape:
@@ -29,7 +30,7 @@ def _clean(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def auroc(scores: np.ndarray, correct: np.ndarray) -> float:
     """AUROC of `scores` (higher = more confident) for predicting `correct`; NaN when one class is absent."""
-    scores, correct = _clean(scores, correct)
+    scores, correct = finite_pairs(scores, correct)
     n_pos = int(correct.sum())
     n_neg = len(correct) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -46,7 +47,7 @@ def risk_coverage(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, 
     Point j exits the tokens with score >= thresholds[j]; coverage is their fraction of all (non-NaN)
     tokens, risk their disagreement rate with the full model.
     """
-    scores, correct = _clean(scores, correct)
+    scores, correct = finite_pairs(scores, correct)
     if len(scores) == 0:
         empty = np.empty(0)
         return empty, empty, empty
