@@ -25,6 +25,19 @@ def outputs_root(tmp_path, monkeypatch):
     return root
 
 
+class ListSource:
+    """A `TextSource` over in-memory documents per split, for exact token accounting in tests."""
+
+    name = "list"
+
+    def __init__(self, docs: dict[str, list[str]], fingerprint: str = "list") -> None:
+        self.docs = docs
+        self.fingerprint = fingerprint
+
+    def documents(self, split: str):
+        yield from self.docs[split]
+
+
 def tiny_gpt_neox(num_layers: int = 4, d_model: int = 32, vocab: int = 128, seed: int = 0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

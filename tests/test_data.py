@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -19,23 +17,7 @@ from pipeline.data import (
     token_blocks,
 )
 from pipeline.tiny_model import train_tokenizer
-
-
-class ListSource:
-    """A TextSource over fixed documents, for exact token accounting."""
-
-    name = "list"
-
-    def __init__(self, docs: dict[str, list[str]]) -> None:
-        self.docs = docs
-
-    def documents(self, split: str) -> Iterator[str]:
-        yield from self.docs[split]
-
-    @property
-    def fingerprint(self) -> str:
-        return "list"
-
+from tests.conftest import ListSource
 
 DOCS = {
     "train": [f"def f{i}(x):\n    return x * {i}\n" * 3 for i in range(30)],

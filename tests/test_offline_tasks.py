@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,22 +17,10 @@ from pipeline.offline_tasks import (
     task_manager,
     write_offline_tasks,
 )
+from tests.conftest import ListSource
 from tests.test_lm_eval_adapter import synthetic_documents
 
 SETTINGS = OfflineTaskSettings(n_examples=10, n_choices=4, context_lines=3)
-
-
-class ListSource:
-    """A TextSource over in-memory documents."""
-
-    name = "list"
-    fingerprint = "list"
-
-    def __init__(self, docs: dict[str, list[str]]) -> None:
-        self.docs = docs
-
-    def documents(self, split: str) -> Iterator[str]:
-        yield from self.docs[split]
 
 
 def test_examples_are_deterministic_given_the_seed():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,7 @@ from pipeline.tiny_model import (
     resolve_tiny_config,
     train_tokenizer,
 )
-
-
-class ListSource:
-    name = "list"
-
-    def __init__(self, docs: dict[str, list[str]]) -> None:
-        self.docs = docs
-
-    def documents(self, split: str) -> Iterator[str]:
-        yield from self.docs[split]
-
-    @property
-    def fingerprint(self) -> str:
-        return "list-source"
+from tests.conftest import ListSource
 
 
 def _docs(n: int, offset: int = 0) -> list[str]:
@@ -42,7 +28,7 @@ def _docs(n: int, offset: int = 0) -> list[str]:
     ]
 
 
-SOURCE = ListSource({"train": _docs(300), "validation": _docs(40, offset=1000), "test": _docs(10, 2000)})
+SOURCE = ListSource(fingerprint="list-source", docs={"train": _docs(300), "validation": _docs(40, offset=1000), "test": _docs(10, 2000)})
 
 SMALL = {
     "vocab_size": 300,
