@@ -77,14 +77,15 @@ def forced_stages(cfg: DictConfig, requested: list[str], known: dict[str, Stage]
     return set(names)
 
 
-def plan_keys(cfg: DictConfig, known: dict[str, Stage]) -> dict[str, str]:
+def plan_keys(cfg: DictConfig, known: dict[str, Stage]) -> tuple[dict[str, str], dict[str, object]]:
+    """Each stage's cache key, and the plain config subtree it hashes (kept for the completion record, so
+    `key_config` — which may fingerprint a whole corpus — runs once per stage)."""
     keys: dict[str, str] = {}
+    key_configs: dict[str, object] = {}
     for name, stage in known.items():
-        key_cfg = stage.key_config(cfg)
-        if isinstance(key_cfg, DictConfig | ListConfig):
-            key_cfg = OmegaConf.to_container(key_cfg, resolve=True)
-        keys[name] = stage_key(name, _plain(key_cfg), {up: keys[up] for up in stage.upstream})
-    return keys
+        key_configs[name] = _plain(stage.key_config(cfg))
+        keys[name] = stage_key(name, key_configs[name], {up: keys[up] for up in stage.upstream})
+    return keys, key_configs
 
 
 def _plain(value):
@@ -106,7 +107,7 @@ class Runner:
         self.known = available_stages()
         self.requested = requested_stages(cfg, self.known)
         self.forced = forced_stages(cfg, self.requested, self.known)
-        self.keys = plan_keys(cfg, self.known)
+        self.keys, self.key_configs = plan_keys(cfg, self.known)
         self.store = StageStore(Path(cfg.paths.cache))
         self.model = str(cfg.model.name)
         self.device = resolve_device(str(cfg.device))
@@ -167,7 +168,7 @@ class Runner:
         stage = self.known[name]
         log.info("stage %-10s %s: computing (key %s)", name, self.model, key)
         started = time.time()
-        record = {"config": _plain(stage.key_config(self.cfg)), "upstream": {up: self.keys[up] for up in inputs},
+        record = {"config": self.key_configs[name], "upstream": {up: self.keys[up] for up in inputs},
                   "seed": int(self.cfg.seed)}
         torch.manual_seed(int(self.cfg.seed))
         resumable = getattr(stage, "resumable", False)

@@ -95,7 +95,6 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.data import make_text_source, token_blocks
 
     cfg = ctx.cfg
-    check_disk(cfg, ctx.out_dir)
     model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
     source = make_text_source(cfg.data)
     layers = [int(x) for x in cfg.model.head_layers]
