@@ -11,6 +11,7 @@ exactly as in Pythia's own pretraining.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
@@ -92,11 +93,9 @@ def make_text_source(data_cfg: Mapping[str, Any]) -> TextSource:
     """Build the corpus a `conf/data/*.yaml` config describes (dispatch on `kind`)."""
     kind = data_cfg.get("kind")
     if kind == "local_text":
-        return LocalTextCorpus(
-            split_fractions=data_cfg.get("split_fractions"),
-            split_seed=int(data_cfg.get("split_seed", 0)),
-            root=data_cfg.get("root"),
-        )
+        fractions = data_cfg.get("split_fractions")
+        return _local_corpus(tuple(sorted(dict(fractions).items())) if fractions else None,
+                             int(data_cfg.get("split_seed", 0)), data_cfg.get("root"))
     if kind == "minipile":
         return MiniPileSource(
             hub_id=data_cfg.get("hub_id", "JeanKaddour/minipile"),
@@ -104,6 +103,13 @@ def make_text_source(data_cfg: Mapping[str, Any]) -> TextSource:
             text_field=data_cfg.get("text_field", "text"),
         )
     raise ValueError(f"unknown data kind {kind!r}; known kinds: 'local_text', 'minipile'")
+
+
+@functools.lru_cache(maxsize=8)
+def _local_corpus(fractions: tuple | None, split_seed: int, root: str | None) -> LocalTextCorpus:
+    """One corpus object per setting in a process: several stages' cache keys and checks need its
+    fingerprint, which hashes every file (reads still verify each file against that hash)."""
+    return LocalTextCorpus(split_fractions=dict(fractions) if fractions else None, split_seed=split_seed, root=root)
 
 
 def _eos_id(tokenizer: Any) -> int:
