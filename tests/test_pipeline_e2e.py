@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from pipeline.backbone import load_from_stage_output
 from pipeline.heads import EarlyExitHeads
 from pipeline.runner import Runner, available_stages
@@ -60,16 +58,12 @@ def test_metrics_and_calibration_rows(micro_run):
 
 def test_benchmark_rows(micro_run):
     _, _, results = micro_run
-    if "early_exit" not in set(results["stage"]):
-        pytest.skip("early_exit stage absent")
     accuracy = results.query("stage == 'early_exit' and metric.str.startswith('acc/')", engine="python")
     assert {"full", "empirical"} <= set(accuracy["method"])
 
 
 def test_decoding_is_lossless(micro_run):
     _, _, results = micro_run
-    if "decoding" not in set(results["stage"]):
-        pytest.skip("decoding stage absent")
     identical = results.query("stage == 'decoding' and metric == 'identical'")
     assert len(identical) and (identical["value"] == 1).all()
 
