@@ -12,8 +12,13 @@ from analysis.plots import FIGURES, FORMATS, SkipFigure, output_formats
 log = logging.getLogger("analysis")
 
 
-def build_figures(res: Results, out_dir: str | Path, names: Iterable[str] | None = None,
-                  strict: bool = False, formats: Iterable[str] = FORMATS) -> list[Path]:
+def build_figures(
+    res: Results,
+    out_dir: str | Path,
+    names: Iterable[str] | None = None,
+    strict: bool = False,
+    formats: Iterable[str] = FORMATS,
+) -> list[Path]:
     """Draw the named figures (all by default) into `out_dir` as PNG and/or PDF; returns the files written.
 
     A figure whose data is absent is skipped with a logged notice. Any other failure is logged and skipped
@@ -43,15 +48,22 @@ def build_figures(res: Results, out_dir: str | Path, names: Iterable[str] | None
     return written
 
 
-def build_all_figures(results_dir: str | Path, out_dir: str | Path | None = None,
-                      strict: bool = False, formats: Iterable[str] = FORMATS) -> list[Path]:
+def build_all_figures(
+    results_dir: str | Path,
+    out_dir: str | Path | None = None,
+    strict: bool = False,
+    formats: Iterable[str] = FORMATS,
+) -> list[Path]:
     """Every figure for a run directory (results.csv + tables/) or a sweep directory (summary.*).
 
     `out_dir` defaults to `<results_dir>/figures`. Returns the PNG and PDF files written.
     """
     results_dir = Path(results_dir)
-    out_dir = Path(out_dir) if out_dir is not None else (results_dir if results_dir.is_dir()
-                                                         else results_dir.parent) / "figures"
+    out_dir = (
+        Path(out_dir)
+        if out_dir is not None
+        else (results_dir if results_dir.is_dir() else results_dir.parent) / "figures"
+    )
     return build_figures(load(results_dir), out_dir, strict=strict, formats=formats)
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 log = logging.getLogger("analysis")
 
-RESULTS_FILE = "results.csv"          # mirrors pipeline.results.RESULTS_FILE (not imported: the analysis
+RESULTS_FILE = "results.csv"  # mirrors pipeline.results.RESULTS_FILE (not imported: the analysis
 SUMMARY_FILES = ("summary.parquet", "summary.csv")  # package must not need torch or the pipeline's deps)
 TOKEN_TABLE = Path("tables") / "metrics" / "token_metrics.parquet"
 COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
@@ -113,8 +113,11 @@ def load_token_tables(root: Path) -> dict[str, pd.DataFrame]:
             continue
         model = _model_of_run(run_dir)
         if model is None:
-            log.warning("skipping token table %s: cannot tell its model (no single model in %s)",
-                        path, run_dir / RESULTS_FILE)
+            log.warning(
+                "skipping token table %s: cannot tell its model (no single model in %s)",
+                path,
+                run_dir / RESULTS_FILE,
+            )
             continue
         tables.setdefault(model, []).append(table)
     return {m: pd.concat(parts, ignore_index=True) for m, parts in tables.items()}
@@ -124,8 +127,10 @@ def load(path: str | Path) -> Results:
     """Read a run directory, a sweep directory, or a single results/summary file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no results at {path}: pass a run directory (with {RESULTS_FILE}) or a sweep "
-                                f"directory (with {' or '.join(SUMMARY_FILES)})")
+        raise FileNotFoundError(
+            f"no results at {path}: pass a run directory (with {RESULTS_FILE}) or a sweep "
+            f"directory (with {' or '.join(SUMMARY_FILES)})"
+        )
     if path.is_file():
         return Results(normalize(_read_table(path)), load_token_tables(path.parent), path)
     for name in (*SUMMARY_FILES, RESULTS_FILE):
@@ -133,20 +138,32 @@ def load(path: str | Path) -> Results:
             return Results(normalize(_read_table(path / name)), load_token_tables(path), path)
     runs = _run_dirs(path)
     if not runs:
-        raise FileNotFoundError(f"{path} holds no {RESULTS_FILE} and no sweep summary ({', '.join(SUMMARY_FILES)})")
+        raise FileNotFoundError(
+            f"{path} holds no {RESULTS_FILE} and no sweep summary ({', '.join(SUMMARY_FILES)})"
+        )
     log.info("no summary in %s: reading the %d results.csv files below it", path, len(runs))
     frames = [pd.read_csv(r / RESULTS_FILE) for r in runs if (r / RESULTS_FILE).stat().st_size > 0]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return Results(normalize(frame), load_token_tables(path), path)
 
 
-def select(frame: pd.DataFrame, stage: str | None = None, method: str | Iterable[str] | None = None,
-           metric: str | Iterable[str] | None = None, model: str | None = None,
-           head: str | Iterable[str] | None = None) -> pd.DataFrame:
+def select(
+    frame: pd.DataFrame,
+    stage: str | None = None,
+    method: str | Iterable[str] | None = None,
+    metric: str | Iterable[str] | None = None,
+    model: str | None = None,
+    head: str | Iterable[str] | None = None,
+) -> pd.DataFrame:
     """Rows matching every given field (a string or a collection of accepted values)."""
     mask = pd.Series(True, index=frame.index)
-    for column, wanted in (("stage", stage), ("method", method), ("metric", metric), ("model", model),
-                           ("head", head)):
+    for column, wanted in (
+        ("stage", stage),
+        ("method", method),
+        ("metric", metric),
+        ("model", model),
+        ("head", head),
+    ):
         if wanted is None:
             continue
         values = [wanted] if isinstance(wanted, str) else list(wanted)
@@ -213,14 +230,26 @@ def latest_run(root: str | Path | None = None) -> Path:
     """The most recently written run or sweep under `root` (runs/ and multirun/ as laid out by conf/paths),
     for notebooks opened without a `results` parameter."""
     root = Path(root) if root is not None else outputs_root()
-    candidates = [p.parent for name in (RESULTS_FILE, *SUMMARY_FILES) for sub in ("runs", "multirun")
-                  if (root / sub).is_dir() for p in (root / sub).rglob(name)]
+    candidates = [
+        p.parent
+        for name in (RESULTS_FILE, *SUMMARY_FILES)
+        for sub in ("runs", "multirun")
+        if (root / sub).is_dir()
+        for p in (root / sub).rglob(name)
+    ]
     if not candidates:
-        raise FileNotFoundError(f"no run under {root}/runs or {root}/multirun: run `python -m pipeline` first, "
-                                "or set the notebook's `results` parameter")
+        raise FileNotFoundError(
+            f"no run under {root}/runs or {root}/multirun: run `python -m pipeline` first, "
+            "or set the notebook's `results` parameter"
+        )
     # Newest by the results file's mtime; the path breaks ties so the choice is stable.
-    return max(candidates, key=lambda d: (max((d / n).stat().st_mtime for n in (RESULTS_FILE, *SUMMARY_FILES)
-                                              if (d / n).is_file()), str(d)))
+    return max(
+        candidates,
+        key=lambda d: (
+            max((d / n).stat().st_mtime for n in (RESULTS_FILE, *SUMMARY_FILES) if (d / n).is_file()),
+            str(d),
+        ),
+    )
 
 
 def resolve(results: str | Path | None, out_dir: str | Path | None = None) -> tuple[Path, Path]:

@@ -54,6 +54,13 @@ show(res, figures_dir, ["size_scaling"])
 ee = select(res.frame, stage="early_exit")
 bench = ee[ee["metric"].str.match(r"(acc|compute_frac)/").fillna(False)]
 if not bench.empty:
-    bench = bench.assign(task=bench["metric"].str.split("/").str[1], what=bench["metric"].str.split("/").str[0])
-    display(bench.pivot_table(index=["model", "task", "method", "eps"], columns="what", values="value",
-                              dropna=False).dropna(how="all").round(3))
+    bench = bench.assign(
+        task=bench["metric"].str.split("/").str[1], what=bench["metric"].str.split("/").str[0]
+    )
+    display(
+        bench.pivot_table(
+            index=["model", "task", "method", "eps"], columns="what", values="value", dropna=False
+        )
+        .dropna(how="all")
+        .round(3)
+    )

@@ -56,7 +56,12 @@ for model in res.models:
     table = auroc_table(res, model)
     if table.empty:
         continue
-    display(Markdown(f"**{model}**: best metric per head: "
-                     + ", ".join(f"{head} → {table[head].idxmax()}" for head in table.columns
-                                 if table[head].notna().any())))
+    display(
+        Markdown(
+            f"**{model}**: best metric per head: "
+            + ", ".join(
+                f"{head} → {table[head].idxmax()}" for head in table.columns if table[head].notna().any()
+            )
+        )
+    )
     display(table.round(3))

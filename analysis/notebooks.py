@@ -44,13 +44,20 @@ def inject_parameters(nb: nbformat.NotebookNode, parameters: dict[str, Any]) -> 
         return nb
     source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    index = next((i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0)
+    index = next(
+        (i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0
+    )
     nb.cells.insert(index, cell)
     return nb
 
 
-def execute(path: str | Path, parameters: dict[str, Any] | None = None, output: str | Path | None = None,
-            timeout: int = 300, cwd: str | Path = REPO_ROOT) -> nbformat.NotebookNode:
+def execute(
+    path: str | Path,
+    parameters: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    timeout: int = 300,
+    cwd: str | Path = REPO_ROOT,
+) -> nbformat.NotebookNode:
     """Run a percent-format notebook with `parameters`; optionally save the executed .ipynb to `output`.
 
     Raises nbclient's CellExecutionError if a cell fails. Parameters that are paths should be absolute or
@@ -59,7 +66,9 @@ def execute(path: str | Path, parameters: dict[str, Any] | None = None, output: 
     ensure_kernel()
     nb = inject_parameters(jupytext.read(path), dict(parameters or {}))
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
-    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, str(output))

@@ -43,8 +43,13 @@ METADATA = {
     "pdf": {"Creator": "dssd-pipeline analysis", "Producer": None, "CreationDate": None},
 }
 # Settings that must hold whatever the style file says (a style file silently ignores some keys).
-FIXED_RC = {"svg.hashsalt": "dssd-analysis", "pdf.fonttype": 42, "figure.facecolor": "white",
-            "savefig.facecolor": "white", "savefig.transparent": False}
+FIXED_RC = {
+    "svg.hashsalt": "dssd-analysis",
+    "pdf.fonttype": 42,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+    "savefig.transparent": False,
+}
 
 # Okabe–Ito, in the order of the style file's cycle; named so semantic colours stay fixed across figures.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -56,13 +61,24 @@ MARKERS = ["o", "s", "^", "D", "v", "P"]
 CONFIDENCE_METRICS = ["entropy", "max_prob", "prob_margin", "logit_margin", "saturation"]
 TOKEN_META_COLUMNS = {"head", "layer", "correct", "model", "position", "token", "split"}
 DECODING_METHODS = ["greedy", "early_exit", "layerskip", "dssd"]
-KV_FILLS = ["lazy", "copy", "recompute"]           # early_exit token-level rows: method = KV-cache fill strategy
+KV_FILLS = ["lazy", "copy", "recompute"]  # early_exit token-level rows: method = KV-cache fill strategy
 TASK_METRICS = ["acc", "acc_norm", "exact_match"]  # a benchmark's headline score, first one present
-METHOD_LABELS = {"generate": "HF generate", "greedy": "greedy (ours)", "early_exit": "early exit",
-                 "layerskip": "LayerSkip (tuned)", "dssd": "DSSD", "oracle": "oracle bound",
-                 "empirical": "empirical", "ltt": "LTT (guaranteed)", "trained": "trained heads",
-                 "logit_lens": "logit lens", "lazy": "jagged cache, lazy fill", "copy": "state copy",
-                 "recompute": "prefix recompute", "full": "full model"}
+METHOD_LABELS = {
+    "generate": "HF generate",
+    "greedy": "greedy (ours)",
+    "early_exit": "early exit",
+    "layerskip": "LayerSkip (tuned)",
+    "dssd": "DSSD",
+    "oracle": "oracle bound",
+    "empirical": "empirical",
+    "ltt": "LTT (guaranteed)",
+    "trained": "trained heads",
+    "logit_lens": "logit lens",
+    "lazy": "jagged cache, lazy fill",
+    "copy": "state copy",
+    "recompute": "prefix recompute",
+    "full": "full model",
+}
 
 
 class SkipFigure(Exception):
@@ -154,8 +170,12 @@ def _pivot(rows: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
     """The confidence metrics present in a token table: the known ones in a fixed order, then any others."""
-    numeric = [c for c in table.columns if c not in TOKEN_META_COLUMNS and pd.api.types.is_numeric_dtype(table[c])]
-    return [m for m in CONFIDENCE_METRICS if m in numeric] + sorted(m for m in numeric if m not in CONFIDENCE_METRICS)
+    numeric = [
+        c for c in table.columns if c not in TOKEN_META_COLUMNS and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    return [m for m in CONFIDENCE_METRICS if m in numeric] + sorted(
+        m for m in numeric if m not in CONFIDENCE_METRICS
+    )
 
 
 def _bins(values: np.ndarray, n: int = 40) -> np.ndarray:
@@ -175,7 +195,9 @@ def auroc_table(res: Results, model: str) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     table = _pivot(rows, "method", "head_idx")
-    order = [m for m in CONFIDENCE_METRICS if m in table.index] + sorted(set(table.index) - set(CONFIDENCE_METRICS))
+    order = [m for m in CONFIDENCE_METRICS if m in table.index] + sorted(
+        set(table.index) - set(CONFIDENCE_METRICS)
+    )
     table = table.loc[order]
     table.columns = [f"head {c}" for c in table.columns]
     table.index.name = "metric"
@@ -210,8 +232,10 @@ def confidence_histograms(res: Results, out_dir: Path) -> list[Path]:
                     ax.set_title(f"head {head}" + (f" (block {int(layer.iloc[0])})" if len(layer) else ""))
                 on_head = head_of == head
                 drawn = False
-                for mask, color, name in ((on_head & correct, CORRECT_COLOR, "agrees with full model"),
-                                          (on_head & ~correct, INCORRECT_COLOR, "disagrees")):
+                for mask, color, name in (
+                    (on_head & correct, CORRECT_COLOR, "agrees with full model"),
+                    (on_head & ~correct, INCORRECT_COLOR, "disagrees"),
+                ):
                     sample = values[mask]
                     sample = sample[np.isfinite(sample)]
                     if sample.size == 0:
@@ -223,25 +247,44 @@ def confidence_histograms(res: Results, out_dir: Path) -> list[Path]:
                 if not drawn:
                     _no_data(ax, "undefined")
                     continue
-                score = aurocs.at[metric, f"head {head}"] if (metric in aurocs.index
-                                                              and f"head {head}" in aurocs.columns) else np.nan
+                score = (
+                    aurocs.at[metric, f"head {head}"]
+                    if (metric in aurocs.index and f"head {head}" in aurocs.columns)
+                    else np.nan
+                )
                 if np.isfinite(score):
-                    ax.text(0.97, 0.95, f"AUROC {score:.3f}", ha="right", va="top", transform=ax.transAxes,
-                            fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
+                    ax.text(
+                        0.97,
+                        0.95,
+                        f"AUROC {score:.3f}",
+                        ha="right",
+                        va="top",
+                        transform=ax.transAxes,
+                        fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
+                    )
                 ax.set_yticks([])
                 ax.grid(False)
         # Only the filled stairs carry labels; take them from the first panel that has both classes.
         handles, names = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1]))
         fig.legend(handles, names, loc="outside lower center", ncols=2)
-        fig.suptitle(f"{model_title(res, model)}: confidence metrics on correct vs incorrect head predictions")
+        fig.suptitle(
+            f"{model_title(res, model)}: confidence metrics on correct vs incorrect head predictions"
+        )
         paths += save(fig, out_dir, f"confidence_hist_{slug(model)}")
     if not paths:
         raise SkipFigure("no per-token metric table (tables/metrics/token_metrics.parquet)")
     return paths
 
 
-def _heatmap(ax: Axes, table: pd.DataFrame, vmin: float, vmax: float, fmt: str = "{:.3f}",
-             bold: Iterable[tuple[int, int]] = ()) -> AxesImage:
+def _heatmap(
+    ax: Axes,
+    table: pd.DataFrame,
+    vmin: float,
+    vmax: float,
+    fmt: str = "{:.3f}",
+    bold: Iterable[tuple[int, int]] = (),
+) -> AxesImage:
     """Annotated heatmap; NaN cells left blank; `bold` marks (row, col) cells (e.g. the best)."""
     data = table.to_numpy(dtype=np.float64)
     image = ax.imshow(np.ma.masked_invalid(data), cmap="cividis", vmin=vmin, vmax=vmax, aspect="auto")
@@ -251,8 +294,16 @@ def _heatmap(ax: Axes, table: pd.DataFrame, vmin: float, vmax: float, fmt: str =
         if np.isfinite(value):
             # Dark text on the light (yellow) end of cividis, white on the dark (blue) end.
             color = "black" if norm(value) > 0.6 else "white"
-            ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7, color=color,
-                    fontweight="bold" if (r, c) in bold else "normal")
+            ax.text(
+                c,
+                r,
+                fmt.format(value),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color=color,
+                fontweight="bold" if (r, c) in bold else "normal",
+            )
     ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
     ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
     ax.grid(False)
@@ -269,8 +320,11 @@ def confidence_auroc(res: Results, out_dir: Path) -> list[Path]:
     fig, axes = new_figure(1, len(tables), 3.2, 2.4)
     image = None
     for ax, (model, table) in zip(axes[0], tables.items(), strict=True):
-        best = [(int(np.nanargmax(table[c].to_numpy())), j) for j, c in enumerate(table.columns)
-                if table[c].notna().any()]
+        best = [
+            (int(np.nanargmax(table[c].to_numpy())), j)
+            for j, c in enumerate(table.columns)
+            if table[c].notna().any()
+        ]
         image = _heatmap(ax, table, 0.5, 1.0, bold=best)
         ax.set_title(model_title(res, model))
     fig.colorbar(image, ax=axes[0].tolist(), label="AUROC (correct vs incorrect)", shrink=0.9)
@@ -301,9 +355,17 @@ def heads_depth(res: Results, out_dir: Path) -> list[Path]:
                 _no_data(ax)
                 continue
             for k, method in enumerate(sorted(sub["method"].unique(), key=lambda m: (m != "trained", m))):
-                part = sub[sub["method"] == method].groupby("layer" if has_layer else "head_idx")["value"].mean()
-                ax.plot(part.index, part.to_numpy(), linestyle=LINESTYLES[k % 4], marker=MARKERS[k % 6],
-                        color=OKABE_ITO[k], label=label(method))
+                part = (
+                    sub[sub["method"] == method].groupby("layer" if has_layer else "head_idx")["value"].mean()
+                )
+                ax.plot(
+                    part.index,
+                    part.to_numpy(),
+                    linestyle=LINESTYLES[k % 4],
+                    marker=MARKERS[k % 6],
+                    color=OKABE_ITO[k],
+                    label=label(method),
+                )
             if metric == "agree":
                 ax.set_ylim(0, 1.02)
                 ax.set_ylabel("agreement with full model" if j == 0 else "")
@@ -352,29 +414,54 @@ def calibration(res: Results, out_dir: Path) -> list[Path]:
                     part = heads[(heads["head_idx"] == idx) & (heads["metric"] == metric)]
                     series = part.groupby("eps")["value"].mean()
                     if series.notna().any():
-                        ax.plot(series.index, series.to_numpy(), linestyle=style[method], marker="o",
-                                color=OKABE_ITO[idx % len(OKABE_ITO)])
+                        ax.plot(
+                            series.index,
+                            series.to_numpy(),
+                            linestyle=style[method],
+                            marker="o",
+                            color=OKABE_ITO[idx % len(OKABE_ITO)],
+                        )
             policy = select(mrows, head="all")
             coverage = policy[policy["metric"] == "coverage"].groupby("eps")["value"].mean()
             if len(coverage):
-                ax_cov.plot(coverage.index, coverage.to_numpy(), linestyle=style[method], color="black",
-                            linewidth=2.2)
+                ax_cov.plot(
+                    coverage.index, coverage.to_numpy(), linestyle=style[method], color="black", linewidth=2.2
+                )
             accuracy = policy[policy["metric"] == "accuracy"].groupby("eps")["value"].mean()
             if len(accuracy):
-                ax_acc.plot(accuracy.index, accuracy.to_numpy(), linestyle=style[method], marker="o",
-                            color=OKABE_ITO[methods.index(method) % len(OKABE_ITO)], label=label(method))
+                ax_acc.plot(
+                    accuracy.index,
+                    accuracy.to_numpy(),
+                    linestyle=style[method],
+                    marker="o",
+                    color=OKABE_ITO[methods.index(method) % len(OKABE_ITO)],
+                    label=label(method),
+                )
         lo = float(rows["eps"].min())
         ax_acc.plot([lo, 1.0], [lo, 1.0], color=FULL_COLOR, linewidth=1.0, linestyle=":", label="target = ε")
-        ax_cov.set(xlabel="ε (target accuracy)", ylabel="fraction of tokens exiting", ylim=(0, 1.02),
-                   title="coverage vs ε")
-        ax_acc.set(xlabel="ε (target accuracy)", ylabel="realized accuracy (test split)",
-                   title="realized vs target accuracy")
-        ax_thr.set(xlabel="ε (target accuracy)", ylabel="entropy threshold (nats)",
-                   title="thresholds (gaps: head disabled)")
+        ax_cov.set(
+            xlabel="ε (target accuracy)",
+            ylabel="fraction of tokens exiting",
+            ylim=(0, 1.02),
+            title="coverage vs ε",
+        )
+        ax_acc.set(
+            xlabel="ε (target accuracy)",
+            ylabel="realized accuracy (test split)",
+            title="realized vs target accuracy",
+        )
+        ax_thr.set(
+            xlabel="ε (target accuracy)",
+            ylabel="entropy threshold (nats)",
+            title="thresholds (gaps: head disabled)",
+        )
         if ax_acc.lines:
             ax_acc.legend(fontsize=6, loc="upper left")
         # Colour = head and line style = method: one legend entry per head and per method, not per pair.
-        proxies = [Line2D([], [], color=OKABE_ITO[i % len(OKABE_ITO)], marker="o", label=n) for i, n in labels.items()]
+        proxies = [
+            Line2D([], [], color=OKABE_ITO[i % len(OKABE_ITO)], marker="o", label=n)
+            for i, n in labels.items()
+        ]
         proxies.append(Line2D([], [], color="black", linewidth=2.2, label="all heads (coverage)"))
         proxies += [Line2D([], [], color="gray", linestyle=style[m], label=label(m)) for m in methods]
         ax_cov.legend(handles=proxies, fontsize=6, loc="upper right")
@@ -416,17 +503,31 @@ def exit_distribution(res: Results, out_dir: Path) -> list[Path]:
             if part.empty:
                 _no_data(ax)
                 continue
-            table = part.pivot_table(index="eps", columns="head_idx", values="value", aggfunc="mean").fillna(0.0)
+            table = part.pivot_table(index="eps", columns="head_idx", values="value", aggfunc="mean").fillna(
+                0.0
+            )
             x = np.arange(len(table))
             bottom = np.zeros(len(table))
             for idx in heads:
                 share = table[idx].to_numpy() if idx in table else np.zeros(len(table))
-                ax.bar(x, share, bottom=bottom, color=OKABE_ITO[idx % len(OKABE_ITO)], width=0.8,
-                       label=f"head {idx}")
+                ax.bar(
+                    x,
+                    share,
+                    bottom=bottom,
+                    color=OKABE_ITO[idx % len(OKABE_ITO)],
+                    width=0.8,
+                    label=f"head {idx}",
+                )
                 bottom += share
             # What no head took goes through every layer; clipped at 0 in case fractions overlap.
-            ax.bar(x, np.clip(1.0 - bottom, 0.0, None), bottom=bottom, color=FULL_COLOR, width=0.8,
-                   label="full model")
+            ax.bar(
+                x,
+                np.clip(1.0 - bottom, 0.0, None),
+                bottom=bottom,
+                color=FULL_COLOR,
+                width=0.8,
+                label="full model",
+            )
             ax.set_xticks(x, [f"{e:g}" for e in table.index])
             ax.set(ylim=(0, 1), xlabel="ε", ylabel=f"{label(method)}\nfraction of tokens" if j == 0 else "")
             ax.grid(False, axis="x")
@@ -474,8 +575,10 @@ def accuracy_compute(res: Results, out_dir: Path) -> list[Path]:
             if ax.lines:
                 ax.legend(fontsize=6, loc="lower right")
     _, calibration = _token_level_rows(ee)
-    fig.suptitle("Accuracy vs compute as ε varies (labels: ε)"
-                 + (f"; token level with {label(calibration)} thresholds" if calibration else ""))
+    fig.suptitle(
+        "Accuracy vs compute as ε varies (labels: ε)"
+        + (f"; token level with {label(calibration)} thresholds" if calibration else "")
+    )
     return save(fig, out_dir, "accuracy_compute")
 
 
@@ -492,18 +595,31 @@ def _task_panel(ax: Axes, rows: pd.DataFrame, task: str) -> None:
         stderr = rows[(rows["method"] == "full") & (rows["metric"] == f"{name}_stderr/{task}")]["value"]
         ax.axhline(full.mean(), color=FULL_COLOR, linestyle=":", label=label("full"))
         if len(stderr) and np.isfinite(stderr.mean()):
-            ax.axhspan(full.mean() - stderr.mean(), full.mean() + stderr.mean(), color=FULL_COLOR, alpha=0.15,
-                       linewidth=0)
+            ax.axhspan(
+                full.mean() - stderr.mean(),
+                full.mean() + stderr.mean(),
+                color=FULL_COLOR,
+                alpha=0.15,
+                linewidth=0,
+            )
     for k, method in enumerate(_methods(acc[acc["method"] != "full"], first=("empirical", "ltt"))):
         a = acc[acc["method"] == method].groupby("eps")["value"].mean()
         c = compute[compute["method"] == method].groupby("eps")["value"].mean()
         joined = pd.concat({"acc": a, "compute": c}, axis=1).dropna()
         if joined.empty:
             continue
-        ax.plot(joined["compute"], joined["acc"], marker=MARKERS[k % 6], linestyle=LINESTYLES[k % 4],
-                color=OKABE_ITO[k], label=label(method))
+        ax.plot(
+            joined["compute"],
+            joined["acc"],
+            marker=MARKERS[k % 6],
+            linestyle=LINESTYLES[k % 4],
+            color=OKABE_ITO[k],
+            label=label(method),
+        )
         if k == 0:
-            _eps_annotations(ax, joined["compute"].to_numpy(), joined["acc"].to_numpy(), joined.index.to_numpy())
+            _eps_annotations(
+                ax, joined["compute"].to_numpy(), joined["acc"].to_numpy(), joined.index.to_numpy()
+            )
     ax.set(xlabel="compute (fraction of full model)", ylabel=name)
 
 
@@ -524,19 +640,36 @@ def _token_level_panel(ax: Axes, rows: pd.DataFrame) -> None:
     full = rows[(rows["method"] == "full") & rows["metric"].isin(["agreement", "layer_equiv_per_token"])]
     full = full.groupby("metric")["value"].mean()
     if {"agreement", "layer_equiv_per_token"} <= set(full.index):
-        ax.plot([full["layer_equiv_per_token"]], [full["agreement"]], marker="*", markersize=9, linestyle="none",
-                color=FULL_COLOR, label=label("full"))
+        ax.plot(
+            [full["layer_equiv_per_token"]],
+            [full["agreement"]],
+            marker="*",
+            markersize=9,
+            linestyle="none",
+            color=FULL_COLOR,
+            label=label("full"),
+        )
     for k, method in enumerate(m for m in KV_FILLS if m in set(token["method"])):
         part = token[token["method"] == method]
         joined = part.pivot_table(index="eps", columns="metric", values="value", aggfunc="mean")
         if not {"agreement", "layer_equiv_per_token"} <= set(joined.columns):
             continue
         joined = joined[["layer_equiv_per_token", "agreement"]].dropna()
-        ax.plot(joined["layer_equiv_per_token"], joined["agreement"], marker=MARKERS[k % 6],
-                linestyle=LINESTYLES[k % 4], color=OKABE_ITO[k], label=label(method))
+        ax.plot(
+            joined["layer_equiv_per_token"],
+            joined["agreement"],
+            marker=MARKERS[k % 6],
+            linestyle=LINESTYLES[k % 4],
+            color=OKABE_ITO[k],
+            label=label(method),
+        )
         if k == 0:
-            _eps_annotations(ax, joined["layer_equiv_per_token"].to_numpy(), joined["agreement"].to_numpy(),
-                             joined.index.to_numpy())
+            _eps_annotations(
+                ax,
+                joined["layer_equiv_per_token"].to_numpy(),
+                joined["agreement"].to_numpy(),
+                joined.index.to_numpy(),
+            )
     if len(ax.lines) <= 1:  # the full-model star alone is not a comparison
         ax.cla()
         _no_data(ax)
@@ -574,20 +707,32 @@ def size_scaling(res: Results, out_dir: Path) -> list[Path]:
     dec = select(res.frame, stage="decoding")
     panels: list[tuple[str, Callable[[Axes], None]]] = []
 
-    saving = ee[ee["metric"].str.startswith("compute_frac/").fillna(False) & ee["eps"].notna()
-                & (ee["method"] != "full")]
+    saving = ee[
+        ee["metric"].str.startswith("compute_frac/").fillna(False)
+        & ee["eps"].notna()
+        & (ee["method"] != "full")
+    ]
     if not saving.empty:
         method = _methods(saving, first=("empirical", "ltt"))[0]
         saving = saving[saving["method"] == method]
-        panels.append((f"early exit, benchmarks ({label(method)})",
-                       lambda ax: _saving_by_eps(ax, saving, sizes)))
+        panels.append(
+            (f"early exit, benchmarks ({label(method)})", lambda ax: _saving_by_eps(ax, saving, sizes))
+        )
     if not dec.empty:
         if {"greedy"} <= set(dec["method"]) and (dec["metric"] == "layer_equiv_per_token").any():
-            panels.append(("decoding: compute saving vs greedy",
-                           lambda ax: _decoding_vs_size(ax, dec, sizes, "layer_equiv_saving")))
+            panels.append(
+                (
+                    "decoding: compute saving vs greedy",
+                    lambda ax: _decoding_vs_size(ax, dec, sizes, "layer_equiv_saving"),
+                )
+            )
         if (dec["metric"] == "speedup_vs_generate").any():
-            panels.append(("decoding: speedup vs HF generate",
-                           lambda ax: _decoding_vs_size(ax, dec, sizes, "speedup_vs_generate")))
+            panels.append(
+                (
+                    "decoding: speedup vs HF generate",
+                    lambda ax: _decoding_vs_size(ax, dec, sizes, "speedup_vs_generate"),
+                )
+            )
     if not panels:
         raise SkipFigure("no early_exit compute_frac or decoding rows")
     fig, axes = new_figure(1, len(panels), 3.3, 2.6)
@@ -652,11 +797,15 @@ def _decoding_vs_size(ax: Axes, rows: pd.DataFrame, sizes: dict[str, float], wha
             point, _ = decoding_point(mrows, method)
             if what == "layer_equiv_saving":
                 greedy, _ = decoding_point(mrows, "greedy")
-                value = 1.0 - point.get("layer_equiv_per_token", np.nan) / greedy.get("layer_equiv_per_token", np.nan)
+                value = 1.0 - point.get("layer_equiv_per_token", np.nan) / greedy.get(
+                    "layer_equiv_per_token", np.nan
+                )
             else:
                 value = point.get(what, np.nan)
             y.append(value)
-        ax.plot(x, y, marker=MARKERS[k % 6], linestyle=LINESTYLES[k % 4], color=OKABE_ITO[k], label=label(method))
+        ax.plot(
+            x, y, marker=MARKERS[k % 6], linestyle=LINESTYLES[k % 4], color=OKABE_ITO[k], label=label(method)
+        )
     if what == "speedup_vs_generate":
         ax.axhline(1.0, color=FULL_COLOR, linestyle=":", linewidth=1.0)
         ax.set_ylabel("speedup (×)")
@@ -675,7 +824,9 @@ def layerskip_grid(res: Results, model: str, metric: str) -> pd.DataFrame:
     if rows.empty or "draft_len" not in rows or rows["draft_len"].isna().all():
         return pd.DataFrame()
     rows = rows[rows["draft_len"].notna()].assign(draft_len=lambda f: f["draft_len"].astype(int))
-    table = rows.pivot_table(index="head_idx", columns="draft_len", values="value", aggfunc="mean").sort_index()
+    table = rows.pivot_table(
+        index="head_idx", columns="draft_len", values="value", aggfunc="mean"
+    ).sort_index()
     labels = head_labels(rows)
     table.index = [labels.get(i, f"head {i}") for i in table.index]
     return table
@@ -686,8 +837,10 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
     """Per model: the LayerSkip (head × draft length) grid as heatmaps, and DSSD vs ε against the tuned
     LayerSkip and the oracle bound, for acceptance rate and accepted tokens per verification."""
     dec = select(res.frame, stage="decoding")
-    metrics = (("acceptance_rate", "acceptance rate", "acceptance rate"),
-               ("accepted_per_verification", "accepted tokens / verification", "accepted / verification"))
+    metrics = (
+        ("acceptance_rate", "acceptance rate", "acceptance rate"),
+        ("accepted_per_verification", "accepted tokens / verification", "accepted / verification"),
+    )
     paths: list[Path] = []
     for model in res.models:
         mrows = dec[dec["model"] == model]
@@ -701,9 +854,19 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
                 _no_data(ax, "no LayerSkip grid")
             else:
                 values = grid.to_numpy(dtype=np.float64)
-                best = [np.unravel_index(np.nanargmax(values), values.shape)] if np.isfinite(values).any() else []
-                image = _heatmap(ax, grid, float(np.nanmin(values)), float(np.nanmax(values)),
-                                 fmt="{:.2f}", bold=[(int(r), int(c)) for r, c in best])
+                best = (
+                    [np.unravel_index(np.nanargmax(values), values.shape)]
+                    if np.isfinite(values).any()
+                    else []
+                )
+                image = _heatmap(
+                    ax,
+                    grid,
+                    float(np.nanmin(values)),
+                    float(np.nanmax(values)),
+                    fmt="{:.2f}",
+                    bold=[(int(r), int(c)) for r, c in best],
+                )
                 fig.colorbar(image, ax=ax, shrink=0.85)
                 ax.set(xlabel="draft length d", title=f"LayerSkip: {short}")
             _dssd_vs_eps(axes[1, j], mrows, metric, title)
@@ -723,8 +886,14 @@ def _dssd_vs_eps(ax: Axes, rows: pd.DataFrame, metric: str, title: str) -> None:
         color = OKABE_ITO[k]
         by_eps = series[series["eps"].notna()].groupby("eps")["value"].mean()
         if len(by_eps) > 1 or (len(by_eps) == 1 and method == "dssd"):
-            ax.plot(by_eps.index, by_eps.to_numpy(), marker=MARKERS[k], linestyle=LINESTYLES[k], color=color,
-                    label=label(method))
+            ax.plot(
+                by_eps.index,
+                by_eps.to_numpy(),
+                marker=MARKERS[k],
+                linestyle=LINESTYLES[k],
+                color=color,
+                label=label(method),
+            )
         else:  # a single tuned configuration (LayerSkip) or an ε-free bound: a reference line
             ax.axhline(series["value"].mean(), color=color, linestyle=LINESTYLES[k], label=label(method))
     if not ax.lines:
@@ -737,27 +906,52 @@ def _dssd_vs_eps(ax: Axes, rows: pd.DataFrame, metric: str, title: str) -> None:
 @styled
 def decoding_summary(res: Results, out_dir: Path) -> list[Path]:
     """Across models: DSSD (at its deployed ε) vs tuned LayerSkip vs the oracle bound."""
-    dec = _need(select(res.frame, stage="decoding", method=["dssd", "layerskip", "oracle"],
-                       metric=["acceptance_rate", "accepted_per_verification"]), "decoding dssd/layerskip rows")
+    dec = _need(
+        select(
+            res.frame,
+            stage="decoding",
+            method=["dssd", "layerskip", "oracle"],
+            metric=["acceptance_rate", "accepted_per_verification"],
+        ),
+        "decoding dssd/layerskip rows",
+    )
     models = [m for m in res.models if m in set(dec["model"])]
     methods = [m for m in ("dssd", "layerskip", "oracle") if m in set(dec["method"])]
     fig, axes = new_figure(1, 2, max(3.0, 0.9 * len(models) + 1.5), 2.6)
     width = 0.8 / len(methods)
     x = np.arange(len(models))
-    for ax, (metric, title) in zip(axes[0], (("acceptance_rate", "acceptance rate"),
-                                             ("accepted_per_verification", "accepted tokens / verification")),
-                                   strict=True):
-        values = {m: [decoding_point(dec[dec["model"] == model], m)[0].get(metric, np.nan) for model in models]
-                  for m in methods}
+    for ax, (metric, title) in zip(
+        axes[0],
+        (
+            ("acceptance_rate", "acceptance rate"),
+            ("accepted_per_verification", "accepted tokens / verification"),
+        ),
+        strict=True,
+    ):
+        values = {
+            m: [decoding_point(dec[dec["model"] == model], m)[0].get(metric, np.nan) for model in models]
+            for m in methods
+        }
         for k, method in enumerate(methods):
-            ax.bar(x + (k - (len(methods) - 1) / 2) * width, values[method], width=width, color=OKABE_ITO[k],
-                   label=label(method))
+            ax.bar(
+                x + (k - (len(methods) - 1) / 2) * width,
+                values[method],
+                width=width,
+                color=OKABE_ITO[k],
+                label=label(method),
+            )
         if "dssd" in values and "layerskip" in values:
             # The paper's headline number: DSSD's gain over the best manually tuned LayerSkip.
             for xi, d, ls in zip(x, values["dssd"], values["layerskip"], strict=True):
                 if np.isfinite(d) and np.isfinite(ls) and ls > 0:
-                    ax.annotate(f"{d / ls:.2f}×", (xi, max(d, ls)), textcoords="offset points", xytext=(0, 3),
-                                ha="center", fontsize=7)
+                    ax.annotate(
+                        f"{d / ls:.2f}×",
+                        (xi, max(d, ls)),
+                        textcoords="offset points",
+                        xytext=(0, 3),
+                        ha="center",
+                        fontsize=7,
+                    )
         ax.set_xticks(x, models, rotation=20 if len(models) > 3 else 0)
         ax.set(ylabel=title, title=title)
         ax.grid(False, axis="x")

@@ -69,9 +69,17 @@ def random_model(shape: str, seed: int = 0) -> torch.nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     layers, d_model, n_heads, vocab = SHAPES[shape]
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
-                           num_attention_heads=n_heads, intermediate_size=4 * d_model, rotary_pct=0.25,
-                           max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        intermediate_size=4 * d_model,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config).eval().requires_grad_(False)
 
@@ -86,7 +94,9 @@ def text_prompts(tokenizer, text: str, n: int, length: int, offset: int = 0) -> 
     stride = max(length, (len(ids) - length) // max(n + offset, 1))
     starts = [i * stride for i in range(offset, offset + n) if i * stride + length <= len(ids)]
     if len(starts) < n:
-        raise SystemExit(f"the prompt text has {len(ids)} tokens: too short for {n + offset} prompts of {length}")
+        raise SystemExit(
+            f"the prompt text has {len(ids)} tokens: too short for {n + offset} prompts of {length}"
+        )
     return [ids[s : s + length] for s in starts]
 
 
@@ -94,8 +104,9 @@ def text_prompts(tokenizer, text: str, n: int, length: int, offset: int = 0) -> 
 
 
 @torch.inference_mode()
-def head_metrics_on_greedy(engine: Engine, prompts: Sequence[torch.Tensor], new_tokens: int,
-                           metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+def head_metrics_on_greedy(
+    engine: Engine, prompts: Sequence[torch.Tensor], new_tokens: int, metric: str = "entropy"
+) -> tuple[np.ndarray, np.ndarray]:
     """Per generated token and head: the metric value and whether the head's argmax is the full model's."""
     fn = get_metric(metric)
     values, correct = [], []
@@ -117,8 +128,9 @@ def head_metrics_on_greedy(engine: Engine, prompts: Sequence[torch.Tensor], new_
     return torch.cat(values).float().numpy(), torch.cat(correct).numpy()
 
 
-def calibrate_on_the_fly(engine: Engine, prompts, new_tokens: int, eps: Sequence[float],
-                         metric: str = "entropy") -> dict[float, list[float | None]]:
+def calibrate_on_the_fly(
+    engine: Engine, prompts, new_tokens: int, eps: Sequence[float], metric: str = "entropy"
+) -> dict[float, list[float | None]]:
     values, correct = head_metrics_on_greedy(engine, prompts, new_tokens, metric)
     table = calibrate(values, correct, metric, eps, methods=["empirical"], layers=engine.head_layers)
     return {e: table.for_eps("empirical", e) for e in eps}
@@ -140,12 +152,22 @@ def tune_layerskip(engine: Engine, prompts, new_tokens: int, draft_lengths: Sequ
 # -- the benchmark ----------------------------------------------------------------------------------------------
 
 
-def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_eps: dict[float, list[float | None]],
-                  prompts: Sequence[torch.Tensor], new_tokens: int = 64, repeats: int = 5, warmup: int = 1,
-                  layerskip: Sequence[LayerSkip] = (), max_draft: int = 16, metric: str = "entropy",
-                  fills: Sequence[str] = ("lazy",), label: str = "",
-                  extra: Sequence[tuple[str, str, Callable[[torch.Tensor], list[int]]]] = (),
-                  oracle: bool = True) -> pd.DataFrame:
+def run_benchmark(
+    model: torch.nn.Module,
+    heads: EarlyExitHeads,
+    thresholds_by_eps: dict[float, list[float | None]],
+    prompts: Sequence[torch.Tensor],
+    new_tokens: int = 64,
+    repeats: int = 5,
+    warmup: int = 1,
+    layerskip: Sequence[LayerSkip] = (),
+    max_draft: int = 16,
+    metric: str = "entropy",
+    fills: Sequence[str] = ("lazy",),
+    label: str = "",
+    extra: Sequence[tuple[str, str, Callable[[torch.Tensor], list[int]]]] = (),
+    oracle: bool = True,
+) -> pd.DataFrame:
     """One row per method/setting: speed (median, min, max over repeats; ratio to `generate`), compute and
     acceptance (summed over prompts), and whether every prompt's output equals greedy `generate`.
     `extra`: (method, setting, fn) where fn(prompt) -> new tokens, timed like `generate` (no engine stats)."""
@@ -154,15 +176,19 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
     def hf_generate(prompt: torch.Tensor) -> list[int]:
         return hf_greedy(model, prompt, new_tokens)
 
-    methods: list[tuple[str, str, Strategy | Callable | None]] = [("generate", "transformers", None),
-                                                                   ("greedy", "engine", Greedy())]
+    methods: list[tuple[str, str, Strategy | Callable | None]] = [
+        ("generate", "transformers", None),
+        ("greedy", "engine", Greedy()),
+    ]
     for eps, thr in thresholds_by_eps.items():
         for fill in fills:
             methods.append(("early_exit", f"eps={eps} fill={fill}", EarlyExit(thr, metric=metric, fill=fill)))
     for strategy in layerskip:
         methods.append(("layerskip", f"head={strategy.head} d={strategy.max_draft}", strategy))
     for eps, thr in thresholds_by_eps.items():
-        methods.append(("dssd", f"eps={eps} max_draft={max_draft}", DSSD(thr, metric=metric, max_draft=max_draft)))
+        methods.append(
+            ("dssd", f"eps={eps} max_draft={max_draft}", DSSD(thr, metric=metric, max_draft=max_draft))
+        )
     methods += list(extra)
 
     speeds: dict[int, list[float]] = {i: [] for i in range(len(methods))}
@@ -189,45 +215,72 @@ def run_benchmark(model: torch.nn.Module, heads: EarlyExitHeads, thresholds_by_e
     rows = []
     for i, (method, setting, _) in enumerate(methods):
         ratios = [s / g for s, g in zip(speeds[i], speeds[0], strict=True)]
-        row = {"model": label, "method": method, "setting": setting,
-               "tokens_per_s": statistics.median(speeds[i]), "tok_s_min": min(speeds[i]),
-               "tok_s_max": max(speeds[i]), "ratio_vs_generate": statistics.median(ratios),
-               "identical_to_greedy": outputs[i] == reference}
+        row = {
+            "model": label,
+            "method": method,
+            "setting": setting,
+            "tokens_per_s": statistics.median(speeds[i]),
+            "tok_s_min": min(speeds[i]),
+            "tok_s_max": max(speeds[i]),
+            "ratio_vs_generate": statistics.median(ratios),
+            "identical_to_greedy": outputs[i] == reference,
+        }
         if stats[i]:
-            total = {key: sum(getattr(s, key) for s in stats[i]) for key in
-                     ("generated", "drafted", "accepted", "verifications", "full_passes", "exited")}
+            total = {
+                key: sum(getattr(s, key) for s in stats[i])
+                for key in ("generated", "drafted", "accepted", "verifications", "full_passes", "exited")
+            }
             layer_eq = sum(s.layer_equivalents for s in stats[i])
-            row.update({
-                "layer_eq_per_token": layer_eq / total["generated"],
-                "acceptance": total["accepted"] / total["drafted"] if total["drafted"] else float("nan"),
-                "accepted_per_verification": (total["accepted"] / total["verifications"]
-                                              if total["verifications"] else float("nan")),
-                "exit_fraction": total["exited"] / total["generated"],
-            })
+            row.update(
+                {
+                    "layer_eq_per_token": layer_eq / total["generated"],
+                    "acceptance": total["accepted"] / total["drafted"] if total["drafted"] else float("nan"),
+                    "accepted_per_verification": (
+                        total["accepted"] / total["verifications"] if total["verifications"] else float("nan")
+                    ),
+                    "exit_fraction": total["exited"] / total["generated"],
+                }
+            )
         rows.append(row)
     if not oracle:
         return pd.DataFrame(rows)
     bound = [engine.oracle_bound(p, new_tokens) for p in prompts]
     n_tok = sum(len(b.oracle_cost) for b in bound)
-    rows.append({"model": label, "method": "oracle_bound", "setting": "earliest agreeing head",
-                 "layer_eq_per_token": sum(sum(b.oracle_cost) for b in bound) / n_tok,
-                 "exit_fraction": sum(sum(h is not None for h in b.earliest_head) for b in bound) / n_tok,
-                 "identical_to_greedy": [b.tokens for b in bound] == reference})
+    rows.append(
+        {
+            "model": label,
+            "method": "oracle_bound",
+            "setting": "earliest agreeing head",
+            "layer_eq_per_token": sum(sum(b.oracle_cost) for b in bound) / n_tok,
+            "exit_fraction": sum(sum(h is not None for h in b.earliest_head) for b in bound) / n_tok,
+            "identical_to_greedy": [b.tokens for b in bound] == reference,
+        }
+    )
     return pd.DataFrame(rows)
 
 
-def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **generation: object) -> list[int]:
+def hf_greedy(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **generation: object
+) -> list[int]:
     """transformers' greedy `generate` with an explicit GenerationConfig (no EOS: exactly `new_tokens` tokens,
     whatever the model's own generation_config says). `generation` adds e.g. assistant_early_exit=k."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, eos_token_id=None,
-                              pad_token_id=0, **generation)
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        **generation,
+    )
     with torch.inference_mode():
-        out = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long,
-                                                                           device=prompt.device),
-                             generation_config=config)
-    return out[0, prompt.numel():].tolist()
+        out = model.generate(
+            prompt.view(1, -1),
+            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device),
+            generation_config=config,
+        )
+    return out[0, prompt.numel() :].tolist()
 
 
 def _default_text() -> str:
@@ -269,9 +322,11 @@ def find_pipeline_outputs(root: Path, model: str = "tiny") -> dict:
         found = {"backbone": upstream(record, "backbone"), "extract": upstream(record, "extract")}
         if found["backbone"]:
             return {**found, "heads": entry, "thresholds": None, "calibrate": None}
-    raise SystemExit(f"no finished backbone + heads outputs for model {model!r} under {cache}: run the pipeline "
-                     "first (`python -m pipeline`), pass --model-dir/--heads-dir/--thresholds, or use random-weight "
-                     "models (--shapes tiny pythia-70m)")
+    raise SystemExit(
+        f"no finished backbone + heads outputs for model {model!r} under {cache}: run the pipeline "
+        "first (`python -m pipeline`), pass --model-dir/--heads-dir/--thresholds, or use random-weight "
+        "models (--shapes tiny pythia-70m)"
+    )
 
 
 def pipeline_prompts(found: dict, tokenizer, n: int, n_tune: int, length: int):
@@ -299,9 +354,17 @@ def random_llama(shape: str = "llama-tiny", embed_scale: float = 10.0, seed: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     layers, d_model, n_heads, n_kv, vocab = LLAMA_SHAPES[shape]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=int(2.6875 * d_model) // 16 * 16,
-                         num_hidden_layers=layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                         max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=int(2.6875 * d_model) // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     model.model.embed_tokens.weight.mul_(embed_scale)
@@ -318,41 +381,82 @@ def llama_assistant_benchmark(shape: str, args) -> pd.DataFrame:
     prompts = random_prompts(vocab, args.n_prompts, args.prompt_len, seed=1)
     tune = random_prompts(vocab, args.n_tune_prompts, args.prompt_len, seed=2)
     layers = default_head_layers(num_layers_of(model))
-    heads = EarlyExitHeads.from_backbone(model, layers, init="unembedding").eval()   # final norm + LM head
+    heads = EarlyExitHeads.from_backbone(model, layers, init="unembedding").eval()  # final norm + LM head
     engine = Engine(model, heads)
     best = tune_layerskip(engine, tune, args.new_tokens, args.layerskip_d)
-    k, d = layers[best.head] + 1, best.max_draft   # transformers counts the drafter's blocks: block k-1's output
+    k, d = (
+        layers[best.head] + 1,
+        best.max_draft,
+    )  # transformers counts the drafter's blocks: block k-1's output
     extra = [
-        ("assistant_early_exit", f"transformers k={k} d={d} (constant)",
-         lambda prompt: hf_greedy(model, prompt, args.new_tokens, assistant_early_exit=k, num_assistant_tokens=d,
-                                  num_assistant_tokens_schedule="constant")),
-        ("assistant_early_exit", f"transformers k={k} (default schedule)",
-         lambda prompt: hf_greedy(model, prompt, args.new_tokens, assistant_early_exit=k)),
+        (
+            "assistant_early_exit",
+            f"transformers k={k} d={d} (constant)",
+            lambda prompt: hf_greedy(
+                model,
+                prompt,
+                args.new_tokens,
+                assistant_early_exit=k,
+                num_assistant_tokens=d,
+                num_assistant_tokens_schedule="constant",
+            ),
+        ),
+        (
+            "assistant_early_exit",
+            f"transformers k={k} (default schedule)",
+            lambda prompt: hf_greedy(model, prompt, args.new_tokens, assistant_early_exit=k),
+        ),
     ]
     label = f"{shape} (random weights, embeddings ×{args.llama_embed_scale:g})"
-    return run_benchmark(model, heads, {}, prompts, args.new_tokens, args.repeats, args.warmup, [best],
-                         args.max_draft, label=label, extra=extra, oracle=False)
+    return run_benchmark(
+        model,
+        heads,
+        {},
+        prompts,
+        args.new_tokens,
+        args.repeats,
+        args.warmup,
+        [best],
+        args.max_draft,
+        label=label,
+        extra=extra,
+        oracle=False,
+    )
 
 
 # -- main -------------------------------------------------------------------------------------------------------
 
-GPT_NEOX_NOTE = ("note: transformers' assistant_early_exit is shown only for Llama: on GPT-NeoX (Pythia) it "
-                 "silently runs the full model (its layer loop ignores num_hidden_layers; DESIGN.md §6).")
+GPT_NEOX_NOTE = (
+    "note: transformers' assistant_early_exit is shown only for Llama: on GPT-NeoX (Pythia) it "
+    "silently runs the full model (its layer loop ignores num_hidden_layers; DESIGN.md §6)."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from-outputs", type=Path, default=Path("outputs"),
-                        help="pipeline outputs root: latest finished backbone/heads/calibrate (default: outputs)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--from-outputs",
+        type=Path,
+        default=Path("outputs"),
+        help="pipeline outputs root: latest finished backbone/heads/calibrate (default: outputs)",
+    )
     parser.add_argument("--model", default="tiny", help="model name under <outputs>/cache (default: tiny)")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
-                        help="random-weight models of these shapes instead of the pipeline's outputs")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(SHAPES),
+        help="random-weight models of these shapes instead of the pipeline's outputs",
+    )
     parser.add_argument("--model-dir", type=Path, help="a saved model (overrides --from-outputs)")
     parser.add_argument("--heads-dir", type=Path, help="trained heads for --model-dir (default: logit lens)")
     parser.add_argument("--thresholds", type=Path, help="thresholds file from the calibrate stage")
     parser.add_argument("--method", default="empirical", help="calibration method in the thresholds file")
     parser.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS))
-    parser.add_argument("--text", type=Path, help="text for prompts with --model-dir (default: stdlib source)")
+    parser.add_argument(
+        "--text", type=Path, help="text for prompts with --model-dir (default: stdlib source)"
+    )
     parser.add_argument("--n-prompts", type=int, default=8)
     parser.add_argument("--n-tune-prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -362,12 +466,20 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--max-draft", type=int, default=16)
     parser.add_argument("--layerskip-d", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--fills", nargs="+", default=["lazy"], choices=["lazy", "copy", "recompute"])
-    parser.add_argument("--llama", action=argparse.BooleanOptionalAction, default=True,
-                        help="also benchmark transformers' assistant_early_exit vs our LayerSkip on a random Llama")
+    parser.add_argument(
+        "--llama",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also benchmark transformers' assistant_early_exit vs our LayerSkip on a random Llama",
+    )
     parser.add_argument("--llama-shape", choices=list(LLAMA_SHAPES), default="llama-tiny")
     parser.add_argument("--llama-embed-scale", type=float, default=10.0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1 is stable on a shared machine; ratios are per setting)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is stable on a shared machine; ratios are per setting)",
+    )
     parser.add_argument("--csv", type=Path, default=Path("outputs/benchmarks/decoding_speed.csv"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -387,13 +499,25 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         prompts = None
         if found["extract"] is not None:
             try:
-                prompts = pipeline_prompts(found, tokenizer, args.n_prompts, args.n_tune_prompts, args.prompt_len)
-            except (ValueError, OSError) as err:   # e.g. a hub corpus that is not reachable now
+                prompts = pipeline_prompts(
+                    found, tokenizer, args.n_prompts, args.n_tune_prompts, args.prompt_len
+                )
+            except (ValueError, OSError) as err:  # e.g. a hub corpus that is not reachable now
                 print(f"# prompts from the pipeline's data unavailable ({err}); using standard-library text")
-        print(f"# pipeline outputs: backbone {found['backbone']}, heads {found['heads']}, "
-              f"thresholds {found['thresholds'] or 'calibrated on the fly'}")
-        targets = [(f"{args.model} (pipeline outputs)", model, tokenizer, found["heads"], found["thresholds"],
-                    prompts)]
+        print(
+            f"# pipeline outputs: backbone {found['backbone']}, heads {found['heads']}, "
+            f"thresholds {found['thresholds'] or 'calibrated on the fly'}"
+        )
+        targets = [
+            (
+                f"{args.model} (pipeline outputs)",
+                model,
+                tokenizer,
+                found["heads"],
+                found["thresholds"],
+                prompts,
+            )
+        ]
     frames = []
     for label, model, tokenizer, heads_dir, thresholds_file, given in targets:
         model.eval().requires_grad_(False)
@@ -418,15 +542,29 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             table = ExitThresholds.load(thresholds_file)
             eps = [e for e in args.eps if any(abs(e - c) < 1e-9 for c in table.eps)]
             if not eps:
-                raise SystemExit(f"none of --eps {args.eps} is calibrated in {thresholds_file} (ε: {table.eps})")
+                raise SystemExit(
+                    f"none of --eps {args.eps} is calibrated in {thresholds_file} (ε: {table.eps})"
+                )
             thresholds = {e: table.for_eps(args.method, e) for e in eps}
             metric = table.metric
         else:
             metric = "entropy"
             thresholds = calibrate_on_the_fly(engine, tune, args.new_tokens, args.eps, metric)
         layerskip = tune_layerskip(engine, tune, args.new_tokens, args.layerskip_d)
-        frame = run_benchmark(model, heads, thresholds, prompts, args.new_tokens, args.repeats, args.warmup,
-                              [layerskip], args.max_draft, metric, args.fills, label)
+        frame = run_benchmark(
+            model,
+            heads,
+            thresholds,
+            prompts,
+            args.new_tokens,
+            args.repeats,
+            args.warmup,
+            [layerskip],
+            args.max_draft,
+            metric,
+            args.fills,
+            label,
+        )
         frames.append(frame)
         _print(frame, label, args)
     if args.llama:
@@ -441,9 +579,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def _print(frame: pd.DataFrame, label: str, args) -> None:
-    machine = {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-               "prompts": args.n_prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "repeats": args.repeats}
+    machine = {
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "prompts": args.n_prompts,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+    }
     print(f"\n# decoding speed on {label}; {json.dumps(machine)}")
     shown = frame.drop(columns=["model"]).dropna(axis=1, how="all")
     try:

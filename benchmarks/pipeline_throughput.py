@@ -41,15 +41,25 @@ def random_model(shape: str) -> torch.nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     layers, d_model, n_heads, vocab = SHAPES[shape]
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
-                           num_attention_heads=n_heads, intermediate_size=4 * d_model, rotary_pct=0.25,
-                           max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        intermediate_size=4 * d_model,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return GPTNeoXForCausalLM(config).eval().requires_grad_(False)
 
 
 def find_tiny_model(outputs: Path) -> Path | None:
-    candidates = sorted((outputs / "cache" / "backbone" / "tiny").glob("*/model"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        (outputs / "cache" / "backbone" / "tiny").glob("*/model"), key=lambda p: p.stat().st_mtime
+    )
     return candidates[-1] if candidates else None
 
 
@@ -63,8 +73,16 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def measure(model, label: str, n_seqs: int, seq_len: int, batch_size: int, repeats: int,
-            train_steps: int, batch_tokens: int) -> pd.DataFrame:
+def measure(
+    model,
+    label: str,
+    n_seqs: int,
+    seq_len: int,
+    batch_size: int,
+    repeats: int,
+    train_steps: int,
+    batch_tokens: int,
+) -> pd.DataFrame:
     vocab = unembedding_of(model).out_features
     layers = default_head_layers(num_layers_of(model))
     d_model = unembedding_of(model).in_features
@@ -75,7 +93,7 @@ def measure(model, label: str, n_seqs: int, seq_len: int, batch_size: int, repea
     @torch.inference_mode()
     def forward(hidden: bool) -> None:
         for start in range(0, n_seqs, batch_size):
-            model(input_ids=blocks[start:start + batch_size], output_hidden_states=hidden)
+            model(input_ids=blocks[start : start + batch_size], output_hidden_states=hidden)
 
     with tempfile.TemporaryDirectory() as tmp:
         counter = {"k": 0}
@@ -86,21 +104,46 @@ def measure(model, label: str, n_seqs: int, seq_len: int, batch_size: int, repea
             extract_split(model, blocks, layers, writer, batch_size, torch.device("cpu"), False, "")
             writer.close()
 
-        for name, fn in [("forward", lambda: forward(False)), ("forward+hidden", lambda: forward(True)),
-                         ("extract", extract)]:
+        for name, fn in [
+            ("forward", lambda: forward(False)),
+            ("forward+hidden", lambda: forward(True)),
+            ("extract", extract),
+        ]:
             times = timed(fn, repeats)
             median = statistics.median(times)
-            rows.append({"model": label, "measure": name, "tokens_per_s": n_tokens / median,
-                         "spread_pct": 100 * (max(times) - min(times)) / median})
+            rows.append(
+                {
+                    "model": label,
+                    "measure": name,
+                    "tokens_per_s": n_tokens / median,
+                    "spread_pct": 100 * (max(times) - min(times)) / median,
+                }
+            )
         shard_dir = Path(tmp) / "run1"
         stored = sum(p.stat().st_size for p in shard_dir.glob("*.npy"))
         rows.append({"model": label, "measure": "bytes_per_token", "value": stored / n_tokens})
 
-        heads_cfg = {"max_steps": train_steps, "batch_tokens": batch_tokens, "val_tokens": batch_tokens,
-                     "val_every_n_steps": train_steps, "warmup_steps": 1}
-        _, metrics = train_heads(model, layers, shard_dir, heads_cfg, {"accelerator": "cpu", "devices": 1},
-                                 seed=0, out_dir=Path(tmp) / "heads", logger=False, progress=False)
-        rows.append({"model": label, "measure": "heads training", "tokens_per_s": metrics["train_tokens_per_s"]})
+        heads_cfg = {
+            "max_steps": train_steps,
+            "batch_tokens": batch_tokens,
+            "val_tokens": batch_tokens,
+            "val_every_n_steps": train_steps,
+            "warmup_steps": 1,
+        }
+        _, metrics = train_heads(
+            model,
+            layers,
+            shard_dir,
+            heads_cfg,
+            {"accelerator": "cpu", "devices": 1},
+            seed=0,
+            out_dir=Path(tmp) / "heads",
+            logger=False,
+            progress=False,
+        )
+        rows.append(
+            {"model": label, "measure": "heads training", "tokens_per_s": metrics["train_tokens_per_s"]}
+        )
     frame = pd.DataFrame(rows)
     base = frame.loc[frame.measure == "forward", "tokens_per_s"].iloc[0]
     frame["ratio_vs_forward"] = frame["tokens_per_s"] / base
@@ -108,7 +151,9 @@ def measure(model, label: str, n_seqs: int, seq_len: int, batch_size: int, repea
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
     parser.add_argument("--model-dir", type=Path, help="a local model directory (overrides --shape)")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
@@ -124,16 +169,29 @@ def main() -> None:
     if args.model_dir or args.shape == "tiny":
         model_dir = args.model_dir or find_tiny_model(args.outputs)
         if model_dir is None:
-            raise SystemExit("no tiny model in outputs/: run `python -m pipeline stages=[backbone]` first, "
-                             "or pass --shape pythia-70m")
+            raise SystemExit(
+                "no tiny model in outputs/: run `python -m pipeline stages=[backbone]` first, "
+                "or pass --shape pythia-70m"
+            )
         model, _ = load_backbone(model_dir, with_tokenizer=False)
         label = "tiny" if not args.model_dir else str(model_dir)
     else:
         model, label = random_model(args.shape), f"{args.shape} (random weights)"
-    frame = measure(model, label, args.n_seqs, args.seq_len, args.batch_size, args.repeats, args.train_steps,
-                    args.batch_tokens)
-    machine = {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-               "torch": torch.__version__}
+    frame = measure(
+        model,
+        label,
+        args.n_seqs,
+        args.seq_len,
+        args.batch_size,
+        args.repeats,
+        args.train_steps,
+        args.batch_tokens,
+    )
+    machine = {
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     print(f"# pipeline throughput on {label}; {json.dumps(machine)}")
     print(frame.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else frame.to_string(index=False))
     args.csv.parent.mkdir(parents=True, exist_ok=True)

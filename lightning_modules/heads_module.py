@@ -31,7 +31,9 @@ def kl_full_to_head(teacher_logits: torch.Tensor, head_logits: torch.Tensor) -> 
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
 
 
-def teacher_logits_of(final_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def teacher_logits_of(
+    final_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Full-model logits from the stored post-norm final hidden state, always in float32 (the target)."""
     with torch.autocast(device_type=final_hidden.device.type, enabled=False):
         return F.linear(final_hidden.float(), weight.float(), None if bias is None else bias.float())
@@ -91,7 +93,9 @@ class HeadsModule(L.LightningModule):
     def n_heads(self) -> int:
         return len(self.heads)
 
-    def per_head_kl(self, head_hidden: torch.Tensor, final_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_head_kl(
+        self, head_hidden: torch.Tensor, final_hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean KL per head [n_heads], top-1 agreement per head [n_heads]) on one batch."""
         with torch.no_grad():
             teacher = teacher_logits_of(final_hidden, self.unembedding, self.unembedding_bias)

@@ -107,7 +107,7 @@ class RandomTokenBatches(IterableDataset, _LazyReader):
         """Token indices of this rank's batch number `k` (global step k, counted from 0)."""
         epoch, j = divmod(k, self.batches_per_epoch)
         start = (j * self.world_size + self.rank) * self.batch_tokens
-        return self._permutation(epoch)[start:start + self.batch_tokens]
+        return self._permutation(epoch)[start : start + self.batch_tokens]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -216,5 +216,6 @@ class HiddenStatesDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # Map-style, so under DDP Lightning's DistributedSampler splits the chunks across ranks.
-        return DataLoader(self.val_dataset(), batch_size=None, shuffle=False, num_workers=0,
-                          pin_memory=self.pin_memory)
+        return DataLoader(
+            self.val_dataset(), batch_size=None, shuffle=False, num_workers=0, pin_memory=self.pin_memory
+        )

@@ -38,8 +38,12 @@ def main(cfg: DictConfig) -> None:
             from analysis import build_all_figures
 
             figures = build_all_figures(run_dir, run_dir / "figures")
-            log.info("%d figure files in %s (rebuild: python -m analysis %s)", len(figures), run_dir / "figures",
-                     run_dir)
+            log.info(
+                "%d figure files in %s (rebuild: python -m analysis %s)",
+                len(figures),
+                run_dir / "figures",
+                run_dir,
+            )
     except USER_ERRORS as err:
         log.error("%s: %s", type(err).__name__, err)
         if multirun:

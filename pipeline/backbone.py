@@ -14,8 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 class BackboneError(RuntimeError):
@@ -98,7 +104,9 @@ def load_backbone(
     kwargs = {"revision": revision} if (revision and not is_local) else {}
     torch_dtype = resolve_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source_str, dtype=torch_dtype, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source_str, dtype=torch_dtype, trust_remote_code=False, **kwargs
+        )
     except OSError as err:
         raise BackboneError(f"cannot load model {source_str!r}: {err}") from err
     model.to(resolve_device(device) if isinstance(device, str) else device)
@@ -169,8 +177,12 @@ BACKBONE_RECORD = "backbone.json"
 LOCAL_MODEL_DIR = "model"
 
 
-def load_from_stage_output(directory: str | Path, dtype: str | torch.dtype = "float32",
-                           device: str | torch.device = "cpu", with_tokenizer: bool = True):
+def load_from_stage_output(
+    directory: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+):
     """Load the backbone described by a finished `backbone` stage output: the locally saved model (the
     offline tiny model) or the hub id + revision it records."""
     import json
@@ -181,5 +193,6 @@ def load_from_stage_output(directory: str | Path, dtype: str | torch.dtype = "fl
         raise BackboneError(f"{record_path} is missing; rerun the backbone stage (force=[backbone])")
     record = json.loads(record_path.read_text())
     source = directory / LOCAL_MODEL_DIR if record.get("local") else record["source"]
-    return load_backbone(source, revision=record.get("revision"), dtype=dtype, device=device,
-                         with_tokenizer=with_tokenizer)
+    return load_backbone(
+        source, revision=record.get("revision"), dtype=dtype, device=device, with_tokenizer=with_tokenizer
+    )

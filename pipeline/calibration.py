@@ -152,7 +152,9 @@ def hb_p_value(errors: np.ndarray | int, n: np.ndarray | int, alpha: float) -> n
     return p
 
 
-def _counts_at(sorted_desc: np.ndarray, errors_cum: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _counts_at(
+    sorted_desc: np.ndarray, errors_cum: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(#tokens with score >= λ, #errors among them) for each λ, from scores sorted descending."""
     m = np.searchsorted(-sorted_desc, -thresholds, side="right")
     e = np.where(m > 0, errors_cum[np.maximum(m - 1, 0)], 0) if len(errors_cum) else np.zeros_like(m)
@@ -242,7 +244,9 @@ def calibrate_heads(
     scores = _to_scores(values, metric)
     correct = np.asarray(correct, dtype=bool)
     if scores.ndim != 2 or scores.shape != correct.shape:
-        raise ValueError(f"values and correct must both be [n_tokens, n_heads]; got {scores.shape}, {correct.shape}")
+        raise ValueError(
+            f"values and correct must both be [n_tokens, n_heads]; got {scores.shape}, {correct.shape}"
+        )
     n_heads = scores.shape[1]
     layers = list(layers) if layers is not None else list(range(n_heads))
     # Bonferroni over heads in cascade mode, so the whole policy (not each head alone) holds at δ.
@@ -256,11 +260,23 @@ def calibrate_heads(
         else:
             # One generator per (seed, head, ε): a threshold does not depend on which ε were computed before.
             rng = np.random.default_rng([seed, k, int(round(eps * 1e6))])
-            thr = ltt_threshold(scores[pool, k], correct[pool, k], eps, head_delta,
-                                grid_fraction=grid_fraction, grid_points=grid_points, rng=rng)
+            thr = ltt_threshold(
+                scores[pool, k],
+                correct[pool, k],
+                eps,
+                head_delta,
+                grid_fraction=grid_fraction,
+                grid_points=grid_points,
+                rng=rng,
+            )
         if thr is None:
-            log.warning("%s calibration: head %d (layer %s) cannot reach ε=%s; it never exits at this ε",
-                        method, k, layers[k], eps_key(eps))
+            log.warning(
+                "%s calibration: head %d (layer %s) cannot reach ε=%s; it never exits at this ε",
+                method,
+                k,
+                layers[k],
+                eps_key(eps),
+            )
         elif cascade:
             remaining &= ~(scores[:, k] >= thr)  # NaN compares False: those tokens stay for later heads
         out.append(_from_score(thr, metric))
@@ -293,15 +309,32 @@ def calibrate(
         raise ValueError(f"{len(layers)} layers given for {n_heads} heads")
     table = {
         method: {
-            eps_key(e): calibrate_heads(values, correct, metric_obj, e, method, delta, cascade,
-                                        grid_fraction, grid_points, seed, layers)
+            eps_key(e): calibrate_heads(
+                values,
+                correct,
+                metric_obj,
+                e,
+                method,
+                delta,
+                cascade,
+                grid_fraction,
+                grid_points,
+                seed,
+                layers,
+            )
             for e in eps_list
         }
         for method in methods
     }
     return ExitThresholds(
-        metric=metric, lower_is_confident=metric_obj.lower_is_confident, layers=[int(x) for x in layers],
-        eps=eps_list, delta=delta, cascade=cascade, thresholds=table, n_calibration=int(len(values)),
+        metric=metric,
+        lower_is_confident=metric_obj.lower_is_confident,
+        layers=[int(x) for x in layers],
+        eps=eps_list,
+        delta=delta,
+        cascade=cascade,
+        thresholds=table,
+        n_calibration=int(len(values)),
         settings={"grid_fraction": grid_fraction, "grid_points": grid_points, "seed": seed},
     )
 
@@ -326,8 +359,10 @@ class ExitThresholds:
     def __post_init__(self) -> None:
         metric = get_metric(self.metric)
         if metric.lower_is_confident != self.lower_is_confident:
-            raise ValueError(f"direction mismatch for metric {self.metric!r}: the registry says "
-                             f"lower_is_confident={metric.lower_is_confident}")
+            raise ValueError(
+                f"direction mismatch for metric {self.metric!r}: the registry says "
+                f"lower_is_confident={metric.lower_is_confident}"
+            )
         self.eps = check_eps(self.eps)
         self.delta = check_delta(self.delta)
         expected = {eps_key(e) for e in self.eps}
@@ -335,14 +370,21 @@ class ExitThresholds:
             if method not in METHODS:
                 raise ValueError(f"unknown calibration method {method!r} in thresholds; known: {METHODS}")
             if set(by_eps) != expected:
-                raise ValueError(f"thresholds[{method!r}] has ε keys {sorted(by_eps)}, expected {sorted(expected)}")
+                raise ValueError(
+                    f"thresholds[{method!r}] has ε keys {sorted(by_eps)}, expected {sorted(expected)}"
+                )
             for key, row in by_eps.items():
                 if len(row) != len(self.layers):
-                    raise ValueError(f"thresholds[{method!r}][{key!r}] has {len(row)} entries for "
-                                     f"{len(self.layers)} heads")
+                    raise ValueError(
+                        f"thresholds[{method!r}][{key!r}] has {len(row)} entries for {len(self.layers)} heads"
+                    )
                 for t in row:
-                    if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)):
-                        raise ValueError(f"thresholds[{method!r}][{key!r}] holds {t!r}: expected a finite number or null")
+                    if t is not None and (
+                        isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)
+                    ):
+                        raise ValueError(
+                            f"thresholds[{method!r}][{key!r}] holds {t!r}: expected a finite number or null"
+                        )
 
     @property
     def methods(self) -> list[str]:
@@ -362,10 +404,16 @@ class ExitThresholds:
 
     def to_dict(self) -> dict:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "metric": self.metric,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "metric": self.metric,
             "direction": "lower" if self.lower_is_confident else "higher",
-            "layers": self.layers, "eps": [eps_key(e) for e in self.eps], "delta": self.delta,
-            "cascade": self.cascade, "n_calibration": self.n_calibration, "settings": self.settings,
+            "layers": self.layers,
+            "eps": [eps_key(e) for e in self.eps],
+            "delta": self.delta,
+            "cascade": self.cascade,
+            "n_calibration": self.n_calibration,
+            "settings": self.settings,
             "thresholds": self.thresholds,
         }
 
@@ -377,15 +425,22 @@ class ExitThresholds:
     @classmethod
     def from_dict(cls, data: dict) -> ExitThresholds:
         if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not a thresholds file of format {FORMAT!r} v{FORMAT_VERSION} "
-                             f"(found {data.get('format')!r} v{data.get('version')!r})")
+            raise ValueError(
+                f"not a thresholds file of format {FORMAT!r} v{FORMAT_VERSION} "
+                f"(found {data.get('format')!r} v{data.get('version')!r})"
+            )
         if data.get("direction") not in ("lower", "higher"):
             raise ValueError(f"direction must be 'lower' or 'higher', got {data.get('direction')!r}")
         return cls(
-            metric=data["metric"], lower_is_confident=data["direction"] == "lower",
-            layers=[int(x) for x in data["layers"]], eps=[float(e) for e in data["eps"]], delta=data["delta"],
-            cascade=bool(data["cascade"]), thresholds=data["thresholds"],
-            n_calibration=int(data.get("n_calibration", 0)), settings=dict(data.get("settings", {})),
+            metric=data["metric"],
+            lower_is_confident=data["direction"] == "lower",
+            layers=[int(x) for x in data["layers"]],
+            eps=[float(e) for e in data["eps"]],
+            delta=data["delta"],
+            cascade=bool(data["cascade"]),
+            thresholds=data["thresholds"],
+            n_calibration=int(data.get("n_calibration", 0)),
+            settings=dict(data.get("settings", {})),
         )
 
     @classmethod
@@ -436,7 +491,9 @@ def apply_exit_policy(
     values = np.asarray(metric_values, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     if values.ndim != 2 or values.shape != correct.shape or values.shape[1] != len(thresholds):
-        raise ValueError(f"need values and correct of shape [n, {len(thresholds)}]; got {values.shape}, {correct.shape}")
+        raise ValueError(
+            f"need values and correct of shape [n, {len(thresholds)}]; got {values.shape}, {correct.shape}"
+        )
     # None -> a threshold no value can meet; NaN values compare False either way.
     thr = np.array([np.nan if t is None else t for t in thresholds], dtype=np.float64)
     confident = values <= thr if lower_is_confident else values >= thr
@@ -454,10 +511,23 @@ def evaluate_thresholds(values: np.ndarray, correct: np.ndarray, thresholds: Exi
     rows = []
     for method in thresholds.methods:
         for e in thresholds.eps:
-            out = apply_exit_policy(values, correct, thresholds.for_eps(method, e), thresholds.lower_is_confident)
-            row = {"method": method, "eps": e, "accuracy": out.accuracy, "coverage": out.total_coverage,
-                   "agreement": out.agreement, "meets_eps": bool(out.accuracy + _TOL >= e) if out.total_coverage else True,
-                   "n_tokens": len(values)}
-            row.update({f"coverage_layer{layer}": float(c) for layer, c in zip(thresholds.layers, out.coverage, strict=True)})
+            out = apply_exit_policy(
+                values, correct, thresholds.for_eps(method, e), thresholds.lower_is_confident
+            )
+            row = {
+                "method": method,
+                "eps": e,
+                "accuracy": out.accuracy,
+                "coverage": out.total_coverage,
+                "agreement": out.agreement,
+                "meets_eps": bool(out.accuracy + _TOL >= e) if out.total_coverage else True,
+                "n_tokens": len(values),
+            }
+            row.update(
+                {
+                    f"coverage_layer{layer}": float(c)
+                    for layer, c in zip(thresholds.layers, out.coverage, strict=True)
+                }
+            )
             rows.append(row)
     return pd.DataFrame(rows)

@@ -21,8 +21,12 @@ class ConfidenceMetric:
     fn: Callable[..., torch.Tensor]
     description: str
 
-    def __call__(self, logits: torch.Tensor, hidden: torch.Tensor | None = None,
-                 prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        prev_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.needs_hidden:
             if hidden is None or prev_hidden is None:
                 raise ValueError(f"metric {self.name!r} needs the head's input and the previous head's input")
@@ -68,7 +72,9 @@ METRICS: dict[str, ConfidenceMetric] = {
         ConfidenceMetric("entropy", True, False, entropy, "entropy of the head's softmax (nats)"),
         ConfidenceMetric("max_prob", False, False, max_prob, "largest softmax probability"),
         ConfidenceMetric("prob_margin", False, False, prob_margin, "top-1 minus top-2 probability"),
-        ConfidenceMetric("logit_margin", False, False, logit_margin, "top-1 minus top-2 logit ('breaking ties')"),
+        ConfidenceMetric(
+            "logit_margin", False, False, logit_margin, "top-1 minus top-2 logit ('breaking ties')"
+        ),
         ConfidenceMetric("saturation", False, True, saturation, "cosine(head input, previous head input)"),
     )
 }

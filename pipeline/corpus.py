@@ -31,8 +31,7 @@ SELECTION_VERSION = 1
 # repetitive, full of deliberately odd code), IDLE, installed third-party packages, build configuration,
 # the frozen hello-world package, and pydoc's generated help-topic data.
 EXCLUDED_DIRS: frozenset[str] = frozenset(
-    {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__",
-     "pydoc_data"}
+    {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__", "pydoc_data"}
 )
 # pydoc_data/topics.py (750 kB of generated help text) is the giant to avoid; anything this large is either
 # generated or would dominate a split.
@@ -55,7 +54,7 @@ def stdlib_root() -> Path:
 
 @dataclass(frozen=True)
 class CorpusFile:
-    relpath: str       # POSIX-style path relative to the corpus root: stable across machines
+    relpath: str  # POSIX-style path relative to the corpus root: stable across machines
     sha256: str
     n_bytes: int
 
@@ -210,5 +209,7 @@ class LocalTextCorpus:
         return self._splits[split]
 
     def __repr__(self) -> str:
-        return (f"LocalTextCorpus(root={str(self.root)!r}, split_fractions={self.split_fractions}, "
-                f"split_seed={self.split_seed})")
+        return (
+            f"LocalTextCorpus(root={str(self.root)!r}, split_fractions={self.split_fractions}, "
+            f"split_seed={self.split_seed})"
+        )

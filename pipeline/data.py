@@ -55,8 +55,9 @@ class MiniPileSource:
 
     name = "minipile"
 
-    def __init__(self, hub_id: str = "JeanKaddour/minipile", revision: str | None = None,
-                 text_field: str = "text") -> None:
+    def __init__(
+        self, hub_id: str = "JeanKaddour/minipile", revision: str | None = None, text_field: str = "text"
+    ) -> None:
         self.hub_id = hub_id
         self.revision = revision
         self.text_field = text_field
@@ -94,8 +95,11 @@ def make_text_source(data_cfg: Mapping[str, Any]) -> TextSource:
     kind = data_cfg.get("kind")
     if kind == "local_text":
         fractions = data_cfg.get("split_fractions")
-        return _local_corpus(tuple(sorted(dict(fractions).items())) if fractions else None,
-                             int(data_cfg.get("split_seed", 0)), data_cfg.get("root"))
+        return _local_corpus(
+            tuple(sorted(dict(fractions).items())) if fractions else None,
+            int(data_cfg.get("split_seed", 0)),
+            data_cfg.get("root"),
+        )
     if kind == "minipile":
         return MiniPileSource(
             hub_id=data_cfg.get("hub_id", "JeanKaddour/minipile"),
@@ -109,7 +113,9 @@ def make_text_source(data_cfg: Mapping[str, Any]) -> TextSource:
 def _local_corpus(fractions: tuple | None, split_seed: int, root: str | None) -> LocalTextCorpus:
     """One corpus object per setting in a process: several stages' cache keys and checks need its
     fingerprint, which hashes every file (reads still verify each file against that hash)."""
-    return LocalTextCorpus(split_fractions=dict(fractions) if fractions else None, split_seed=split_seed, root=root)
+    return LocalTextCorpus(
+        split_fractions=dict(fractions) if fractions else None, split_seed=split_seed, root=root
+    )
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -169,13 +175,13 @@ def token_blocks(
     filled = 0
     for ids in iter_token_ids(source, tokenizer, split):
         take = min(len(ids), needed - filled)
-        out[filled:filled + take] = torch.tensor(ids[:take], dtype=torch.long)
+        out[filled : filled + take] = torch.tensor(ids[:take], dtype=torch.long)
         filled += take
         if filled == needed:
             break
     if filled < needed and allow_short and filled >= seq_len:
         n_blocks = filled // seq_len
-        return out[:n_blocks * seq_len].view(n_blocks, seq_len)
+        return out[: n_blocks * seq_len].view(n_blocks, seq_len)
     if filled < needed:
         hint = f"lower {key}"
         if getattr(source, "name", None) == "local_text":
@@ -204,10 +210,12 @@ def max_sequence_length(model_or_config: Any, tokenizer: Any | None = None) -> i
     return min(limits)
 
 
-def check_seq_len(seq_len: int, model_or_config: Any, tokenizer: Any | None = None,
-                  key: str = "data.seq_len") -> None:
+def check_seq_len(
+    seq_len: int, model_or_config: Any, tokenizer: Any | None = None, key: str = "data.seq_len"
+) -> None:
     """Raise a clear ValueError when `seq_len` exceeds what the model/tokenizer can take."""
     limit = max_sequence_length(model_or_config, tokenizer)
     if int(seq_len) > limit:
-        raise ValueError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}; "
-                         f"set {key} <= {limit}")
+        raise ValueError(
+            f"{key}={seq_len} exceeds the model's maximum sequence length {limit}; set {key} <= {limit}"
+        )

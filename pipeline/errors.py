@@ -9,5 +9,10 @@ from pipeline.store import StageOutputError
 from pipeline.validation import ConfigError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    BackboneError, ConfigError, HeadsMismatchError, ShardCorruptError, StageOutputError, FileNotFoundError,
+    BackboneError,
+    ConfigError,
+    HeadsMismatchError,
+    ShardCorruptError,
+    StageOutputError,
+    FileNotFoundError,
 )

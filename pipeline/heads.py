@@ -60,7 +60,9 @@ class HeadsSpec:
 class ExitHead(nn.Module):
     """norm -> (optional residual MLP before it) -> vocab projection."""
 
-    def __init__(self, norm: nn.Module, d_model: int, vocab_size: int, head_type: str, mlp_ratio: float = 1.0):
+    def __init__(
+        self, norm: nn.Module, d_model: int, vocab_size: int, head_type: str, mlp_ratio: float = 1.0
+    ):
         super().__init__()
         self.mlp: nn.Module | None = None
         if head_type == "mlp":
@@ -86,7 +88,9 @@ class EarlyExitHeads(nn.Module):
         self.spec = spec
         self.layers: list[int] = list(spec.layers)
         self.heads = nn.ModuleList(
-            ExitHead(copy.deepcopy(norm_template), spec.d_model, spec.vocab_size, spec.head_type, spec.mlp_ratio)
+            ExitHead(
+                copy.deepcopy(norm_template), spec.d_model, spec.vocab_size, spec.head_type, spec.mlp_ratio
+            )
             for _ in self.layers
         )
 
@@ -151,13 +155,17 @@ class EarlyExitHeads(nn.Module):
         return {name: file_sha256(directory / name) for name in (WEIGHTS_FILE, SPEC_FILE)}
 
     @classmethod
-    def load(cls, directory: str | Path, backbone: nn.Module, check_fingerprint: bool = True) -> EarlyExitHeads:
+    def load(
+        cls, directory: str | Path, backbone: nn.Module, check_fingerprint: bool = True
+    ) -> EarlyExitHeads:
         """Load heads saved by `save` onto `backbone`, refusing heads trained for another backbone."""
         directory = Path(directory)
         spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
         for path in (spec_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"heads file {path} is missing; rerun the heads stage (stages=[heads])")
+                raise FileNotFoundError(
+                    f"heads file {path} is missing; rerun the heads stage (stages=[heads])"
+                )
         spec = HeadsSpec(**json.loads(spec_path.read_text()))
         unembed = unembedding_of(backbone)
         if (spec.d_model, spec.vocab_size) != (unembed.in_features, unembed.out_features):

@@ -50,10 +50,19 @@ class EarlyExitLM(HFLM):
     Change the policy between evaluations with `set_policy` instead of building a new model.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, heads: EarlyExitHeads,
-                 thresholds: Sequence[float | None] | None = None, metric: str | ConfidenceMetric = "entropy",
-                 cost: CostModel | None = None, generation: str = "early_exit", fill: str = "lazy",
-                 max_draft: int = 16, **hflm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        heads: EarlyExitHeads,
+        thresholds: Sequence[float | None] | None = None,
+        metric: str | ConfidenceMetric = "entropy",
+        cost: CostModel | None = None,
+        generation: str = "early_exit",
+        fill: str = "lazy",
+        max_draft: int = 16,
+        **hflm_kwargs: Any,
+    ) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hflm_kwargs)
         if generation not in GENERATION_STRATEGIES:
             raise ValueError(f"generation={generation!r}; choose one of {GENERATION_STRATEGIES}")
@@ -64,9 +73,11 @@ class EarlyExitLM(HFLM):
         self.generation = generation
         self.fill = fill
         self.max_draft = max_draft
-        self._decoder = None            # the decoding engine, built on first generation request
+        self._decoder = None  # the decoding engine, built on first generation request
         self.policy = ExitPolicy(
-            heads=self.heads, thresholds=[None] * len(heads), metric=get_metric("entropy"),
+            heads=self.heads,
+            thresholds=[None] * len(heads),
+            metric=get_metric("entropy"),
             num_layers=num_layers_of(model),
             cost=cost or CostModel.default(unembed.in_features, unembed.out_features),
         )
@@ -80,8 +91,9 @@ class EarlyExitLM(HFLM):
 
     # -- policy and statistics --------------------------------------------------------------------------------
 
-    def set_policy(self, thresholds: Sequence[float | None] | None,
-                   metric: str | ConfidenceMetric | None = None) -> None:
+    def set_policy(
+        self, thresholds: Sequence[float | None] | None, metric: str | ConfidenceMetric | None = None
+    ) -> None:
         """Switch to another threshold vector (and metric); statistics are reset."""
         if metric is not None:
             self.policy.metric = get_metric(metric) if isinstance(metric, str) else metric
@@ -127,25 +139,33 @@ class EarlyExitLM(HFLM):
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not self.policy.enabled:
             # The full model, through HFLM's own call: results identical to HFLM's by construction.
             self._batch_exits, self._batch_row = torch.full(inps.shape, -1, dtype=torch.long), 0
             return super()._model_call(inps, attn_mask, labels)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
             out = self.model(inps, output_hidden_states=True)
             logits, exits = cascade_logits(out.hidden_states, out.logits, self.policy)
         self._batch_exits, self._batch_row = exits.cpu(), 0
         return logits
 
-    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None,
-                          inplen: int | None = None) -> torch.Tensor:
+    def _select_cont_toks(
+        self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None
+    ) -> torch.Tensor:
         # Called once per row of the last `_model_call` batch, in order, with the scored span of that row.
         if self._batch_exits is not None and contlen and inplen:
             row = self._batch_exits[self._batch_row]
-            self._counts().add(row[inplen - contlen:inplen], self.policy)
+            self._counts().add(row[inplen - contlen : inplen], self.policy)
             self._batch_row += 1
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
@@ -186,8 +206,9 @@ class EarlyExitLM(HFLM):
             ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks)
             out = engine.generate(ids, strategy, max_new_tokens=max_gen_toks, eos_token_id=self.eot_token_id)
             self._counts().add_generation(out.stats)
-            text = postprocess_generated_text(generation=self.tok_decode(out.tokens), stop=until,
-                                              think_end_token=None)
+            text = postprocess_generated_text(
+                generation=self.tok_decode(out.tokens), stop=until, think_end_token=None
+            )
             results.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return results

@@ -39,10 +39,10 @@ _LAST_WORD = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*$")
 @dataclass(frozen=True)
 class OfflineTaskSettings:
     split: str = "test"
-    n_examples: int = 500          # per task
-    n_choices: int = 4             # next-line task: true line + distractors
+    n_examples: int = 500  # per task
+    n_choices: int = 4  # next-line task: true line + distractors
     context_lines: int = 8
-    min_line_chars: int = 12       # candidate lines (stripped) for the next-line task
+    min_line_chars: int = 12  # candidate lines (stripped) for the next-line task
     max_line_chars: int = 80
     min_word_chars: int = 3
     seed: int = 0
@@ -55,7 +55,7 @@ class OfflineTaskSettings:
 
 
 def _context(lines: list[str], index: int, n: int) -> str:
-    return "".join(line + "\n" for line in lines[max(0, index - n):index])
+    return "".join(line + "\n" for line in lines[max(0, index - n) : index])
 
 
 def next_word_examples(documents: Iterable[str], settings: OfflineTaskSettings) -> list[dict[str, Any]]:
@@ -71,11 +71,12 @@ def next_word_examples(documents: Iterable[str], settings: OfflineTaskSettings) 
             match = _LAST_WORD.search(line)
             if not match or len(match[0]) < settings.min_word_chars:
                 continue
-            start = match.start() - 1 if line[:match.start()].endswith(" ") else match.start()
+            start = match.start() - 1 if line[: match.start()].endswith(" ") else match.start()
             if not line[:start].strip():
                 continue  # the word opens its line: nothing on the line to complete
-            candidates.append({"context": _context(lines, i, settings.context_lines) + line[:start],
-                               "target": line[start:]})
+            candidates.append(
+                {"context": _context(lines, i, settings.context_lines) + line[:start], "target": line[start:]}
+            )
     rng = random.Random(f"{settings.seed}/{NEXT_WORD}")
     return rng.sample(candidates, min(settings.n_examples, len(candidates)))
 
@@ -88,13 +89,18 @@ def next_line_examples(documents: Iterable[str], settings: OfflineTaskSettings) 
         for i, line in enumerate(lines):
             body = line.strip()
             # A line that repeats one of the context lines can be copied rather than predicted; skip it.
-            if (i > 0 and settings.min_line_chars <= len(body) <= settings.max_line_chars
-                    and line not in lines[max(0, i - settings.context_lines):i]):
+            if (
+                i > 0
+                and settings.min_line_chars <= len(body) <= settings.max_line_chars
+                and line not in lines[max(0, i - settings.context_lines) : i]
+            ):
                 positions.append((lines, i))
     pool = sorted({lines[i].strip() for lines, i in positions})
     if len(pool) < settings.n_choices:
-        raise ValueError(f"only {len(pool)} distinct candidate lines in split {settings.split!r}; "
-                         f"need at least n_choices={settings.n_choices}")
+        raise ValueError(
+            f"only {len(pool)} distinct candidate lines in split {settings.split!r}; "
+            f"need at least n_choices={settings.n_choices}"
+        )
     rng = random.Random(f"{settings.seed}/{NEXT_LINE}")
     chosen = rng.sample(positions, min(settings.n_examples, len(positions)))
     examples = []
@@ -109,8 +115,13 @@ def next_line_examples(documents: Iterable[str], settings: OfflineTaskSettings) 
         choices = [line] + [indent + d for d in distractors]
         order = list(range(len(choices)))
         rng.shuffle(order)
-        examples.append({"context": _context(lines, i, settings.context_lines),
-                         "choices": [choices[j] for j in order], "label": order.index(0)})
+        examples.append(
+            {
+                "context": _context(lines, i, settings.context_lines),
+                "choices": [choices[j] for j in order],
+                "label": order.index(0),
+            }
+        )
     return examples
 
 
@@ -128,16 +139,30 @@ def _task_yaml(name: str, data_file: Path) -> dict[str, Any]:
         "metadata": {"version": 1.0},
     }
     if name == NEXT_WORD:
-        return {**common, "output_type": "loglikelihood", "doc_to_target": "target",
-                "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-                                {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-    return {**common, "output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "label",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+        return {
+            **common,
+            "output_type": "loglikelihood",
+            "doc_to_target": "target",
+            "metric_list": [
+                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
+    return {
+        **common,
+        "output_type": "multiple_choice",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
 
 
-def write_offline_tasks(directory: str | Path, documents: Iterable[str] | Any,
-                        settings: OfflineTaskSettings | None = None) -> dict[str, int]:
+def write_offline_tasks(
+    directory: str | Path, documents: Iterable[str] | Any, settings: OfflineTaskSettings | None = None
+) -> dict[str, int]:
     """Write both tasks into `directory`; return the number of examples per task.
 
     `documents` is an iterable of held-out documents, or a `pipeline.data.TextSource` (its `settings.split`).
@@ -152,7 +177,9 @@ def write_offline_tasks(directory: str | Path, documents: Iterable[str] | Any,
     for name, build in ((NEXT_WORD, next_word_examples), (NEXT_LINE, next_line_examples)):
         examples = build(docs, settings)
         if not examples:
-            raise ValueError(f"no examples for {name} in split {settings.split!r}: the split is empty or too small")
+            raise ValueError(
+                f"no examples for {name} in split {settings.split!r}: the split is empty or too small"
+            )
         data_file = directory / f"{name}.jsonl"
         data_file.write_text("".join(json.dumps(example) + "\n" for example in examples))
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(_task_yaml(name, data_file), sort_keys=False))
@@ -164,5 +191,6 @@ def task_manager(directory: str | Path | None = None, include_defaults: bool = F
     """lm-eval's TaskManager over the offline tasks in `directory` (and lm-eval's own tasks if asked)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(directory) if directory is not None else None,
-                       include_defaults=include_defaults)
+    return TaskManager(
+        include_path=str(directory) if directory is not None else None, include_defaults=include_defaults
+    )

@@ -39,13 +39,22 @@ COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
 RESULTS_FILE = "results.csv"
 
 
-def row(metric: str, value: float, *, method: str = "", eps: float | None = None,
-        head: int | str | None = None, **extra: Any) -> dict[str, Any]:
+def row(
+    metric: str,
+    value: float,
+    *,
+    method: str = "",
+    eps: float | None = None,
+    head: int | str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One result row; `model` and `stage` are filled in by the runner."""
     return {"method": method, "eps": eps, "head": head, "metric": metric, "value": float(value), **extra}
 
 
-def to_frame(rows: Iterable[dict[str, Any]], model: str | None = None, stage: str | None = None) -> pd.DataFrame:
+def to_frame(
+    rows: Iterable[dict[str, Any]], model: str | None = None, stage: str | None = None
+) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows))
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -103,11 +112,21 @@ def print_table(frame: pd.DataFrame, title: str = "results", max_rows: int = 80)
     )
     table = Table(title=f"{title} ({len(frame)} rows; full table in results.csv)")
     for column in ["model", "stage", "method", "metric", "n", "value (median)", "min", "max"]:
-        table.add_column(column, justify="right" if column in ("n", "value (median)", "min", "max") else "left")
+        table.add_column(
+            column, justify="right" if column in ("n", "value (median)", "min", "max") else "left"
+        )
     for record in grouped.head(max_rows).itertuples(index=False):
         single = record.count == 1
-        table.add_row(record.model, record.stage, _fmt(record.method), record.metric, str(record.count),
-                      _fmt(record.median), "" if single else _fmt(record.min), "" if single else _fmt(record.max))
+        table.add_row(
+            record.model,
+            record.stage,
+            _fmt(record.method),
+            record.metric,
+            str(record.count),
+            _fmt(record.median),
+            "" if single else _fmt(record.min),
+            "" if single else _fmt(record.max),
+        )
     if len(grouped) > max_rows:
         table.caption = f"... {len(grouped) - max_rows} more groups in results.csv"
     Console(width=160).print(table)

@@ -168,14 +168,24 @@ class Runner:
         stage = self.known[name]
         log.info("stage %-10s %s: computing (key %s)", name, self.model, key)
         started = time.time()
-        record = {"config": self.key_configs[name], "upstream": {up: self.keys[up] for up in inputs},
-                  "seed": int(self.cfg.seed)}
+        record = {
+            "config": self.key_configs[name],
+            "upstream": {up: self.keys[up] for up in inputs},
+            "seed": int(self.cfg.seed),
+        }
         torch.manual_seed(int(self.cfg.seed))
         resumable = getattr(stage, "resumable", False)
         with self.store.writing(name, self.model, key, record, resumable=resumable) as (work_dir, rec):
             with make_tracker(self.cfg, name, self.group) as tracker:
-                ctx = StageContext(cfg=self.cfg, out_dir=work_dir, inputs=inputs, device=self.device,
-                                   tracker=tracker, progress=bool(self.cfg.get("progress", True)), key=key)
+                ctx = StageContext(
+                    cfg=self.cfg,
+                    out_dir=work_dir,
+                    inputs=inputs,
+                    device=self.device,
+                    tracker=tracker,
+                    progress=bool(self.cfg.get("progress", True)),
+                    key=key,
+                )
                 output = stage.run(ctx)
                 frame = to_frame(output.rows, model=self.model, stage=name)
                 frame.to_csv(work_dir / RESULTS_FILE, index=False)
@@ -205,8 +215,10 @@ class Runner:
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             results.to_csv(run_dir / RESULTS_FILE, index=False)
-        print_table(results, title=f"{self.model}: " + ", ".join(f"{n} ({self.status.get(n, '?')})"
-                                                                   for n in self.requested))
+        print_table(
+            results,
+            title=f"{self.model}: " + ", ".join(f"{n} ({self.status.get(n, '?')})" for n in self.requested),
+        )
         return results
 
 

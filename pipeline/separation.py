@@ -70,7 +70,9 @@ def aurc(scores: np.ndarray, correct: np.ndarray) -> float:
     return float((widths * risk).sum())
 
 
-def sample_risk_coverage(scores: np.ndarray, correct: np.ndarray, n_points: int = 101) -> tuple[np.ndarray, np.ndarray]:
+def sample_risk_coverage(
+    scores: np.ndarray, correct: np.ndarray, n_points: int = 101
+) -> tuple[np.ndarray, np.ndarray]:
     """The curve at fixed coverage levels linspace(0, 1, n_points), compact enough to store per head/metric.
 
     Risk at coverage q is that of the smallest threshold set reaching coverage >= q (NaN where q exceeds

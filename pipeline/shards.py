@@ -42,7 +42,9 @@ class ShardWriter:
     def add(self, hidden: torch.Tensor, tokens: torch.Tensor) -> None:
         """hidden: [n, n_slots, d_model] (any float dtype); tokens: [n]."""
         if hidden.shape[1:] != (self.n_slots, self.d_model):
-            raise ValueError(f"expected hidden rows of shape (*, {self.n_slots}, {self.d_model}), got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"expected hidden rows of shape (*, {self.n_slots}, {self.d_model}), got {tuple(hidden.shape)}"
+            )
         with np.errstate(over="ignore"):  # overflow is reported below, with the fix
             as_fp16 = hidden.detach().to("cpu", torch.float32).numpy().astype(STORE_DTYPE)
         if not np.isfinite(as_fp16).all():
@@ -62,19 +64,30 @@ class ShardWriter:
         hidden_file, tokens_file = f"hidden_{k:05d}.npy", f"tokens_{k:05d}.npy"
         np.save(self.directory / hidden_file, hidden[:n])
         np.save(self.directory / tokens_file, tokens[:n])
-        self.shards.append({
-            "hidden": hidden_file, "tokens": tokens_file, "n_tokens": int(n),
-            "sha256": {hidden_file: file_sha256(self.directory / hidden_file),
-                       tokens_file: file_sha256(self.directory / tokens_file)},
-        })
+        self.shards.append(
+            {
+                "hidden": hidden_file,
+                "tokens": tokens_file,
+                "n_tokens": int(n),
+                "sha256": {
+                    hidden_file: file_sha256(self.directory / hidden_file),
+                    tokens_file: file_sha256(self.directory / tokens_file),
+                },
+            }
+        )
         self._hidden, self._tokens = [hidden[n:]], [tokens[n:]]
         self._buffered = len(hidden) - n
 
     def close(self) -> dict:
         if self._buffered:
             self._flush(self._buffered)
-        index = {"n_slots": self.n_slots, "d_model": self.d_model, "dtype": "float16",
-                 "n_tokens": sum(s["n_tokens"] for s in self.shards), "shards": self.shards}
+        index = {
+            "n_slots": self.n_slots,
+            "d_model": self.d_model,
+            "dtype": "float16",
+            "n_tokens": sum(s["n_tokens"] for s in self.shards),
+            "shards": self.shards,
+        }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=1))
         return index
 

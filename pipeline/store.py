@@ -35,8 +35,19 @@ log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS.json"
 KEY_LENGTH = 12
-TRACKED_PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "datasets", "tokenizers", "lm_eval",
-                    "numpy", "pandas", "wandb", "safetensors")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "lightning",
+    "hydra-core",
+    "datasets",
+    "tokenizers",
+    "lm_eval",
+    "numpy",
+    "pandas",
+    "wandb",
+    "safetensors",
+)
 
 
 class StageOutputError(RuntimeError):
@@ -45,8 +56,9 @@ class StageOutputError(RuntimeError):
 
 def stage_key(stage: str, key_config: Any, upstream_keys: dict[str, str]) -> str:
     """Hash of the stage's own config subtree plus its upstream stages' keys."""
-    payload = json.dumps({"stage": stage, "config": key_config, "upstream": upstream_keys},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"stage": stage, "config": key_config, "upstream": upstream_keys}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
@@ -63,10 +75,16 @@ def package_versions() -> dict[str, str]:
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -77,14 +95,17 @@ def checksum_tree(directory: Path) -> dict[str, dict[str, Any]]:
     sums = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != SUCCESS_FILE:
-            sums[path.relative_to(directory).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            sums[path.relative_to(directory).as_posix()] = {
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+            }
     return sums
 
 
 @dataclass
 class StageStore:
     root: Path
-    lock_timeout_s: float = -1   # wait forever for another process by default
+    lock_timeout_s: float = -1  # wait forever for another process by default
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -98,7 +119,9 @@ class StageStore:
     def record(self, stage: str, model: str, key: str) -> dict[str, Any]:
         path = self.entry(stage, model, key) / SUCCESS_FILE
         if not path.is_file():
-            raise StageOutputError(f"stage {stage!r} has no finished output at {path.parent}; run stages=[{stage}]")
+            raise StageOutputError(
+                f"stage {stage!r} has no finished output at {path.parent}; run stages=[{stage}]"
+            )
         return json.loads(path.read_text())
 
     def verify(self, stage: str, model: str, key: str, full: bool = True) -> None:
@@ -135,8 +158,9 @@ class StageStore:
             lock.release()
 
     @contextmanager
-    def writing(self, stage: str, model: str, key: str, record: dict[str, Any],
-                resumable: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def writing(
+        self, stage: str, model: str, key: str, record: dict[str, Any], resumable: bool = False
+    ) -> Iterator[tuple[Path, dict[str, Any]]]:
         """Yield (work directory, mutable record). On normal exit the record gets checksums and timings and
         the directory is published atomically; on an exception nothing is published. Call under `lock`."""
         final = self.entry(stage, model, key)
@@ -146,14 +170,18 @@ class StageStore:
         partial.mkdir(parents=True, exist_ok=True)
         started = time.time()
         yield partial, record
-        record.update({
-            "stage": stage, "model": model, "key": key,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(time.time() - started, 3),
-            "versions": package_versions(),
-            "git_revision": git_revision(),
-            "host": platform.node(),
-        })
+        record.update(
+            {
+                "stage": stage,
+                "model": model,
+                "key": key,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                "seconds": round(time.time() - started, 3),
+                "versions": package_versions(),
+                "git_revision": git_revision(),
+                "host": platform.node(),
+            }
+        )
         record["files"] = checksum_tree(partial)
         (partial / SUCCESS_FILE).write_text(json.dumps(record, indent=2, default=str))
         if final.exists():

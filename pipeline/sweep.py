@@ -48,7 +48,7 @@ class Job:
 
     path: Path
     num: int
-    overrides: dict[str, str]     # this job's command-line/sweep overrides, key -> value string
+    overrides: dict[str, str]  # this job's command-line/sweep overrides, key -> value string
     seed: int | None
     model: str | None
 
@@ -80,13 +80,15 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
         hydra_cfg = _read_yaml(hydra_dir / "hydra.yaml") or {}
         config = _read_yaml(hydra_dir / "config.yaml") or {}
         num = (hydra_cfg.get("hydra", {}).get("job", {}) or {}).get("num")
-        jobs.append(Job(
-            path=job_dir,
-            num=int(num) if num is not None else len(jobs),
-            overrides=_parse_overrides(_read_yaml(hydra_dir / "overrides.yaml")),
-            seed=config.get("seed"),
-            model=(config.get("model") or {}).get("name"),
-        ))
+        jobs.append(
+            Job(
+                path=job_dir,
+                num=int(num) if num is not None else len(jobs),
+                overrides=_parse_overrides(_read_yaml(hydra_dir / "overrides.yaml")),
+                seed=config.get("seed"),
+                model=(config.get("model") or {}).get("name"),
+            )
+        )
     return sorted(jobs, key=lambda job: (job.num, job.name))
 
 
@@ -104,7 +106,8 @@ def _variant_labels(jobs: list[Job], swept: list[str]) -> dict[str, str]:
     for job in jobs:
         extra = [f"{k.split('.')[-1]}={job.overrides[k]}" for k in swept if k in job.overrides]
         labels[job.name] = str(job.model or job.overrides.get("model", job.name)) + (
-            f" [{', '.join(extra)}]" if extra else "")
+            f" [{', '.join(extra)}]" if extra else ""
+        )
     return labels
 
 
@@ -124,10 +127,18 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for job in jobs:
         path = job.path / RESULTS_FILE
         frame = read_results(path) if path.is_file() and path.stat().st_size > 0 else None
-        status.append({"job": job.name, "job_num": job.num, "variant": labels[job.name], "model": job.model,
-                       "seed": job.seed, "status": "missing" if frame is None else "ok",
-                       "rows": 0 if frame is None else len(frame),
-                       "overrides": " ".join(f"{k}={v}" for k, v in job.overrides.items())})
+        status.append(
+            {
+                "job": job.name,
+                "job_num": job.num,
+                "variant": labels[job.name],
+                "model": job.model,
+                "seed": job.seed,
+                "status": "missing" if frame is None else "ok",
+                "rows": 0 if frame is None else len(frame),
+                "overrides": " ".join(f"{k}={v}" for k, v in job.overrides.items()),
+            }
+        )
         if frame is None or frame.empty:
             continue
         if "head" in frame:
@@ -135,8 +146,9 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         meta = {"job": job.name, "job_num": job.num, "variant": labels[job.name], "seed": job.seed}
         meta.update({_column_name(k): job.overrides.get(k) for k in swept})
         frames.append(frame.assign(**meta))
-    jobs_frame = pd.DataFrame(status, columns=["job", "job_num", "variant", "model", "seed", "status", "rows",
-                                               "overrides"])
+    jobs_frame = pd.DataFrame(
+        status, columns=["job", "job_num", "variant", "model", "seed", "status", "rows", "overrides"]
+    )
     if not frames:
         return pd.DataFrame(columns=JOB_COLUMNS + COLUMNS), jobs_frame
     summary = pd.concat(frames, ignore_index=True)
@@ -159,8 +171,11 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for column in out.columns:
         if out[column].dtype == object:
-            out[column] = out[column].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
-                                          else str(v)).astype("string")
+            out[column] = (
+                out[column]
+                .map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+                .astype("string")
+            )
     return out
 
 
@@ -206,9 +221,16 @@ def variant_order(summary: pd.DataFrame) -> list[str]:
     params = summary[(summary["stage"] == "backbone") & (summary["metric"] == "n_params")]
     measured = params.groupby("variant")["value"].max().to_dict()
     variants = summary.drop_duplicates("variant")[["variant", "model", "job_num"]]
-    return [v for v, *_ in sorted(
-        ((r.variant, measured.get(r.variant, size_of(r.model)), r.job_num) for r in variants.itertuples()),
-        key=lambda t: (t[1], t[2]))]
+    return [
+        v
+        for v, *_ in sorted(
+            (
+                (r.variant, measured.get(r.variant, size_of(r.model)), r.job_num)
+                for r in variants.itertuples()
+            ),
+            key=lambda t: (t[1], t[2]),
+        )
+    ]
 
 
 @dataclass(frozen=True)
@@ -218,12 +240,12 @@ class Selector:
     label: str
     stage: str
     metric: str
-    method: str | None = None       # None: any method
-    eps: float | None = None        # None: any ε; otherwise the present ε closest to it
-    head: str | None = None         # None: any head
-    reduce: str = "mean"            # mean | max | min over the matching rows (heads, tasks, ε)
-    metric_prefix: bool = False     # metric is a prefix (acc/<task>: mean over tasks)
-    scale: float = 1.0              # shown value = value × scale
+    method: str | None = None  # None: any method
+    eps: float | None = None  # None: any ε; otherwise the present ε closest to it
+    head: str | None = None  # None: any head
+    reduce: str = "mean"  # mean | max | min over the matching rows (heads, tasks, ε)
+    metric_prefix: bool = False  # metric is a prefix (acc/<task>: mean over tasks)
+    scale: float = 1.0  # shown value = value × scale
 
     def pick(self, frame: pd.DataFrame) -> pd.Series:
         sel = frame[frame["stage"] == self.stage]
@@ -251,25 +273,62 @@ COMPARISON: tuple[Selector, ...] = (
     Selector("head agreement with full model (mean)", "heads", "agree", method="trained"),
     Selector("AUROC entropy (mean over heads)", "metrics", "auroc", method="entropy"),
     Selector("AUROC max_prob (mean over heads)", "metrics", "auroc", method="max_prob"),
-    Selector("calibrated accuracy @ε≈0.9 (empirical)", "calibrate", "accuracy", method="empirical", eps=0.9,
-             head="all"),
-    Selector("calibrated coverage @ε≈0.9 (empirical)", "calibrate", "coverage", method="empirical", eps=0.9,
-             head="all"),
-    Selector("benchmark accuracy, full model (mean over tasks)", "early_exit", "acc/", method="full",
-             metric_prefix=True),
-    Selector("benchmark accuracy @ε≈0.9 (mean over tasks)", "early_exit", "acc/", method="empirical", eps=0.9,
-             metric_prefix=True),
-    Selector("compute fraction @ε≈0.9 (mean over tasks)", "early_exit", "compute_frac/", method="empirical",
-             eps=0.9, metric_prefix=True),
+    Selector(
+        "calibrated accuracy @ε≈0.9 (empirical)",
+        "calibrate",
+        "accuracy",
+        method="empirical",
+        eps=0.9,
+        head="all",
+    ),
+    Selector(
+        "calibrated coverage @ε≈0.9 (empirical)",
+        "calibrate",
+        "coverage",
+        method="empirical",
+        eps=0.9,
+        head="all",
+    ),
+    Selector(
+        "benchmark accuracy, full model (mean over tasks)",
+        "early_exit",
+        "acc/",
+        method="full",
+        metric_prefix=True,
+    ),
+    Selector(
+        "benchmark accuracy @ε≈0.9 (mean over tasks)",
+        "early_exit",
+        "acc/",
+        method="empirical",
+        eps=0.9,
+        metric_prefix=True,
+    ),
+    Selector(
+        "compute fraction @ε≈0.9 (mean over tasks)",
+        "early_exit",
+        "compute_frac/",
+        method="empirical",
+        eps=0.9,
+        metric_prefix=True,
+    ),
     Selector("DSSD acceptance rate (best ε)", "decoding", "acceptance_rate", method="dssd", reduce="max"),
-    Selector("LayerSkip acceptance rate (tuned)", "decoding", "acceptance_rate", method="layerskip",
-             reduce="max"),
-    Selector("DSSD / LayerSkip acceptance (best ε)", "decoding", "acceptance_ratio",
-             method="dssd_vs_layerskip", reduce="max"),
-    Selector("DSSD speedup vs generate (best ε)", "decoding", "speedup_vs_generate", method="dssd",
-             reduce="max"),
-    Selector("LayerSkip speedup vs generate", "decoding", "speedup_vs_generate", method="layerskip",
-             reduce="max"),
+    Selector(
+        "LayerSkip acceptance rate (tuned)", "decoding", "acceptance_rate", method="layerskip", reduce="max"
+    ),
+    Selector(
+        "DSSD / LayerSkip acceptance (best ε)",
+        "decoding",
+        "acceptance_ratio",
+        method="dssd_vs_layerskip",
+        reduce="max",
+    ),
+    Selector(
+        "DSSD speedup vs generate (best ε)", "decoding", "speedup_vs_generate", method="dssd", reduce="max"
+    ),
+    Selector(
+        "LayerSkip speedup vs generate", "decoding", "speedup_vs_generate", method="layerskip", reduce="max"
+    ),
 )
 
 
@@ -294,22 +353,25 @@ def print_comparison(table: pd.DataFrame, jobs: pd.DataFrame | None = None, titl
     console = Console(width=200)
     if jobs is not None and not jobs.empty:
         missing = jobs[jobs["status"] != "ok"]
-        console.print(f"[bold]{escape(title)}[/bold]: {len(jobs)} job(s), {len(jobs) - len(missing)} with results"
-                      + (f"; missing: {escape(', '.join(missing['job']))}" if len(missing) else ""))
+        console.print(
+            f"[bold]{escape(title)}[/bold]: {len(jobs)} job(s), {len(jobs) - len(missing)} with results"
+            + (f"; missing: {escape(', '.join(missing['job']))}" if len(missing) else "")
+        )
     if table.empty:
         console.print("no comparable rows yet")
         return
     out = Table(title=f"{escape(title)}: comparison across models", caption="full table: summary.csv")
     out.add_column("")
     for variant in table.columns:
-        out.add_column(escape(str(variant)), justify="right")   # "tiny [heads=mlp]" is not rich markup
+        out.add_column(escape(str(variant)), justify="right")  # "tiny [heads=mlp]" is not rich markup
     for label, values in table.iterrows():
         out.add_row(escape(str(label)), *("" if pd.isna(v) else f"{v:.4g}" for v in values))
     console.print(out)
 
 
-def summarize(sweep_dir: str | Path, report: bool = True, wandb_cfg: DictConfig | None = None,
-              group: str | None = None) -> pd.DataFrame:
+def summarize(
+    sweep_dir: str | Path, report: bool = True, wandb_cfg: DictConfig | None = None, group: str | None = None
+) -> pd.DataFrame:
     """Write the summary files, print the comparison and (optionally) build the report. Returns the summary."""
     sweep_dir = Path(sweep_dir)
     summary, jobs = write_summary(sweep_dir)
@@ -339,8 +401,9 @@ class SweepSummaryCallback(Callback):
             wandb_cfg = None
             if logger_cfg is not None and logger_cfg.get("enabled", False):
                 # The report's W&B runs go where the stages' runs are (same directory, project and group).
-                wandb_cfg = OmegaConf.create({**OmegaConf.to_container(logger_cfg, resolve=True),
-                                              "dir": str(config.paths.wandb)})
+                wandb_cfg = OmegaConf.create(
+                    {**OmegaConf.to_container(logger_cfg, resolve=True), "dir": str(config.paths.wandb)}
+                )
             group = str((logger_cfg or {}).get("group") or sweep_dir.name)
             summarize(sweep_dir, report=self.report, wandb_cfg=wandb_cfg, group=group)
         except Exception:  # noqa: BLE001 - a summary failure must not hide that every job finished
@@ -350,8 +413,14 @@ class SweepSummaryCallback(Callback):
 # --- estimating disk and GPU time ------------------------------------------------------------------------
 
 # Pythia parameter counts (total, from the model cards) and vocabulary (padded unembedding rows).
-PYTHIA_PARAMS = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944, "pythia-410m": 405_334_016,
-                 "pythia-1b": 1_011_781_632, "pythia-1.4b": 1_414_647_808, "pythia-2.8b": 2_775_208_960}
+PYTHIA_PARAMS = {
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-2.8b": 2_775_208_960,
+}
 PYTHIA_VOCAB = 50_304
 # Assumed sustained throughput on one A100-80GB: 40 % of the dense peak (312 TFLOP/s bf16, 156 TF32).
 ASSUMED_TFLOPS = {"bfloat16": 125.0, "float16": 125.0, "float32": 62.0}
@@ -382,8 +451,11 @@ def estimate(cfg: DictConfig) -> dict[str, float]:
     flops = {
         "extract": 2 * n_params * tokens,
         "heads": head_flops * (1 + 3 * n_heads) * int(cfg.heads.max_steps) * int(cfg.heads.batch_tokens),
-        "metrics+calibrate": head_flops * (1 + n_heads) * (budgets.get("validation", 0) + budgets.get("test", 0)),
-        "early_exit": (2 * n_params + head_flops * n_heads) * SUITE_TOKENS
+        "metrics+calibrate": head_flops
+        * (1 + n_heads)
+        * (budgets.get("validation", 0) + budgets.get("test", 0)),
+        "early_exit": (2 * n_params + head_flops * n_heads)
+        * SUITE_TOKENS
         * (1 + len(cfg.evaluate.eps) * len(cfg.evaluate.methods)),
     }
     tflops = ASSUMED_TFLOPS.get(str(cfg.model.dtype), 62.0) * 1e12
@@ -395,11 +467,15 @@ def estimate(cfg: DictConfig) -> dict[str, float]:
     gen_tokens += n_heads * len(dec.layerskip_d) * int(dec.n_tune_prompts) * int(dec.max_new_tokens)
     hours["decoding"] = gen_tokens * n_layers * MS_PER_BLOCK_TOKEN / 1000 / 3600
     # Reading and writing shards overlaps compute only partly; count it in full (an upper bound).
-    io_bytes = per_token_bytes * (tokens + int(cfg.heads.max_steps) * int(cfg.heads.batch_tokens)
-                                  + budgets.get("validation", 0) + budgets.get("test", 0))
+    io_bytes = per_token_bytes * (
+        tokens
+        + int(cfg.heads.max_steps) * int(cfg.heads.batch_tokens)
+        + budgets.get("validation", 0)
+        + budgets.get("test", 0)
+    )
     hours["shard_io"] = io_bytes / (DISK_GB_PER_S * 1e9) / 3600
-    heads_bytes = n_heads * d * PYTHIA_VOCAB * 4      # fp32 head weights
-    model_bytes = n_params * 2                         # fp16 checkpoint in the HF cache
+    heads_bytes = n_heads * d * PYTHIA_VOCAB * 4  # fp32 head weights
+    model_bytes = n_params * 2  # fp16 checkpoint in the HF cache
     return {
         "bytes_per_token": per_token_bytes,
         "extract_tokens": tokens,
@@ -418,7 +494,7 @@ def estimate_table(models: Sequence[str] | None = None, experiment: str = "full_
 
     from pipeline.__main__ import CONFIG_DIR
 
-    os.environ.setdefault("PIPELINE_OUTPUTS", "outputs")   # paths need no Hydra runtime here
+    os.environ.setdefault("PIPELINE_OUTPUTS", "outputs")  # paths need no Hydra runtime here
     rows = {}
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
@@ -430,8 +506,19 @@ def estimate_table(models: Sequence[str] | None = None, experiment: str = "full_
 
 
 def print_estimates(table: pd.DataFrame) -> None:
-    columns = ["bytes_per_token", "extract_tokens", "extract_gb", "other_gb", "extract_h", "heads_h",
-               "metrics+calibrate_h", "early_exit_h", "decoding_h", "shard_io_h", "total_h"]
+    columns = [
+        "bytes_per_token",
+        "extract_tokens",
+        "extract_gb",
+        "other_gb",
+        "extract_h",
+        "heads_h",
+        "metrics+calibrate_h",
+        "early_exit_h",
+        "decoding_h",
+        "shard_io_h",
+        "total_h",
+    ]
     shown = table[columns].copy()
     shown["extract_tokens"] = (shown["extract_tokens"] / 1e6).map(lambda v: f"{v:.1f}M")
     print("ESTIMATE (not measured): A100-80GB at 40% of peak; see pipeline.sweep.estimate")
@@ -450,8 +537,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="a Hydra multirun directory")
     parser.add_argument("--no-report", action="store_true", help="write the summary only")
-    parser.add_argument("--estimate", action="store_true",
-                        help="print disk and GPU-time estimates for the full_sweep sizes and exit")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print disk and GPU-time estimates for the full_sweep sizes and exit",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.estimate:

@@ -79,13 +79,16 @@ def resolve_tiny_config(tiny_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown model.tiny key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **dict(tiny_cfg)}
     if cfg["d_model"] % cfg["num_attention_heads"]:
-        raise ValueError(f"d_model={cfg['d_model']} is not divisible by num_attention_heads="
-                         f"{cfg['num_attention_heads']}")
+        raise ValueError(
+            f"d_model={cfg['d_model']} is not divisible by num_attention_heads={cfg['num_attention_heads']}"
+        )
     if cfg["precision"] not in ("fp32", "bf16-mixed"):
         raise ValueError(f"model.tiny.precision must be 'fp32' or 'bf16-mixed', got {cfg['precision']!r}")
     if cfg["seq_len"] > cfg["max_position_embeddings"]:
-        raise ValueError(f"model.tiny.seq_len={cfg['seq_len']} exceeds max_position_embeddings="
-                         f"{cfg['max_position_embeddings']}")
+        raise ValueError(
+            f"model.tiny.seq_len={cfg['seq_len']} exceeds max_position_embeddings="
+            f"{cfg['max_position_embeddings']}"
+        )
     return cfg
 
 
@@ -101,8 +104,9 @@ def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
         yield text
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 2,
-                    model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterator[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2/Pythia style) trained on `texts`, as a `PreTrainedTokenizerFast`.
 
     Byte-level means no unknown tokens ever, so `<|endoftext|>` can double as bos/eos/pad/unk exactly as in
@@ -192,9 +196,12 @@ def _optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Ad
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(cfg["lr"]), betas=tuple(float(b) for b in cfg["betas"]),
+        [
+            {"params": decay, "weight_decay": float(cfg["weight_decay"])},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=float(cfg["lr"]),
+        betas=tuple(float(b) for b in cfg["betas"]),
     )
 
 
@@ -244,8 +251,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate_lm(model: GPTNeoXForCausalLM, blocks: torch.Tensor, batch_size: int = 64,
-                progress: bool = False) -> dict[str, Any]:
+def evaluate_lm(
+    model: GPTNeoXForCausalLM, blocks: torch.Tensor, batch_size: int = 64, progress: bool = False
+) -> dict[str, Any]:
     """Held-out loss/perplexity and the logit lens: how often each block's output, put through the final
     LayerNorm and the unembedding, has the same argmax as the full model.
 
@@ -260,7 +268,7 @@ def evaluate_lm(model: GPTNeoXForCausalLM, blocks: torch.Tensor, batch_size: int
     nll_sum, n_pred, n_tok = 0.0, 0, 0
     agree = torch.zeros(n_layers - 1, dtype=torch.long)
     for start in tqdm(range(0, len(blocks), batch_size), desc="eval", disable=not progress, leave=False):
-        batch = blocks[start:start + batch_size]
+        batch = blocks[start : start + batch_size]
         out = model(input_ids=batch, output_hidden_states=True)
         logits = out.logits.float()
         nll_sum += torch.nn.functional.cross_entropy(
@@ -287,8 +295,9 @@ def evaluate_lm(model: GPTNeoXForCausalLM, blocks: torch.Tensor, batch_size: int
 # --- pretraining -----------------------------------------------------------------------------------------------
 
 
-def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir: Path,
-                        progress: bool = True) -> dict[str, Any]:
+def pretrain_tiny_model(
+    tiny_cfg: Mapping[str, Any], source: TextSource, out_dir: Path, progress: bool = True
+) -> dict[str, Any]:
     """Train the tokenizer and the model on `source`'s train split, evaluate on its validation split, and
     `save_pretrained` both into `out_dir` (created), so `load_backbone(out_dir)` loads them.
 
@@ -313,26 +322,52 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
         t0 = time.perf_counter()
         # `train_tokens` counts tokens *processed*. A split smaller than that (a newer Python ships a
         # smaller stdlib) is cycled through again rather than failing the default run.
-        train = token_blocks(source, tokenizer, "train", int(cfg["train_tokens"]), seq_len,
-                             budget_key="model.tiny.train_tokens", allow_short=True)
-        val = token_blocks(source, tokenizer, "validation", int(cfg["eval_tokens"]), seq_len,
-                           budget_key="model.tiny.eval_tokens")
+        train = token_blocks(
+            source,
+            tokenizer,
+            "train",
+            int(cfg["train_tokens"]),
+            seq_len,
+            budget_key="model.tiny.train_tokens",
+            allow_short=True,
+        )
+        val = token_blocks(
+            source,
+            tokenizer,
+            "validation",
+            int(cfg["eval_tokens"]),
+            seq_len,
+            budget_key="model.tiny.eval_tokens",
+        )
         tokenize_seconds = time.perf_counter() - t0
-        log.info("data: %d train blocks, %d validation blocks of %d tokens (%.1fs)",
-                 len(train), len(val), seq_len, tokenize_seconds)
+        log.info(
+            "data: %d train blocks, %d validation blocks of %d tokens (%.1fs)",
+            len(train),
+            len(val),
+            seq_len,
+            tokenize_seconds,
+        )
 
         torch.manual_seed(int(cfg["seed"]))
         model = build_model(cfg, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("model: GPT-NeoX %d layers, d_model %d, %.2fM parameters",
-                 cfg["num_layers"], cfg["d_model"], n_params / 1e6)
+        log.info(
+            "model: GPT-NeoX %d layers, d_model %d, %.2fM parameters",
+            cfg["num_layers"],
+            cfg["d_model"],
+            n_params / 1e6,
+        )
 
         batch_size = int(cfg["batch_size"])
         total_steps = max(1, int(cfg["train_tokens"]) // (batch_size * seq_len))
         epochs = total_steps * batch_size / len(train)
         if epochs > 1.0:
-            log.info("train split holds %d tokens: %.2f passes over it for model.tiny.train_tokens=%d",
-                     train.numel(), epochs, int(cfg["train_tokens"]))
+            log.info(
+                "train split holds %d tokens: %.2f passes over it for model.tiny.train_tokens=%d",
+                train.numel(),
+                epochs,
+                int(cfg["train_tokens"]),
+            )
         optimizer = _optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -344,8 +379,10 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
         # CPUs with AVX512-BF16/AMX execute faster. Evaluation is always fp32.
         bf16 = cfg["precision"] == "bf16-mixed"
         if bf16 and not cpu_has_native_bf16():
-            log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): pretraining will be slow; "
-                        "set model.tiny.precision=fp32")
+            log.warning(
+                "this CPU has no native bf16 (AVX512-BF16/AMX): pretraining will be slow; "
+                "set model.tiny.precision=fp32"
+            )
         losses: list[float] = []
         t0, cpu0 = time.perf_counter(), time.process_time()
         bar = tqdm(total=total_steps, desc="pretrain tiny", unit="step", disable=not progress)
@@ -366,8 +403,14 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
                 bar.set_postfix(loss=f"{recent:.3f}", tok_s=f"{tok_s:.0f}")
                 # Also in the log (every ~10% of training), for runs without a terminal.
                 if len(losses) % max(10, total_steps // 10 // 10 * 10) == 0:
-                    log.info("step %d/%d: loss %.3f, lr %.2e, %.0f tok/s", len(losses), total_steps,
-                             recent, scheduler.get_last_lr()[0], tok_s)
+                    log.info(
+                        "step %d/%d: loss %.3f, lr %.2e, %.0f tok/s",
+                        len(losses),
+                        total_steps,
+                        recent,
+                        scheduler.get_last_lr()[0],
+                        tok_s,
+                    )
         bar.close()
         train_seconds = time.perf_counter() - t0
         # CPU time next to wall time, to tell a slow run from a crowded machine. Not a clean substitute:
@@ -379,7 +422,7 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
         evaluation = evaluate_lm(model, val, batch_size=int(cfg["eval_batch_size"]), progress=progress)
         eval_seconds = time.perf_counter() - t0
 
-    tail = losses[-min(20, len(losses)):]
+    tail = losses[-min(20, len(losses)) :]
     metrics: dict[str, Any] = {
         "n_params": n_params,
         "n_layers": int(cfg["num_layers"]),
@@ -402,9 +445,13 @@ def pretrain_tiny_model(tiny_cfg: Mapping[str, Any], source: TextSource, out_dir
         "corpus_fingerprint": source.fingerprint,
         "num_threads": int(cfg["num_threads"] or torch.get_num_threads()),
     }
-    log.info("pretrained in %.0fs (%.0f tok/s): held-out ppl %.2f; logit lens vs final: %s",
-             train_seconds, metrics["tokens_per_s"], metrics["val_ppl"],
-             ", ".join(f"block {b}: {a:.0%}" for b, a in metrics["logit_lens_agreement"].items()))
+    log.info(
+        "pretrained in %.0fs (%.0f tok/s): held-out ppl %.2f; logit lens vs final: %s",
+        train_seconds,
+        metrics["tokens_per_s"],
+        metrics["val_ppl"],
+        ", ".join(f"block {b}: {a:.0%}" for b, a in metrics["logit_lens_agreement"].items()),
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

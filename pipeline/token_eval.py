@@ -41,7 +41,7 @@ from pipeline.confidence import ConfidenceMetric, get_metric
 from pipeline.engine.stats import CostModel
 from pipeline.heads import EarlyExitHeads
 
-FULL = -1                      # exit index of a position the full model decides
+FULL = -1  # exit index of a position the full model decides
 FILL_POLICIES = ("lazy", "copy", "recompute")
 
 
@@ -65,8 +65,9 @@ class ExitPolicy:
             self.metric = get_metric(self.metric)
 
     @classmethod
-    def disabled(cls, heads: EarlyExitHeads, num_layers: int, cost: CostModel,
-                 metric: str = "entropy") -> ExitPolicy:
+    def disabled(
+        cls, heads: EarlyExitHeads, num_layers: int, cost: CostModel, metric: str = "entropy"
+    ) -> ExitPolicy:
         """The full model: every head disabled."""
         return cls(heads, [None] * len(heads), get_metric(metric), num_layers, cost)
 
@@ -97,8 +98,9 @@ class ExitPolicy:
         """Blocks run per exit outcome (same indexing as `exit_costs`)."""
         return torch.tensor([layer + 1 for layer in self.heads.layers] + [self.num_layers], dtype=torch.long)
 
-    def head_values(self, k: int, logits: torch.Tensor, hidden: torch.Tensor,
-                    prev_hidden: torch.Tensor | None) -> torch.Tensor:
+    def head_values(
+        self, k: int, logits: torch.Tensor, hidden: torch.Tensor, prev_hidden: torch.Tensor | None
+    ) -> torch.Tensor:
         """Metric values of head k. A hidden-state metric has no previous head at head 0: NaN (never exits),
         as in the calibration (pipeline/token_metrics.py)."""
         if self.metric.needs_hidden:
@@ -121,8 +123,9 @@ def exit_index(exit_head: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cascade_logits(hidden_states: Sequence[torch.Tensor], final_logits: torch.Tensor,
-                   policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+def cascade_logits(
+    hidden_states: Sequence[torch.Tensor], final_logits: torch.Tensor, policy: ExitPolicy
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Early-exit logits for every position of a batch, and the head each position exited at (FULL = -1).
 
     `hidden_states` is a Hugging Face `output_hidden_states` tuple (entry l + 1 = residual after block l).
@@ -232,9 +235,9 @@ class TokenEval:
     """Teacher-forced results of one policy under one KV fill policy."""
 
     fill: str
-    tokens: int                  # scored positions (each predicts the next token of its block)
-    agreement: float             # policy argmax == full model argmax
-    ppl: float                   # exp(mean NLL of the true next token under the policy's logits)
+    tokens: int  # scored positions (each predicts the next token of its block)
+    agreement: float  # policy argmax == full model argmax
+    ppl: float  # exp(mean NLL of the true next token under the policy's logits)
     exit_fractions: list[float]
     layer_equivalents_per_token: float
     full_cost: float
@@ -264,16 +267,26 @@ class _Totals:
         self.nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
 
     def result(self, fill: str, full_cost: float) -> TokenEval:
-        return TokenEval(fill=fill, tokens=self.scored, agreement=self.agree / max(self.scored, 1),
-                         ppl=math.exp(self.nll / max(self.scored, 1)),
-                         exit_fractions=(self.exits / max(self.positions, 1)).tolist(),
-                         layer_equivalents_per_token=self.cost / max(self.positions, 1), full_cost=full_cost)
+        return TokenEval(
+            fill=fill,
+            tokens=self.scored,
+            agreement=self.agree / max(self.scored, 1),
+            ppl=math.exp(self.nll / max(self.scored, 1)),
+            exit_fractions=(self.exits / max(self.positions, 1)).tolist(),
+            layer_equivalents_per_token=self.cost / max(self.positions, 1),
+            full_cost=full_cost,
+        )
 
 
 @torch.no_grad()
-def evaluate_tokens(model: nn.Module, blocks: torch.Tensor, policy: ExitPolicy,
-                    fills: Sequence[str] = FILL_POLICIES, batch_size: int = 8,
-                    device: str | torch.device = "cpu") -> dict[str, TokenEval]:
+def evaluate_tokens(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    policy: ExitPolicy,
+    fills: Sequence[str] = FILL_POLICIES,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, TokenEval]:
     """Token-level evaluation of `policy` on `blocks` [n, seq_len], one result per KV fill policy.
 
     Every position of a block is processed (and paid for); the last position has no next token in the block
@@ -289,7 +302,7 @@ def evaluate_tokens(model: nn.Module, blocks: torch.Tensor, policy: ExitPolicy,
     totals = {f: _Totals(n_heads) for f in fills}
     full_argmax_all = []
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device)
         out = model(input_ids=batch, output_hidden_states=True)
         full_argmax_all.append(out.logits[:, :-1].argmax(-1).cpu())
         if not exact:
@@ -310,16 +323,29 @@ def evaluate_tokens(model: nn.Module, blocks: torch.Tensor, policy: ExitPolicy,
     return {fill: totals[fill].result(fill, policy.full_cost) for fill in fills}
 
 
-def _evaluate_copy(model: nn.Module, blocks: torch.Tensor, policy: ExitPolicy, full_argmax: torch.Tensor,
-                   totals: _Totals, device: torch.device) -> None:
+def _evaluate_copy(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    policy: ExitPolicy,
+    full_argmax: torch.Tensor,
+    totals: _Totals,
+    device: torch.device,
+) -> None:
     """CALM state copying, token by token on the engine's block-wise adapter (exact K/V layout per layer)."""
     from pipeline.engine.adapters import adapter_for
     from pipeline.engine.cache import JaggedKVCache
 
     adapter = adapter_for(model)
     seq_len = blocks.shape[1]
-    cache = JaggedKVCache(adapter.num_layers, adapter.n_kv_heads, adapter.head_dim, adapter.d_model, seq_len,
-                          adapter.dtype, device)
+    cache = JaggedKVCache(
+        adapter.num_layers,
+        adapter.n_kv_heads,
+        adapter.head_dim,
+        adapter.d_model,
+        seq_len,
+        adapter.dtype,
+        device,
+    )
     adapter.rope_table(seq_len)
     head_at = {layer: k for k, layer in enumerate(policy.heads.layers)}
     head_dtype = next(policy.heads.parameters()).dtype
@@ -327,7 +353,7 @@ def _evaluate_copy(model: nn.Module, blocks: torch.Tensor, policy: ExitPolicy, f
     for row, tokens in enumerate(blocks.to(device)):
         row_logits = []
         for p in range(seq_len):
-            hidden = adapter.embed(tokens[p:p + 1])
+            hidden = adapter.embed(tokens[p : p + 1])
             prev_head_input: torch.Tensor | None = None
             logits, exited = None, FULL
             for i in range(n_layers):

@@ -44,8 +44,10 @@ def compute_token_metrics(
     if hasattr(unembedding, "get_output_embeddings"):  # a whole backbone was passed: take its lm_head
         unembedding = unembedding_of(unembedding)
     if reader.n_slots != len(heads) + 1:
-        raise ValueError(f"shards hold {reader.n_slots - 1} head slots but there are {len(heads)} heads: "
-                         "extraction and heads were made for different head layers")
+        raise ValueError(
+            f"shards hold {reader.n_slots - 1} head slots but there are {len(heads)} heads: "
+            "extraction and heads were made for different head layers"
+        )
     indices = np.arange(len(reader)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = torch.device(device)
     heads = heads.to(device).eval()
@@ -63,18 +65,23 @@ def compute_token_metrics(
             correct[rows, k] = (logits.argmax(-1) == teacher).cpu().numpy()
             for m in metric_objs:
                 if m.needs_hidden:
-                    value = (m(logits, head_hidden[:, k], head_hidden[:, k - 1]) if k > 0
-                             else torch.full((len(logits),), float("nan")))
+                    value = (
+                        m(logits, head_hidden[:, k], head_hidden[:, k - 1])
+                        if k > 0
+                        else torch.full((len(logits),), float("nan"))
+                    )
                 else:
                     value = m(logits)
                 values[m.name][rows, k] = value.float().cpu().numpy()
     # Head-major layout: all tokens of head 0, then head 1, ... (what `wide` relies on being cheap).
-    table = pd.DataFrame({
-        "token": np.tile(indices, n_heads),
-        "head": np.repeat(np.arange(n_heads, dtype=np.int16), len(indices)),
-        "layer": np.repeat(np.asarray(heads.layers, dtype=np.int16), len(indices)),
-        "correct": correct.T.ravel(),
-    })
+    table = pd.DataFrame(
+        {
+            "token": np.tile(indices, n_heads),
+            "head": np.repeat(np.arange(n_heads, dtype=np.int16), len(indices)),
+            "layer": np.repeat(np.asarray(heads.layers, dtype=np.int16), len(indices)),
+            "correct": correct.T.ravel(),
+        }
+    )
     for name, array in values.items():
         table[name] = array.T.ravel()
     return table
@@ -107,9 +114,17 @@ def auroc_table(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
         for name in metrics:
             metric = get_metric(name)
             score = metric.confidence(group[name].to_numpy(np.float64))  # plain negation: works on numpy too
-            rows.append({"head": int(head), "layer": int(layer), "metric": name, "auroc": auroc(score, correct),
-                         "aurc": aurc(score, correct), "accuracy": float(correct.mean()),
-                         "n": int((~np.isnan(score)).sum())})
+            rows.append(
+                {
+                    "head": int(head),
+                    "layer": int(layer),
+                    "metric": name,
+                    "auroc": auroc(score, correct),
+                    "aurc": aurc(score, correct),
+                    "accuracy": float(correct.mean()),
+                    "n": int((~np.isnan(score)).sum()),
+                }
+            )
     result = pd.DataFrame(rows)
     if result.empty:
         return result.assign(best=pd.Series(dtype=bool))

@@ -57,8 +57,11 @@ class WandbTracker(Tracker):
 
         mode = str(logger_cfg.mode)
         if mode == "online" and not _wandb_reachable():
-            log.warning("W&B online mode requested but api.wandb.ai is unreachable: logging offline instead "
-                        "(upload later with `wandb sync %s`)", directory)
+            log.warning(
+                "W&B online mode requested but api.wandb.ai is unreachable: logging offline instead "
+                "(upload later with `wandb sync %s`)",
+                directory,
+            )
             mode = "offline"
         directory.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")

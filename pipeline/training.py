@@ -36,15 +36,32 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 # Trainer arguments owned by this module (derived from heads_cfg / the call), not by conf/trainer.
 _RESERVED_TRAINER_KEYS = {
-    "max_steps", "max_epochs", "val_check_interval", "check_val_every_n_epoch", "callbacks", "logger",
-    "enable_progress_bar", "default_root_dir",
+    "max_steps",
+    "max_epochs",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "callbacks",
+    "logger",
+    "enable_progress_bar",
+    "default_root_dir",
 }
 # conf/trainer keys that are not Trainer arguments.
 _NON_TRAINER_KEYS = {"float32_matmul_precision"}
 _HEADS_DEFAULTS: dict[str, Any] = {
-    "head_type": "linear", "init": "unembedding", "mlp_ratio": 1.0, "lr": 1e-4, "weight_decay": 0.0,
-    "betas": [0.9, 0.999], "warmup_steps": 50, "min_lr_ratio": 0.0, "batch_tokens": 1024, "max_steps": 1500,
-    "val_tokens": 8192, "val_every_n_steps": 250, "checkpoint_every_n_steps": None, "num_workers": 0,
+    "head_type": "linear",
+    "init": "unembedding",
+    "mlp_ratio": 1.0,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.999],
+    "warmup_steps": 50,
+    "min_lr_ratio": 0.0,
+    "batch_tokens": 1024,
+    "max_steps": 1500,
+    "val_tokens": 8192,
+    "val_every_n_steps": 250,
+    "checkpoint_every_n_steps": None,
+    "num_workers": 0,
     "eval_batch_tokens": 4096,
 }
 
@@ -139,8 +156,12 @@ def build_trainer(
     ckpt_dir = Path(ckpt_dir)
     every = int(hcfg["checkpoint_every_n_steps"] or hcfg["val_every_n_steps"])
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
-        every_n_train_steps=every, enable_version_counter=False,
+        dirpath=ckpt_dir,
+        filename="step{step}",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=every,
+        enable_version_counter=False,
     )
     all_callbacks: list[Callback] = [checkpoint, *callbacks]
     if progress:
@@ -195,8 +216,13 @@ def train_heads(
     L.seed_everything(seed, workers=True, verbose=False)
 
     data = HiddenStatesDataModule(
-        reader_dir, batch_tokens=hcfg["batch_tokens"], val_tokens=hcfg["val_tokens"], val_dir=val_dir,
-        num_workers=hcfg["num_workers"], seed=seed, val_batch_tokens=hcfg["eval_batch_tokens"],
+        reader_dir,
+        batch_tokens=hcfg["batch_tokens"],
+        val_tokens=hcfg["val_tokens"],
+        val_dir=val_dir,
+        num_workers=hcfg["num_workers"],
+        seed=seed,
+        val_batch_tokens=hcfg["eval_batch_tokens"],
         pin_memory=_plain(trainer_cfg).get("accelerator") in ("gpu", "cuda"),
     )
     if data.n_heads != len(head_layers):
@@ -205,20 +231,34 @@ def train_heads(
             f"requested ({list(head_layers)}): extract and heads configs disagree"
         )
     heads = EarlyExitHeads.from_backbone(
-        backbone, list(head_layers), head_type=hcfg["head_type"], init=hcfg["init"],
-        mlp_ratio=hcfg["mlp_ratio"], backbone_id=backbone_id, backbone_revision=backbone_revision, seed=seed,
+        backbone,
+        list(head_layers),
+        head_type=hcfg["head_type"],
+        init=hcfg["init"],
+        mlp_ratio=hcfg["mlp_ratio"],
+        backbone_id=backbone_id,
+        backbone_revision=backbone_revision,
+        seed=seed,
     )
     if heads.spec.d_model != data.d_model:
         raise ValueError(f"shards have d_model={data.d_model}, the backbone {heads.spec.d_model}")
     unembed = unembedding_of(backbone)
     module = HeadsModule(
-        heads, unembed.weight, unembed.bias, lr=hcfg["lr"], weight_decay=hcfg["weight_decay"],
-        betas=tuple(hcfg["betas"]), warmup_steps=hcfg["warmup_steps"], max_steps=hcfg["max_steps"],
+        heads,
+        unembed.weight,
+        unembed.bias,
+        lr=hcfg["lr"],
+        weight_decay=hcfg["weight_decay"],
+        betas=tuple(hcfg["betas"]),
+        warmup_steps=hcfg["warmup_steps"],
+        max_steps=hcfg["max_steps"],
         min_lr_ratio=hcfg["min_lr_ratio"],
     )
 
     throughput = ThroughputMonitor(hcfg["batch_tokens"])
-    trainer = build_trainer(trainer_cfg, hcfg, ckpt_dir, logger=logger, progress=progress, callbacks=[throughput, *callbacks])
+    trainer = build_trainer(
+        trainer_cfg, hcfg, ckpt_dir, logger=logger, progress=progress, callbacks=[throughput, *callbacks]
+    )
     last = ckpt_dir / LAST_CHECKPOINT
     resume = str(last) if last.is_file() else None
     if resume:
@@ -235,7 +275,9 @@ def train_heads(
     # trainer.global_step is the truth in-process; under ddp_spawn the main process only gets the workers'
     # logged metrics back.
     steps = trainer.global_step or int(_float_or_none(trainer.callback_metrics.get("train/global_step")) or 0)
-    tokens_per_s = throughput.tokens_per_s or _float_or_none(trainer.callback_metrics.get("train/tokens_per_s"))
+    tokens_per_s = throughput.tokens_per_s or _float_or_none(
+        trainer.callback_metrics.get("train/tokens_per_s")
+    )
     tokens_per_step = hcfg["batch_tokens"] * trainer.world_size * trainer.accumulate_grad_batches
     # Both methods are scored on the validation slice the DataModule held out from training.
     eval_reader = ShardReader(val_dir if val_dir is not None else reader_dir)
@@ -300,8 +342,13 @@ def evaluate_heads(
     heads.to(home).train(was_training)
     n = n_total - start
     return [
-        {"head": i, "layer": int(layer), "kl": float(kl_sum[i] / n), "agree": float(agree_sum[i] / n),
-         "n_tokens": n}
+        {
+            "head": i,
+            "layer": int(layer),
+            "kl": float(kl_sum[i] / n),
+            "agree": float(agree_sum[i] / n),
+            "n_tokens": n,
+        }
         for i, layer in enumerate(heads.layers)
     ]
 

@@ -17,7 +17,9 @@ def check_eps(values: Iterable[float] | float, key: str = "eps") -> list[float]:
         values = [values]
     values = list(values)
     if not values:
-        raise ConfigError(f"{key}: the ε list is empty; give at least one target accuracy in (0, 1], e.g. [0.9]")
+        raise ConfigError(
+            f"{key}: the ε list is empty; give at least one target accuracy in (0, 1], e.g. [0.9]"
+        )
     out = []
     for eps in values:
         if isinstance(eps, bool | str):
@@ -82,7 +84,9 @@ def validate_config(cfg: DictConfig) -> None:
     from pipeline.backbone import DTYPES
 
     if str(model.get("dtype")) not in DTYPES:
-        raise ConfigError(f"model.dtype={model.get('dtype')!r} is not supported; choose one of {sorted(DTYPES)}")
+        raise ConfigError(
+            f"model.dtype={model.get('dtype')!r} is not supported; choose one of {sorted(DTYPES)}"
+        )
     seq_len = int(_require(cfg, "data.seq_len"))
     max_len = int(model.get("max_seq_len") or 0)
     if seq_len <= 0:
@@ -94,6 +98,10 @@ def validate_config(cfg: DictConfig) -> None:
         )
     for split, budget in _require(cfg, "data.budgets").items():
         if int(budget) < seq_len:
-            raise ConfigError(f"data.budgets.{split}={budget} is smaller than one sequence (data.seq_len={seq_len})")
+            raise ConfigError(
+                f"data.budgets.{split}={budget} is smaller than one sequence (data.seq_len={seq_len})"
+            )
     if model.source == "tiny" and not model.get("tiny"):
-        raise ConfigError("model.source=tiny needs a model.tiny block of pretraining settings (see conf/model/tiny.yaml)")
+        raise ConfigError(
+            "model.source=tiny needs a model.tiny block of pretraining settings (see conf/model/tiny.yaml)"
+        )

@@ -42,9 +42,17 @@ def tiny_gpt_neox(num_layers: int = 4, d_model: int = 32, vocab: int = 128, seed
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=num_layers,
-                           num_attention_heads=4, intermediate_size=4 * d_model, max_position_embeddings=256,
-                           rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d_model,
+        max_position_embeddings=256,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
     return GPTNeoXForCausalLM(config).eval()
 
 

@@ -53,11 +53,25 @@ def token_table(model: str, rng: np.random.Generator) -> pd.DataFrame:
         prob_margin = np.clip(max_prob * rng.uniform(0.3, 1.0, TOKENS_PER_HEAD), 0.0, 1.0)
         logit_margin = np.abs(rng.normal(np.where(correct, 2.0, 1.0), 1.2))
         # Saturation compares with the previous head's input: undefined at the first head.
-        saturation = (np.full(TOKENS_PER_HEAD, np.nan) if head == 0
-                      else np.clip(rng.normal(np.where(correct, 0.85, 0.8), 0.08), -1, 1))
-        parts.append(pd.DataFrame({"head": head, "layer": block, "correct": correct, "entropy": entropy,
-                                   "max_prob": max_prob, "prob_margin": prob_margin,
-                                   "logit_margin": logit_margin, "saturation": saturation}))
+        saturation = (
+            np.full(TOKENS_PER_HEAD, np.nan)
+            if head == 0
+            else np.clip(rng.normal(np.where(correct, 0.85, 0.8), 0.08), -1, 1)
+        )
+        parts.append(
+            pd.DataFrame(
+                {
+                    "head": head,
+                    "layer": block,
+                    "correct": correct,
+                    "entropy": entropy,
+                    "max_prob": max_prob,
+                    "prob_margin": prob_margin,
+                    "logit_margin": logit_margin,
+                    "saturation": saturation,
+                }
+            )
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -65,10 +79,27 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
     n_params, n_layers, blocks = MODELS[model]
     rows: list[dict] = []
 
-    def add(stage: str, metric: str, value: float, method: str = "", eps: float | None = None,
-            head: int | str | None = None, **extra: float) -> None:
-        rows.append({"model": model, "stage": stage, "method": method, "eps": eps, "head": head,
-                     "metric": metric, "value": float(value), **extra})
+    def add(
+        stage: str,
+        metric: str,
+        value: float,
+        method: str = "",
+        eps: float | None = None,
+        head: int | str | None = None,
+        **extra: float,
+    ) -> None:
+        rows.append(
+            {
+                "model": model,
+                "stage": stage,
+                "method": method,
+                "eps": eps,
+                "head": head,
+                "metric": metric,
+                "value": float(value),
+                **extra,
+            }
+        )
 
     add("backbone", "n_params", n_params)
     add("backbone", "val_ppl", 20.0 + rng.random(), method="pretrain")
@@ -81,14 +112,20 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
         depth = (block + 1) / n_layers
         add("heads", "agree", 0.35 + 0.55 * depth, method="trained", head=head, layer=block)
         add("heads", "kl", 2.5 * (1 - depth) + 0.1, method="trained", head=head, layer=block)
-        add("heads", "agree", 0.1 + 0.7 * depth ** 2, method="logit_lens", head=head, layer=block)
+        add("heads", "agree", 0.1 + 0.7 * depth**2, method="logit_lens", head=head, layer=block)
         add("heads", "kl", 8.0 * (1 - depth) + 0.3, method="logit_lens", head=head, layer=block)
         on_head = tokens[tokens["head"] == head]
         correct = on_head["correct"].to_numpy()
         for metric in METRICS:
             score = on_head[metric].to_numpy()
-            add("metrics", "auroc", _auroc(-score if metric == "entropy" else score, correct), method=metric,
-                head=head, layer=block)
+            add(
+                "metrics",
+                "auroc",
+                _auroc(-score if metric == "entropy" else score, correct),
+                method=metric,
+                head=head,
+                layer=block,
+            )
     add("heads", "train_tokens_per_s", 1e5, method="trained")
 
     # Calibration: cascade exit fractions shrink and thresholds tighten as ε grows; LTT is stricter.
@@ -98,13 +135,23 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
             for head, block in enumerate(blocks):
                 depth = (block + 1) / n_layers
                 frac = strictness * (1 - eps) * 0.9 * depth
-                threshold = np.nan if (method == "ltt" and eps >= 0.99 and head == 0) else strictness * 3 * (1 - eps) * depth
+                threshold = (
+                    np.nan
+                    if (method == "ltt" and eps >= 0.99 and head == 0)
+                    else strictness * 3 * (1 - eps) * depth
+                )
                 add("calibrate", "threshold", threshold, method=method, eps=eps, head=head, layer=block)
                 add("calibrate", "exit_frac", frac, method=method, eps=eps, head=head, layer=block)
                 total += frac
             add("calibrate", "coverage", total, method=method, eps=eps, head="all")
-            add("calibrate", "accuracy", min(1.0, eps + (0.01 if method == "ltt" else -0.005)), method=method,
-                eps=eps, head="all")
+            add(
+                "calibrate",
+                "accuracy",
+                min(1.0, eps + (0.01 if method == "ltt" else -0.005)),
+                method=method,
+                eps=eps,
+                head="all",
+            )
 
     # Benchmarks: the full model, then each calibration method per ε.
     for task_i, task in enumerate(TASKS):
@@ -129,12 +176,18 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
                 common = {"method": fill, "eps": eps, "calibration": calibration}
                 add("early_exit", "agreement", eps - 0.02 * (fill == "copy"), **common)
                 add("early_exit", "ppl", 20 + 10 * (1 - eps), **common)
-                add("early_exit", "layer_equiv_per_token", n_layers * (0.5 + 0.5 * eps) + overhead + shift, **common)
+                add(
+                    "early_exit",
+                    "layer_equiv_per_token",
+                    n_layers * (0.5 + 0.5 * eps) + overhead + shift,
+                    **common,
+                )
                 add("early_exit", "compute_frac", 0.5 + 0.5 * eps, **common)
 
     # Decoding: greedy/generate references, DSSD and early exit per ε, tuned LayerSkip, oracle, and the grid.
-    def decode(method: str, eps: float | None, speedup: float, acc_rate: float, per_ver: float,
-               layer_equiv: float) -> None:
+    def decode(
+        method: str, eps: float | None, speedup: float, acc_rate: float, per_ver: float, layer_equiv: float
+    ) -> None:
         add("decoding", "tokens_per_s", 100 * speedup, method=method, eps=eps)
         add("decoding", "speedup_vs_generate", speedup, method=method, eps=eps)
         add("decoding", "layer_equiv_per_token", layer_equiv, method=method, eps=eps)
@@ -149,22 +202,44 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
     for head, block in enumerate(blocks):
         depth = (block + 1) / n_layers
         for draft_len in (1, 2, 4, 6, 8):
-            acc_rate = (0.3 + 0.6 * depth) * (0.97 ** draft_len)
+            acc_rate = (0.3 + 0.6 * depth) * (0.97**draft_len)
             per_ver = acc_rate * draft_len / (1 + 0.15 * draft_len)
             best_ls = max(best_ls, (per_ver, acc_rate))
-            for metric, value in (("acceptance_rate", acc_rate), ("accepted_per_verification", per_ver),
-                                  ("speedup_vs_generate", 0.8 + 0.3 * per_ver)):
-                add("decoding", metric, value, method="layerskip_grid", head=head, layer=block,
-                    draft_len=draft_len)
+            for metric, value in (
+                ("acceptance_rate", acc_rate),
+                ("accepted_per_verification", per_ver),
+                ("speedup_vs_generate", 0.8 + 0.3 * per_ver),
+            ):
+                add(
+                    "decoding",
+                    metric,
+                    value,
+                    method="layerskip_grid",
+                    head=head,
+                    layer=block,
+                    draft_len=draft_len,
+                )
     decode("layerskip", None, 0.8 + 0.3 * best_ls[0], best_ls[1], best_ls[0], n_layers * 0.8 + 6)
     for eps in EPS:
         acc_rate = min(0.98, best_ls[1] * (1.2 + 0.5 * eps))
         per_ver = best_ls[0] * (1.3 + 0.4 * eps)
-        decode("dssd", eps, 0.9 + 0.35 * per_ver - 0.3 * (eps - 0.8) ** 2, acc_rate, per_ver,
-               n_layers * (0.6 + 0.3 * eps) + 6)
+        decode(
+            "dssd",
+            eps,
+            0.9 + 0.35 * per_ver - 0.3 * (eps - 0.8) ** 2,
+            acc_rate,
+            per_ver,
+            n_layers * (0.6 + 0.3 * eps) + 6,
+        )
         decode("early_exit", eps, 1.0 + 0.5 * (1 - eps), np.nan, np.nan, n_layers * (0.5 + 0.5 * eps) + 6)
         add("decoding", "acceptance_ratio", acc_rate / best_ls[1], method="dssd_vs_layerskip", eps=eps)
-        add("decoding", "accepted_per_verification_ratio", per_ver / best_ls[0], method="dssd_vs_layerskip", eps=eps)
+        add(
+            "decoding",
+            "accepted_per_verification_ratio",
+            per_ver / best_ls[0],
+            method="dssd_vs_layerskip",
+            eps=eps,
+        )
     decode("oracle", None, 2.0, 1.0, best_ls[0] * 2.2, n_layers * 0.5 + 4)
 
     frame = pd.DataFrame(rows)

@@ -16,18 +16,43 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 
 MICRO = [
-    "model.num_layers=4", "model.d_model=64", "model.head_layers=[0,1,2]", "model.max_seq_len=128",
-    "model.tiny.vocab_size=1024", "model.tiny.intermediate_size=256", "model.tiny.train_tokens=30000",
-    "model.tiny.eval_tokens=4096", "model.tiny.batch_size=16", "model.tiny.warmup_steps=5",
-    "model.tiny.seq_len=64", "++model.tiny.tokenizer_max_bytes=2000000",
-    "data.seq_len=64", "data.budgets.train=8192", "data.budgets.validation=4096", "data.budgets.test=4096",
+    "model.num_layers=4",
+    "model.d_model=64",
+    "model.head_layers=[0,1,2]",
+    "model.max_seq_len=128",
+    "model.tiny.vocab_size=1024",
+    "model.tiny.intermediate_size=256",
+    "model.tiny.train_tokens=30000",
+    "model.tiny.eval_tokens=4096",
+    "model.tiny.batch_size=16",
+    "model.tiny.warmup_steps=5",
+    "model.tiny.seq_len=64",
+    "++model.tiny.tokenizer_max_bytes=2000000",
+    "data.seq_len=64",
+    "data.budgets.train=8192",
+    "data.budgets.validation=4096",
+    "data.budgets.test=4096",
     "extract.shard_tokens=2048",
-    "heads.batch_tokens=256", "heads.max_steps=30", "heads.warmup_steps=3", "heads.val_tokens=1024",
-    "heads.val_every_n_steps=10", "heads.checkpoint_every_n_steps=5",
-    "evaluate.limit=8", "evaluate.eps=[0.8]", "evaluate.offline.n_examples=20", "evaluate.token_eval.n_tokens=256",
-    "decoding.n_prompts=3", "decoding.n_tune_prompts=2", "decoding.prompt_len=16", "decoding.max_new_tokens=8",
-    "decoding.eps=[0.8,0.9]", "decoding.layerskip_d=[1,2]", "decoding.max_draft=6",
-    "logger=none", "progress=false", "figures=false",
+    "heads.batch_tokens=256",
+    "heads.max_steps=30",
+    "heads.warmup_steps=3",
+    "heads.val_tokens=1024",
+    "heads.val_every_n_steps=10",
+    "heads.checkpoint_every_n_steps=5",
+    "evaluate.limit=8",
+    "evaluate.eps=[0.8]",
+    "evaluate.offline.n_examples=20",
+    "evaluate.token_eval.n_tokens=256",
+    "decoding.n_prompts=3",
+    "decoding.n_tune_prompts=2",
+    "decoding.prompt_len=16",
+    "decoding.max_new_tokens=8",
+    "decoding.eps=[0.8,0.9]",
+    "decoding.layerskip_d=[1,2]",
+    "decoding.max_draft=6",
+    "logger=none",
+    "progress=false",
+    "figures=false",
 ]
 
 
@@ -42,5 +67,6 @@ def micro_command(root: Path, *overrides: str) -> list[str]:
 
 def run_micro(root: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(micro_command(root, *overrides), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        micro_command(root, *overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -26,8 +26,14 @@ from analysis.plots import FIGURES, FORMATS
 from tests.fixtures_results import MODELS, write_run, write_sweep
 
 PER_MODEL = ["confidence_hist", "calibration", "decoding"]
-GLOBAL = ["confidence_auroc", "heads_depth", "exit_distribution", "accuracy_compute", "size_scaling",
-          "decoding_summary"]
+GLOBAL = [
+    "confidence_auroc",
+    "heads_depth",
+    "exit_distribution",
+    "accuracy_compute",
+    "size_scaling",
+    "decoding_summary",
+]
 
 
 def expected_files(models: list[str]) -> set[str]:
@@ -52,14 +58,23 @@ def executions(sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     `python -m analysis`. They run concurrently (the CLI alongside two notebooks at a time) to keep the
     suite short; each writes its own folder. Returns (notebook figures, CLI figures)."""
     nb_out, cli_out = tmp_path_factory.mktemp("nb_figures"), tmp_path_factory.mktemp("cli_figures")
-    cli = subprocess.Popen([sys.executable, "-m", "analysis", str(sweep), "--out", str(cli_out), "--strict", "-q"],
-                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "analysis", str(sweep), "--out", str(cli_out), "--strict", "-q"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ensure_kernel()  # once, before the threads could race to install it
         params = {"results": str(sweep), "out_dir": str(nb_out)}
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda nb: execute(nb, params, output=nb_out / "notebooks" / f"{nb.stem}.ipynb"),
-                          notebook_paths()))
+            list(
+                pool.map(
+                    lambda nb: execute(nb, params, output=nb_out / "notebooks" / f"{nb.stem}.ipynb"),
+                    notebook_paths(),
+                )
+            )
         _, stderr = cli.communicate(timeout=300)
     finally:
         if cli.poll() is None:
@@ -80,8 +95,13 @@ def cli_figures(executions: tuple[Path, Path]) -> Path:
 
 def test_notebooks_are_percent_scripts_with_parameters() -> None:
     names = {p.stem for p in notebook_paths()}
-    assert {"nb_confidence_metrics", "nb_heads_depth", "nb_calibration", "nb_accuracy_compute",
-            "nb_decoding"} <= names
+    assert {
+        "nb_confidence_metrics",
+        "nb_heads_depth",
+        "nb_calibration",
+        "nb_accuracy_compute",
+        "nb_decoding",
+    } <= names
     for path in notebook_paths():
         nb = jupytext.read(path)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -102,18 +122,26 @@ def test_notebooks_write_every_figure(notebook_figures: Path, sweep: Path) -> No
     # The notebooks' own outputs: every one displayed at least one figure.
     for path in notebook_paths():
         nb = jupytext.reads((notebook_figures / "notebooks" / f"{path.stem}.ipynb").read_text(), fmt="ipynb")
-        images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                  if "image/png" in o.get("data", {})]
+        images = [
+            o
+            for c in nb.cells
+            if c.cell_type == "code"
+            for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        ]
         assert images, f"{path.name} displayed no figure"
 
 
-def test_cli_builds_all_figures_byte_identical_to_notebooks(cli_figures: Path, notebook_figures: Path,
-                                                            sweep: Path) -> None:
+def test_cli_builds_all_figures_byte_identical_to_notebooks(
+    cli_figures: Path, notebook_figures: Path, sweep: Path
+) -> None:
     cli = figure_files(cli_figures)
     if not os.environ.get("ANALYSIS_RESULTS"):
         assert cli == expected_files(list(MODELS))
     assert cli == figure_files(notebook_figures)
-    different = [n for n in sorted(cli) if (cli_figures / n).read_bytes() != (notebook_figures / n).read_bytes()]
+    different = [
+        n for n in sorted(cli) if (cli_figures / n).read_bytes() != (notebook_figures / n).read_bytes()
+    ]
     assert not different, f"not byte-identical across executions: {different}"
 
 
@@ -151,7 +179,8 @@ def test_missing_columns_and_empty_tables(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     pd.DataFrame(columns=["model", "stage", "method", "eps", "head", "metric", "value"]).to_csv(
-        empty / "results.csv", index=False)
+        empty / "results.csv", index=False
+    )
     assert build_figures(load(empty), tmp_path / "fig_empty", strict=True) == []
 
 
@@ -169,8 +198,13 @@ def test_loading_sweep_forms_agree(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_missing_directory(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "nope")], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(tmp_path / "nope")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
@@ -183,5 +217,7 @@ def test_png_only_and_latest_run(tmp_path: Path) -> None:
     new = write_run(tmp_path / "outputs" / "runs" / "new", "pythia-160m")
     os.utime(old / "results.csv", (1_000_000, 1_000_000))
     assert latest_run(tmp_path / "outputs") == new
-    paths = build_figures(load(new), tmp_path / "fig", names=["confidence_auroc"], formats=["png"], strict=True)
+    paths = build_figures(
+        load(new), tmp_path / "fig", names=["confidence_auroc"], formats=["png"], strict=True
+    )
     assert [p.name for p in paths] == ["confidence_auroc.png"]

@@ -32,10 +32,21 @@ def test_local_pythia70m_shaped_checkpoint_loads_through_the_normal_loader(tmp_p
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(  # EleutherAI/pythia-70m config.json
-        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
-        hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048,
-        use_parallel_residual=True, tie_word_embeddings=False, layer_norm_eps=1e-5, bos_token_id=0,
-        eos_token_id=0)
+        vocab_size=50304,
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "pythia-70m-random")
     model, tokenizer = load_backbone(tmp_path / "pythia-70m-random", dtype="bfloat16", with_tokenizer=False)
@@ -80,7 +91,8 @@ def test_logit_lens_at_the_last_block_reproduces_the_model_logits():
     lens = EarlyExitHeads.from_backbone(model, [3], init="unembedding")
     captured = {}
     hook = model.gpt_neox.layers[3].register_forward_hook(
-        lambda module, args, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
+        lambda module, args, output: captured.update(h=output[0] if isinstance(output, tuple) else output)
+    )
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         logits = model(ids).logits

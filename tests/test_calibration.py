@@ -68,8 +68,15 @@ def test_calibrate_rejects_bad_eps_and_delta():
 
 
 def test_eps_keys_are_stable():
-    assert [eps_key(e) for e in (0.6, 0.9, 0.95, 0.99, 1.0, 0.995, 0.7000000000000001)] == \
-        ["0.60", "0.90", "0.95", "0.99", "1.00", "0.995", "0.70"]
+    assert [eps_key(e) for e in (0.6, 0.9, 0.95, 0.99, 1.0, 0.995, 0.7000000000000001)] == [
+        "0.60",
+        "0.90",
+        "0.95",
+        "0.99",
+        "1.00",
+        "0.995",
+        "0.70",
+    ]
 
 
 # --- empirical --------------------------------------------------------------------------------------------
@@ -82,7 +89,9 @@ def test_empirical_is_max_coverage_meeting_eps_brute_force(eps):
     correct = rng.uniform(size=600) < scores
     thr = empirical_threshold(scores, correct, eps)
     # Brute force over every distinct value as an inclusive threshold.
-    feasible = [(np.mean(scores >= t), t) for t in np.unique(scores) if correct[scores >= t].mean() >= eps - 1e-12]
+    feasible = [
+        (np.mean(scores >= t), t) for t in np.unique(scores) if correct[scores >= t].mean() >= eps - 1e-12
+    ]
     if not feasible:
         assert thr is None
         return
@@ -186,7 +195,9 @@ def test_unreachable_eps_disables_head_with_warning(caplog):
     c = np.stack([rng.uniform(size=500) < 0.3, rng.uniform(size=500) < s[:, 1]], axis=1)  # head 0: flat 30%
     c[:, 0] &= s[:, 0] < 0.999  # ensure head 0 cannot reach ε = 1 via a lucky top token
     with caplog.at_level(logging.WARNING, logger="pipeline.calibration"):
-        th = calibrate(s, c, "max_prob", [0.95, 1.0], methods=["empirical", "ltt"], cascade=True, layers=[2, 5])
+        th = calibrate(
+            s, c, "max_prob", [0.95, 1.0], methods=["empirical", "ltt"], cascade=True, layers=[2, 5]
+        )
     assert th.for_eps("ltt", 1.0) == [None, None]
     assert "cannot reach ε=1.00" in caplog.text and "layer 2" in caplog.text
     out = apply_exit_policy(s, c, th.for_eps("ltt", 1.0), lower_is_confident=False)

@@ -43,12 +43,15 @@ def test_unknown_model_is_rejected_by_hydra_with_the_options():
         compose_cfg(["model=pythia-7b"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.head_layers=[1,9]", "out of range"),
-    ("model.head_layers=[3,1]", "strictly increasing"),
-    ("data.seq_len=4096", "maximum sequence length"),
-    ("data.budgets.train=10", "smaller than one sequence"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.head_layers=[1,9]", "out of range"),
+        ("model.head_layers=[3,1]", "strictly increasing"),
+        ("data.seq_len=4096", "maximum sequence length"),
+        ("data.budgets.train=10", "smaller than one sequence"),
+    ],
+)
 def test_bad_model_and_data_settings_are_config_errors(override, message, outputs_root):
     with pytest.raises(ConfigError, match=message):
         validate_config(compose_cfg([override]))

@@ -22,7 +22,9 @@ def _write(root: Path, rel: str, text: str | bytes) -> None:
 def fake_stdlib(tmp_path: Path) -> Path:
     root = tmp_path / "lib"
     for i in range(40):
-        _write(root, f"mod{i:02d}.py", f'"""Module {i}."""\n\ndef f{i}(x):\n    return x + {i}\n' * (1 + i % 5))
+        _write(
+            root, f"mod{i:02d}.py", f'"""Module {i}."""\n\ndef f{i}(x):\n    return x + {i}\n' * (1 + i % 5)
+        )
     _write(root, "pkg/__init__.py", "from .core import *\n")
     _write(root, "pkg/core.py", "def core():\n    pass\n")
     # Everything below must be skipped.
@@ -41,8 +43,15 @@ def test_scan_skips_tests_generated_undecodable(fake_stdlib: Path) -> None:
     found = [f.relpath for f in scan_corpus(fake_stdlib)]
     assert found == sorted(found)
     assert "pkg/core.py" in found and "mod00.py" in found
-    for skipped in ("test/test_mod.py", "pkg/tests/test_core.py", "idlelib/editor.py",
-                    "site-packages/thirdparty.py", "token_table.py", "latin.py", "empty.py"):
+    for skipped in (
+        "test/test_mod.py",
+        "pkg/tests/test_core.py",
+        "idlelib/editor.py",
+        "site-packages/thirdparty.py",
+        "token_table.py",
+        "latin.py",
+        "empty.py",
+    ):
         assert skipped not in found
     assert len(found) == 42
 

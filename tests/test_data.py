@@ -32,8 +32,13 @@ def tokenizer():
 
 
 def test_make_text_source_dispatch() -> None:
-    local = make_text_source({"kind": "local_text", "split_fractions": {"train": 0.9, "validation": 0.05,
-                                                                        "test": 0.05}, "split_seed": 3})
+    local = make_text_source(
+        {
+            "kind": "local_text",
+            "split_fractions": {"train": 0.9, "validation": 0.05, "test": 0.05},
+            "split_seed": 3,
+        }
+    )
     assert isinstance(local, LocalTextCorpus) and local.split_seed == 3
     assert isinstance(local, TextSource)
     mini = make_text_source({"kind": "minipile", "hub_id": "JeanKaddour/minipile"})
@@ -87,8 +92,14 @@ def test_local_text_blocks_and_split_hint(tokenizer, tmp_path) -> None:
 def test_seq_len_helpers(tokenizer) -> None:
     from transformers import GPTNeoXConfig
 
-    config = GPTNeoXConfig(max_position_embeddings=128, hidden_size=32, num_attention_heads=4,
-                           num_hidden_layers=1, intermediate_size=64, vocab_size=300)
+    config = GPTNeoXConfig(
+        max_position_embeddings=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vocab_size=300,
+    )
     assert max_sequence_length(config) == 128
     assert max_sequence_length(config, tokenizer) == 64  # tokenizer's model_max_length is tighter
     check_seq_len(64, config, tokenizer)

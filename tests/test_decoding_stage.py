@@ -19,32 +19,38 @@ def test_micro_config_is_valid(tmp_path):
     _validate(tmp_path)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["decoding.eps=[0]"], "outside"),
-    (["decoding.eps=[1.2]"], "outside"),
-    (["decoding.eps=[0.83]"], "not calibrated"),
-    (["decoding.calibration_method=ltt", "calibrate.methods=[empirical]"], "not calibrated"),
-    (["decoding.max_draft=0"], "max_draft"),
-    (["decoding.layerskip_d=[0]"], "layerskip_d"),
-    (["decoding.layerskip_d=[2,-1]"], "layerskip_d"),
-    (["decoding.layerskip_d=[]"], "layerskip_d"),
-    (["decoding.n_prompts=0"], "n_prompts"),
-    (["decoding.n_tune_prompts=0"], "n_tune_prompts"),
-    (["decoding.prompt_len=100", "decoding.max_new_tokens=64"], "maximum sequence length"),
-    (["decoding.layerskip_select=speed"], "layerskip_select"),
-    (["decoding.early_exit_fill=magic"], "early_exit_fill"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["decoding.eps=[0]"], "outside"),
+        (["decoding.eps=[1.2]"], "outside"),
+        (["decoding.eps=[0.83]"], "not calibrated"),
+        (["decoding.calibration_method=ltt", "calibrate.methods=[empirical]"], "not calibrated"),
+        (["decoding.max_draft=0"], "max_draft"),
+        (["decoding.layerskip_d=[0]"], "layerskip_d"),
+        (["decoding.layerskip_d=[2,-1]"], "layerskip_d"),
+        (["decoding.layerskip_d=[]"], "layerskip_d"),
+        (["decoding.n_prompts=0"], "n_prompts"),
+        (["decoding.n_tune_prompts=0"], "n_tune_prompts"),
+        (["decoding.prompt_len=100", "decoding.max_new_tokens=64"], "maximum sequence length"),
+        (["decoding.layerskip_select=speed"], "layerskip_select"),
+        (["decoding.early_exit_fill=magic"], "early_exit_fill"),
+    ],
+)
 def test_validate_rejects(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _validate(tmp_path, *overrides)
 
 
-@pytest.mark.parametrize("earliest, max_draft, expected", [
-    ([None, 0, 1, None, 2, None], 16, (3, 2)),      # runs [0,1] and [2], each ended by a full-model token
-    ([0, 0, 0, 0, 0, 0, 0], 2, (4, 2)),             # capped at 2 drafts; the last token is never drafted
-    ([None, None, None], 4, (0, 0)),
-    ([1], 4, (0, 0)),                               # the first token comes from the prompt's pass
-])
+@pytest.mark.parametrize(
+    "earliest, max_draft, expected",
+    [
+        ([None, 0, 1, None, 2, None], 16, (3, 2)),  # runs [0,1] and [2], each ended by a full-model token
+        ([0, 0, 0, 0, 0, 0, 0], 2, (4, 2)),  # capped at 2 drafts; the last token is never drafted
+        ([None, None, None], 4, (0, 0)),
+        ([1], 4, (0, 0)),  # the first token comes from the prompt's pass
+    ],
+)
 def test_oracle_speculation(earliest, max_draft, expected):
     assert decoding.oracle_speculation(earliest, max_draft) == expected
 
@@ -90,7 +96,7 @@ def test_rows_for_every_method_and_eps(rows):
         assert set(_values(rows, "dssd", metric)["eps"].round(6)) == drafting_eps, metric
     assert len(_values(rows, "layerskip", "acceptance_rate")) == 1
     assert set(_values(rows, "early_exit", "agreement")["eps"].round(6)) == eps
-    assert _values(rows, "early_exit", "identical").empty   # lossy: agreement, never "identical"
+    assert _values(rows, "early_exit", "identical").empty  # lossy: agreement, never "identical"
     assert float(_values(rows, "generate", "speedup_vs_generate")["value"].iloc[0]) == pytest.approx(1.0)
 
 
@@ -118,7 +124,7 @@ def test_ratios_and_oracle(rows):
 
 def test_layerskip_grid_and_tuned_setting(rows):
     grid = rows[(rows["method"] == "layerskip_grid") & (rows["metric"] == "layer_equiv_per_token")]
-    assert len(grid) == 3 * 2                                           # 3 heads × d in {1, 2}
+    assert len(grid) == 3 * 2  # 3 heads × d in {1, 2}
     assert set(pd.to_numeric(grid["draft_len"]).astype(int)) == {1, 2}
     assert set(grid["head"]) == {"0", "1", "2"}
     head = int(_values(rows, "layerskip", "draft_head")["value"].iloc[0])
@@ -178,13 +184,40 @@ def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
     record = __import__("json").loads((found["calibrate"] / "_SUCCESS.json").read_text())
     assert found["heads"].name == record["upstream"]["heads"]
     assert found["backbone"].name == record["upstream"]["backbone"]
-    frame = main(["--from-outputs", str(root), "--n-prompts", "2", "--n-tune-prompts", "1", "--prompt-len", "8",
-                  "--new-tokens", "6", "--repeats", "1", "--layerskip-d", "1", "2", "--eps", "0.8",
-                  "--csv", str(tmp_path / "bench.csv")])
+    frame = main(
+        [
+            "--from-outputs",
+            str(root),
+            "--n-prompts",
+            "2",
+            "--n-tune-prompts",
+            "1",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--layerskip-d",
+            "1",
+            "2",
+            "--eps",
+            "0.8",
+            "--csv",
+            str(tmp_path / "bench.csv"),
+        ]
+    )
     assert (tmp_path / "bench.csv").is_file()
     lossless = frame[frame["method"].isin(["greedy", "layerskip", "dssd", "assistant_early_exit"])]
     assert lossless["identical_to_greedy"].all()
-    assert {"generate", "greedy", "early_exit", "layerskip", "dssd", "oracle_bound",
-            "assistant_early_exit"} <= set(frame["method"])
+    assert {
+        "generate",
+        "greedy",
+        "early_exit",
+        "layerskip",
+        "dssd",
+        "oracle_bound",
+        "assistant_early_exit",
+    } <= set(frame["method"])
     llama = frame[frame["model"].str.startswith("llama")]
     assert {"generate", "greedy", "layerskip", "assistant_early_exit"} == set(llama["method"])

@@ -39,17 +39,32 @@ NEW_TOKENS = 20
 
 
 def _neox(parallel: bool = True) -> torch.nn.Module:
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=512, initializer_range=0.3,
-                        use_parallel_residual=parallel, rotary_pct=0.5)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        use_parallel_residual=parallel,
+        rotary_pct=0.5,
+    )
     return GPTNeoXForCausalLM(cfg)
 
 
 def _llama() -> torch.nn.Module:
     # GQA (4 query heads, 2 KV heads) exercises the grouped attention path.
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                      initializer_range=0.3)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -65,9 +80,15 @@ def _build(kind: str) -> torch.nn.Module:
 
 def _hf_greedy(model, prompt: torch.Tensor, n: int, eos: int | None = None) -> list[int]:
     with torch.no_grad():
-        out = model.generate(prompt.view(1, -1), do_sample=False, max_new_tokens=n, eos_token_id=eos,
-                             pad_token_id=0, attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long))
-    return out[0, prompt.numel():].tolist()
+        out = model.generate(
+            prompt.view(1, -1),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
+        )
+    return out[0, prompt.numel() :].tolist()
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -121,15 +142,37 @@ def _models_for_numerics():
     yield "neox_seq", _build("neox_seq")
     yield "llama", _build("llama")
     torch.manual_seed(0)
-    yield "qwen2", Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2,
-                                                 intermediate_size=128, initializer_range=0.3)).eval()
+    yield (
+        "qwen2",
+        Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                initializer_range=0.3,
+            )
+        ).eval(),
+    )
     torch.manual_seed(0)
     # A window shorter than the sequence exercises the sliding-window mask.
-    yield "mistral", MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                       num_attention_heads=4, num_key_value_heads=2,
-                                                       intermediate_size=128, sliding_window=5,
-                                                       initializer_range=0.3)).eval()
+    yield (
+        "mistral",
+        MistralForCausalLM(
+            MistralConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                sliding_window=5,
+                initializer_range=0.3,
+            )
+        ).eval(),
+    )
 
 
 def _hf_incremental_logits(model, ids: torch.Tensor, split: int) -> torch.Tensor:
@@ -142,7 +185,9 @@ def _hf_incremental_logits(model, ids: torch.Tensor, split: int) -> torch.Tensor
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("name,model", list(_models_for_numerics()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "name,model", list(_models_for_numerics()), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_adapter_matches_hf_forward(name, model):
     ids = torch.randint(0, VOCAB, (1, 17), generator=torch.Generator().manual_seed(3))
     engine = Engine(model)
@@ -182,7 +227,9 @@ def test_jagged_cache_exact_after_random_exits_and_crops(kind):
     rng = random.Random(7)
     with torch.no_grad():
         for trial in range(6):
-            prompt = torch.randint(0, VOCAB, (rng.randint(1, 6),), generator=torch.Generator().manual_seed(trial))
+            prompt = torch.randint(
+                0, VOCAB, (rng.randint(1, 6),), generator=torch.Generator().manual_seed(trial)
+            )
             sess = engine.session(prompt, max_new_tokens=40, extra_capacity=8)
             token = sess.prefill()
             pos = sess.prompt_len
@@ -198,7 +245,9 @@ def test_jagged_cache_exact_after_random_exits_and_crops(kind):
                     continue
                 layer = rng.choice(HEAD_LAYERS + [None, None])
                 rule = None if layer is None else ExitRule({layer: (HEAD_LAYERS.index(layer), None)})
-                result = sess.step(pos, token, rule, verify_from=sess.cache.lengths[-1] if layer is None else pos)
+                result = sess.step(
+                    pos, token, rule, verify_from=sess.cache.lengths[-1] if layer is None else pos
+                )
                 exits[pos] = engine.num_layers - 1 if layer is None else layer
                 sess.cache.check()
                 token = rng.randrange(VOCAB) if rng.random() < 0.5 else result.token
@@ -314,8 +363,10 @@ def test_early_exit_fill_policies():
     q50 = _entropy_quantiles(engine, prompts, [0.5])[0]
     cost = {}
     for prompt in prompts:
-        runs = {fill: engine.generate(prompt, EarlyExit(q50, fill=fill), NEW_TOKENS) for fill in
-                ("lazy", "recompute", "copy")}
+        runs = {
+            fill: engine.generate(prompt, EarlyExit(q50, fill=fill), NEW_TOKENS)
+            for fill in ("lazy", "recompute", "copy")
+        }
         # Lazy fill and full recomputation compute the same exact hidden states: identical tokens.
         assert runs["lazy"].tokens == runs["recompute"].tokens
         for fill, run in runs.items():
@@ -365,8 +416,10 @@ def test_oracle_bound(setup):
             hidden = model(torch.cat([prompt, torch.tensor(ref)]).view(1, -1), output_hidden_states=True)
         for t, k in enumerate(bound.earliest_head):
             row = prompt.numel() - 1 + t
-            agree = [int(heads(j, hidden.hidden_states[layer + 1][0, row]).argmax()) == ref[t]
-                     for j, layer in enumerate(HEAD_LAYERS)]
+            agree = [
+                int(heads(j, hidden.hidden_states[layer + 1][0, row]).argmax()) == ref[t]
+                for j, layer in enumerate(HEAD_LAYERS)
+            ]
             assert k == (agree.index(True) if any(agree) else None)
         assert bound.layer_equivalents_per_token <= bound.full_cost
         assert bound.layer_equivalents_per_token <= bound.cascade_layer_equivalents_per_token

@@ -15,8 +15,9 @@ def test_extracted_states_match_output_hidden_states(tmp_path):
     layers = [0, 1, 2]
     blocks = torch.randint(0, 128, (5, 16))
     writer = ShardWriter(tmp_path / "train", n_slots=len(layers) + 1, d_model=32, shard_tokens=24)
-    n = extract_split(model, blocks, layers, writer, batch_size=2, device=torch.device("cpu"),
-                      progress=False, desc="t")
+    n = extract_split(
+        model, blocks, layers, writer, batch_size=2, device=torch.device("cpu"), progress=False, desc="t"
+    )
     index = writer.close()
     assert n == 80 and index["n_tokens"] == 80 and len(index["shards"]) == 4  # 24+24+24+8
     reader = ShardReader(tmp_path / "train", verify=True)

@@ -27,8 +27,13 @@ def tiny_backbone(seed: int = 0, vocab: int = 128, d_model: int = 32, layers: in
 
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * d_model, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * d_model,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     model = GPTNeoXForCausalLM(config).eval()
     with torch.no_grad():
@@ -36,8 +41,15 @@ def tiny_backbone(seed: int = 0, vocab: int = 128, d_model: int = 32, layers: in
     return model.requires_grad_(False)
 
 
-def write_extract(model, directory: Path, n_seqs: int = 64, seq_len: int = 64, layers=HEAD_LAYERS,
-                  shard_tokens: int = 1500, seed: int = 0) -> Path:
+def write_extract(
+    model,
+    directory: Path,
+    n_seqs: int = 64,
+    seq_len: int = 64,
+    layers=HEAD_LAYERS,
+    shard_tokens: int = 1500,
+    seed: int = 0,
+) -> Path:
     """Shards as the extract stage writes them: slot h = hidden_states[layer + 1] (pre-norm residual after
     block `layer`), last slot = hidden_states[-1] (post final norm in transformers 5)."""
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +126,9 @@ def test_workers_give_distinct_streams_and_the_same_stream_as_one_process(tiny):
     it = iter(data.train_dataloader())
     with_workers = [next(it)[1] for _ in range(6)]
     del it
-    single = iter(HiddenStatesDataModule(directory, batch_tokens=128, val_tokens=512, seed=1).train_dataloader())
+    single = iter(
+        HiddenStatesDataModule(directory, batch_tokens=128, val_tokens=512, seed=1).train_dataloader()
+    )
     in_process = [next(single)[1] for _ in range(6)]
     # No two batches repeat (each worker its own slice of the stream) ...
     keys = {x.numpy().tobytes() for x in with_workers}
@@ -180,7 +194,9 @@ def test_module_loss_is_mean_of_per_head_reference_kl(tiny):
     teacher = model.get_output_embeddings()(final_hidden)
     for i in range(2):
         logits = module.heads(i, head_hidden[:, i])
-        ref = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True)
+        ref = F.kl_div(
+            logits.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True
+        )
         torch.testing.assert_close(kls[i], ref, rtol=1e-5, atol=1e-6)
         assert agrees[i] == (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
     # The teacher is a frozen, non-persistent buffer: not a parameter, not in checkpoints or the heads file.

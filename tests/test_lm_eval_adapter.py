@@ -25,9 +25,11 @@ def synthetic_documents(n_docs: int = 12) -> list[str]:
     for d in range(n_docs):
         lines = [f"class Widget{d}:"]
         for i in range(6):
-            lines += [f"    def method_{d}_{i}(self, value):",
-                      f"        total = value * {i + d} + self.offset",
-                      f"        return total if value else self.default_{i}"]
+            lines += [
+                f"    def method_{d}_{i}(self, value):",
+                f"        total = value * {i + d} + self.offset",
+                f"        return total if value else self.default_{i}",
+            ]
         docs.append("\n".join(lines) + "\n")
     return docs
 
@@ -50,12 +52,20 @@ def tasks_dir(tiny, tmp_path_factory):
 
 
 def evaluate(lm, tasks_dir, log_samples: bool = False, tasks: list[str] | None = None) -> dict:
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks or list(TASKS), task_manager=task_manager(tasks_dir),
-                                   bootstrap_iters=10, log_samples=log_samples, random_seed=0)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks or list(TASKS),
+        task_manager=task_manager(tasks_dir),
+        bootstrap_iters=10,
+        log_samples=log_samples,
+        random_seed=0,
+    )
 
 
 def metrics_of(results: dict) -> dict:
-    return {task: {k: v for k, v in values.items() if "," in k} for task, values in results["results"].items()}
+    return {
+        task: {k: v for k, v in values.items() if "," in k} for task, values in results["results"].items()
+    }
 
 
 def test_every_head_disabled_equals_hflm_exactly(tiny, tasks_dir):
@@ -79,22 +89,23 @@ def expected_head_loglikelihood(model, tokenizer, heads, head: int, context: str
     """Sum of log p_head(continuation | context), computed directly from the model's hidden states."""
     # lm-eval's convention: trailing whitespace of the context is scored as part of the continuation.
     stripped = context.rstrip()
-    context, continuation = stripped, context[len(stripped):] + continuation
+    context, continuation = stripped, context[len(stripped) :] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
     cont = whole[n_context:]
     with torch.no_grad():
         hidden = model(torch.tensor([whole[:-1]]), output_hidden_states=True).hidden_states
         logp = torch.log_softmax(heads(head, hidden[heads.layers[head] + 1][0]), dim=-1)
-    scored = logp[-len(cont):]
+    scored = logp[-len(cont) :]
     return float(scored[torch.arange(len(cont)), torch.tensor(cont)].sum())
 
 
 def test_head_forced_to_exit_scores_with_that_heads_logits(tiny, tasks_dir):
     model, tokenizer, heads, _ = tiny
     # Entropy <= +inf always holds: head 0 takes every position, head 1 is never reached.
-    lm = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, None], metric="entropy", batch_size=4,
-                     device="cpu")
+    lm = EarlyExitLM(
+        model, tokenizer, heads, thresholds=[math.inf, None], metric="entropy", batch_size=4, device="cpu"
+    )
     results = evaluate(lm, tasks_dir, log_samples=True)
     n_checked = 0
     for task in TASKS:
@@ -108,7 +119,9 @@ def test_head_forced_to_exit_scores_with_that_heads_logits(tiny, tasks_dir):
         assert stats.exit_fractions == [1.0, 0.0]
         cost = lm.policy.cost
         assert stats.layer_equivalents_per_token == pytest.approx(HEAD_LAYERS[0] + 1 + cost.head)
-        assert stats.compute_fraction == pytest.approx((HEAD_LAYERS[0] + 1 + cost.head) / (NUM_LAYERS + cost.head))
+        assert stats.compute_fraction == pytest.approx(
+            (HEAD_LAYERS[0] + 1 + cost.head) / (NUM_LAYERS + cost.head)
+        )
     assert n_checked > 12
 
 
@@ -127,17 +140,35 @@ def generation_requests(docs: list[str], n: int = 4, max_gen_toks: int = 12) -> 
     from lm_eval.api.instance import Instance
 
     kwargs = {"until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
-    return [Instance(request_type="generate_until", doc={}, arguments=(doc[: 40 + 7 * i], dict(kwargs)), idx=0,
-                     metadata=("gen", i, 1)) for i, doc in enumerate(docs[:n])]
+    return [
+        Instance(
+            request_type="generate_until",
+            doc={},
+            arguments=(doc[: 40 + 7 * i], dict(kwargs)),
+            idx=0,
+            metadata=("gen", i, 1),
+        )
+        for i, doc in enumerate(docs[:n])
+    ]
 
 
 def test_generation_dssd_gives_the_full_models_text(tiny):
     model, tokenizer, heads, docs = tiny
     requests = generation_requests(docs)
-    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu").generate_until(requests)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu").generate_until(
+        requests
+    )
     # Permissive thresholds on random heads: drafts are often wrong, so verification is exercised.
-    dssd = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, 5.0], generation="dssd", max_draft=4,
-                       batch_size=1, device="cpu")
+    dssd = EarlyExitLM(
+        model,
+        tokenizer,
+        heads,
+        thresholds=[math.inf, 5.0],
+        generation="dssd",
+        max_draft=4,
+        batch_size=1,
+        device="cpu",
+    )
     assert dssd.generate_until(requests) == reference
     full = EarlyExitLM(model, tokenizer, heads, batch_size=1, device="cpu")
     assert full.generate_until(requests) == reference
@@ -158,10 +189,15 @@ def test_generation_early_exit_records_exits(tiny):
 def stage_config(**evaluate):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({
-        "model": OmegaConf.load("conf/model/tiny.yaml"), "data": OmegaConf.load("conf/data/local_text.yaml"),
-        "evaluate": OmegaConf.load("conf/evaluate/default.yaml"), "calibrate": OmegaConf.load("conf/calibrate/default.yaml"),
-        "seed": 0})
+    cfg = OmegaConf.create(
+        {
+            "model": OmegaConf.load("conf/model/tiny.yaml"),
+            "data": OmegaConf.load("conf/data/local_text.yaml"),
+            "evaluate": OmegaConf.load("conf/evaluate/default.yaml"),
+            "calibrate": OmegaConf.load("conf/calibrate/default.yaml"),
+            "seed": 0,
+        }
+    )
     for key, value in evaluate.items():
         OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
     return cfg
@@ -194,14 +230,25 @@ def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
     tokenizer.save_pretrained(backbone / "model")
     (backbone / "backbone.json").write_text(json.dumps({"local": True}))
     heads.save(tmp_path / "heads")
-    cfg = stage_config(eps=[0.9], offline={"n_examples": 4, "context_lines": 2, "split": "test", "n_choices": 3,
-                                            "seed": 0},
-                       token_eval={"n_tokens": 128, "fills": ["lazy", "copy"], "batch_size": 1})
+    cfg = stage_config(
+        eps=[0.9],
+        offline={"n_examples": 4, "context_lines": 2, "split": "test", "n_choices": 3, "seed": 0},
+        token_eval={"n_tokens": 128, "fills": ["lazy", "copy"], "batch_size": 1},
+    )
     cfg.data.seq_len = 64
     # Head 0 always exits at ε=0.9 (empirical); the other ε are irrelevant here.
-    table = {m: {eps_key(e): [1e9 if e == 0.9 else None, None] for e in cfg.calibrate.eps} for m in ("empirical",)}
-    ExitThresholds(metric="entropy", lower_is_confident=True, layers=HEAD_LAYERS, eps=list(cfg.calibrate.eps),
-                   delta=0.05, cascade=True, thresholds=table).save(tmp_path / "calibrate" / "thresholds.json")
+    table = {
+        m: {eps_key(e): [1e9 if e == 0.9 else None, None] for e in cfg.calibrate.eps} for m in ("empirical",)
+    }
+    ExitThresholds(
+        metric="entropy",
+        lower_is_confident=True,
+        layers=HEAD_LAYERS,
+        eps=list(cfg.calibrate.eps),
+        delta=0.05,
+        cascade=True,
+        thresholds=table,
+    ).save(tmp_path / "calibrate" / "thresholds.json")
 
     class NoTracker(Tracker):
         def __init__(self) -> None:
@@ -212,13 +259,28 @@ def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    ctx = StageContext(cfg=cfg, out_dir=out, inputs={"backbone": backbone, "heads": tmp_path / "heads",
-                                                     "calibrate": tmp_path / "calibrate", "extract": tmp_path},
-                       device=torch.device("cpu"), tracker=NoTracker(), progress=False)
+    ctx = StageContext(
+        cfg=cfg,
+        out_dir=out,
+        inputs={
+            "backbone": backbone,
+            "heads": tmp_path / "heads",
+            "calibrate": tmp_path / "calibrate",
+            "extract": tmp_path,
+        },
+        device=torch.device("cpu"),
+        tracker=NoTracker(),
+        progress=False,
+    )
     output = run(ctx)
     rows = {(r["method"], r["eps"], r["head"], r["metric"]): r["value"] for r in output.rows}
     for task in TASKS:
-        assert ("full", None, None, f"acc/{task}") in rows and ("full", None, None, f"acc_stderr/{task}") in rows
+        assert ("full", None, None, f"acc/{task}") in rows and (
+            "full",
+            None,
+            None,
+            f"acc_stderr/{task}",
+        ) in rows
         assert rows[("full", None, None, f"compute_frac/{task}")] == pytest.approx(1.0)
         assert rows[("empirical", 0.9, 0, f"exit_frac/{task}")] == 1.0
         assert rows[("empirical", 0.9, None, f"compute_frac/{task}")] < 1.0

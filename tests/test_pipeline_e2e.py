@@ -26,7 +26,11 @@ def test_backbone_and_extract_records(micro_run):
     extract_dir = runner.store.entry("extract", "tiny", runner.keys["extract"])
     meta = json.loads((extract_dir / "meta.json").read_text())
     assert meta["layers"] == [0, 1, 2] and meta["d_model"] == 64 and meta["dtype"] == "float16"
-    assert {s: v["n_tokens"] for s, v in meta["splits"].items()} == {"train": 8192, "validation": 4096, "test": 4096}
+    assert {s: v["n_tokens"] for s, v in meta["splits"].items()} == {
+        "train": 8192,
+        "validation": 4096,
+        "test": 4096,
+    }
     reader = ShardReader(extract_dir / "train", verify=True)
     assert len(reader) == 8192 and reader.n_slots == 4
     record = json.loads((extract_dir / "_SUCCESS.json").read_text())
@@ -41,8 +45,9 @@ def test_heads_beat_the_logit_lens(micro_run):
     lens = heads[heads.method == "logit_lens"].set_index("head")["value"]
     assert len(trained) == 3
     assert (trained < lens).all(), (trained, lens)
-    backbone, _ = load_from_stage_output(runner.store.entry("backbone", "tiny", runner.keys["backbone"]),
-                                         with_tokenizer=False)
+    backbone, _ = load_from_stage_output(
+        runner.store.entry("backbone", "tiny", runner.keys["backbone"]), with_tokenizer=False
+    )
     loaded = EarlyExitHeads.load(runner.store.entry("heads", "tiny", runner.keys["heads"]), backbone)
     assert loaded.layers == [0, 1, 2]
 
@@ -79,7 +84,7 @@ def test_rerun_reuses_everything_in_seconds(micro_run):
 
 
 def test_changing_one_stage_config_recomputes_only_that_stage(micro_copy):
-    runner = Runner(compose_micro(micro_copy, "calibrate.rc_points=11"))   # read by the metrics stage only
+    runner = Runner(compose_micro(micro_copy, "calibrate.rc_points=11"))  # read by the metrics stage only
     runner.run()
     assert runner.status["metrics"] == "computed"
     assert all(status == "reused" for name, status in runner.status.items() if name != "metrics")

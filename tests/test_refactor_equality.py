@@ -25,8 +25,9 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
     keep = ~frame["metric"].astype(str).str.contains("|".join(TIMING))
     frame = frame[keep]
     if "draft_len" in frame:  # the LayerSkip grid's rows differ only by draft length
-        frame["metric"] = frame["metric"].where(frame["draft_len"].isna(),
-                                                frame["metric"] + "@d=" + frame["draft_len"].astype(str))
+        frame["metric"] = frame["metric"].where(
+            frame["draft_len"].isna(), frame["metric"] + "@d=" + frame["draft_len"].astype(str)
+        )
     out = frame[KEY + ["value"]].copy()
     out["method"] = out["method"].fillna("").astype(str)
     out["head"] = out["head"].fillna("").astype(str)
@@ -40,7 +41,9 @@ def test_micro_pipeline_numbers_match_the_stored_expectation(micro_run):
     if os.environ.get("UPDATE_EXPECTED") == "1":
         EXPECTED.parent.mkdir(exist_ok=True)
         actual.to_csv(EXPECTED, index=False)
-    expected = pd.read_csv(EXPECTED, keep_default_na=False, na_values=[""], dtype={"method": str, "head": str})
+    expected = pd.read_csv(
+        EXPECTED, keep_default_na=False, na_values=[""], dtype={"method": str, "head": str}
+    )
     expected["method"] = expected["method"].fillna("")
     expected["head"] = expected["head"].fillna("")
     expected = expected.sort_values(KEY, na_position="first").reset_index(drop=True)

@@ -41,8 +41,13 @@ def _drop(root: Path, *stages: str) -> None:
 
 def _kill_when(root: Path, overrides: list[str], ready, timeout: float = 300) -> None:
     """Start `python -m pipeline`, SIGKILL it as soon as `ready()` is true; fail if it ends first."""
-    proc = subprocess.Popen(micro_command(root, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        micro_command(root, *overrides),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -69,13 +74,17 @@ def test_sigkill_during_extraction_then_rerun_recomputes_only_extraction(micro_r
     _drop(micro_copy, "extract", "heads", "metrics", "calibrate", "early_exit", "decoding")
     final, partial = _entry(micro_copy, "extract")
     # batch_size is volatile (not in the key): one sequence per forward makes extraction last long enough.
-    _kill_when(micro_copy, ["stages=[extract]", "extract.batch_size=1"],
-               lambda: (partial / "train" / "hidden_00000.npy").is_file())
+    _kill_when(
+        micro_copy,
+        ["stages=[extract]", "extract.batch_size=1"],
+        lambda: (partial / "train" / "hidden_00000.npy").is_file(),
+    )
     assert partial.is_dir() and not final.exists()  # nothing that looks finished
     runner = Runner(compose_micro(micro_copy, "stages=[extract]"))
     runner.run()
     assert runner.status == {"backbone": "reused", "extract": "computed"}
     assert not partial.exists()
+
     def shards(files):
         return {name: digest for name, digest in files.items() if name.endswith(".npy") or "index" in name}
 
@@ -143,13 +152,16 @@ def test_altered_thresholds_file_is_detected_in_a_real_run(micro_copy):
 # --- 3. bad input ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.head_layers=[0,9]"], "out of range"),
-    (["calibrate.eps=[0.9,1.5]"], "outside"),
-    (["decoding.eps=[0]"], "outside"),
-    (["data.budgets.validation=100000000"], "cannot come from the validation split"),
-    (["data.seq_len=4096"], "maximum sequence length"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.head_layers=[0,9]"], "out of range"),
+        (["calibrate.eps=[0.9,1.5]"], "outside"),
+        (["decoding.eps=[0]"], "outside"),
+        (["data.budgets.validation=100000000"], "cannot come from the validation split"),
+        (["data.seq_len=4096"], "maximum sequence length"),
+    ],
+)
 def test_bad_input_fails_before_any_work(tmp_path, overrides, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.time()
@@ -166,8 +178,10 @@ def test_hub_model_without_network_fails_fast(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=pythia-70m", "data=minipile", "logger=none",
-                                                       f"paths.root={tmp_path}"])
+        cfg = compose(
+            config_name="config",
+            overrides=["model=pythia-70m", "data=minipile", "logger=none", f"paths.root={tmp_path}"],
+        )
     started = time.time()
     with pytest.raises(USER_ERRORS, match="unreachable.*model=tiny"):
         Runner(cfg).run()
@@ -205,8 +219,16 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatc
 
 def test_two_processes_needing_the_same_extraction_compute_it_once(micro_copy):
     _drop(micro_copy, "extract", "heads", "metrics", "calibrate", "early_exit", "decoding")
-    procs = [subprocess.Popen(micro_command(micro_copy, "stages=[extract]"), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            micro_command(micro_copy, "stages=[extract]"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     computed = sum("stage extract    tiny: computing" in out for out in outputs)
@@ -219,11 +241,16 @@ def test_two_processes_needing_the_same_extraction_compute_it_once(micro_copy):
 
 def test_same_config_and_seed_give_identical_artifacts(micro_run, tmp_path):
     root, first_runner, first = micro_run
-    second_runner = Runner(compose_micro(tmp_path / "again", "stages=[backbone,extract,heads,metrics,calibrate]"))
+    second_runner = Runner(
+        compose_micro(tmp_path / "again", "stages=[backbone,extract,heads,metrics,calibrate]")
+    )
     second = second_runner.run()
     assert second_runner.keys["calibrate"] == first_runner.keys["calibrate"]
-    for stage, name in [("backbone", "model/model.safetensors"), ("heads", "heads.safetensors"),
-                        ("calibrate", "thresholds.json")]:
+    for stage, name in [
+        ("backbone", "model/model.safetensors"),
+        ("heads", "heads.safetensors"),
+        ("calibrate", "thresholds.json"),
+    ]:
         a = _files(first_runner.store.entry(stage, "tiny", first_runner.keys[stage]))
         b = _files(second_runner.store.entry(stage, "tiny", second_runner.keys[stage]))
         assert a[name] == b[name], f"{stage}/{name} differs between identical runs"
@@ -242,12 +269,30 @@ def test_same_config_and_seed_give_identical_artifacts(micro_run, tmp_path):
 # --- 7. fuzzed config surface ---------------------------------------------------------------------------------
 
 INVALID = [
-    "calibrate.eps=[1.5]", "calibrate.eps=[-0.2]", "calibrate.delta=2", "model.head_layers=[10]",
-    "model.head_layers=[2,1]", "data.seq_len=100000", "heads.max_steps=-1", "decoding.eps=[0]",
-    "stages=[nope]", "force=[nope]", "model.dtype=float8", "data.budgets.train=1", "heads.head_type=foo",
-    "calibrate.metric=bogus", "heads.init=xavier", "decoding.max_draft=0", "evaluate.eps=[0.123]",
-    "device=tpu", "model=nope", "trainer=nope", "heads.lr=abc", "decoding.layerskip_d=[0]",
-    "calibrate.methods=[magic]", "model.head_layers=[]",
+    "calibrate.eps=[1.5]",
+    "calibrate.eps=[-0.2]",
+    "calibrate.delta=2",
+    "model.head_layers=[10]",
+    "model.head_layers=[2,1]",
+    "data.seq_len=100000",
+    "heads.max_steps=-1",
+    "decoding.eps=[0]",
+    "stages=[nope]",
+    "force=[nope]",
+    "model.dtype=float8",
+    "data.budgets.train=1",
+    "heads.head_type=foo",
+    "calibrate.metric=bogus",
+    "heads.init=xavier",
+    "decoding.max_draft=0",
+    "evaluate.eps=[0.123]",
+    "device=tpu",
+    "model=nope",
+    "trainer=nope",
+    "heads.lr=abc",
+    "decoding.layerskip_d=[0]",
+    "calibrate.methods=[magic]",
+    "model.head_layers=[]",
 ]
 
 

@@ -37,14 +37,14 @@ def read_wandb_run(path: Path) -> dict:
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     pos, records, partial = 7, [], b""
     while pos + 7 <= len(data):
-        if block - pos % block < 7:                 # block trailer too short for a header: padding
+        if block - pos % block < 7:  # block trailer too short for a header: padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += block - pos % block
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             records.append(chunk)
         elif kind == 2:
@@ -126,21 +126,41 @@ def test_wandb_report_builds_offline_and_is_not_saved(summary_and_dir, tmp_path,
     pytest.importorskip("wandb_workspaces")
     monkeypatch.setenv("WANDB_MODE", "offline")
     summary, sweep = summary_and_dir
-    wandb_cfg = OmegaConf.create({"enabled": True, "mode": "offline", "project": "test-project", "entity": None,
-                                  "tags": ["test"], "dir": str(tmp_path / "wandb")})
+    wandb_cfg = OmegaConf.create(
+        {
+            "enabled": True,
+            "mode": "offline",
+            "project": "test-project",
+            "entity": None,
+            "tags": ["test"],
+            "dir": str(tmp_path / "wandb"),
+        }
+    )
     result = build_report(summary, sweep, wandb_cfg=wandb_cfg, group="fake")
-    assert result["url"] is None                      # offline: not saved
+    assert result["url"] is None  # offline: not saved
     spec = json.loads((sweep / FILES_DIR / WANDB_REPORT_JSON).read_text())
     text = json.dumps(spec)
-    for key in ("auroc/entropy", "acceptance/dssd", "acceptance/layerskip", "accuracy_vs_compute/x", "n_params"):
+    for key in (
+        "auroc/entropy",
+        "acceptance/dssd",
+        "acceptance/layerskip",
+        "accuracy_vs_compute/x",
+        "n_params",
+    ):
         assert key in text
     runs = {run["name"]: run for run in wandb_runs(tmp_path / "wandb")}
     assert set(runs) == {f"{m}/report" for m in MODELS} | {"sweep/summary"}
     report_run = runs["pythia-1b/report"]
     assert report_run["group"] == "fake" and report_run["job_type"] == "report"
-    assert {"n_params", "auroc/entropy", "acceptance/dssd", "acceptance/layerskip", "speedup/dssd"} <= report_run["summary"]
+    assert {
+        "n_params",
+        "auroc/entropy",
+        "acceptance/dssd",
+        "acceptance/layerskip",
+        "speedup/dssd",
+    } <= report_run["summary"]
     assert {"eps", "accuracy_vs_compute/accuracy", "accuracy_vs_compute/x"} <= report_run["history"]
-    assert any(key.startswith("report/auroc/") for key in runs["sweep/summary"]["history"])   # a wandb.Table
+    assert any(key.startswith("report/auroc/") for key in runs["sweep/summary"]["history"])  # a wandb.Table
 
 
 def test_wandb_report_object_has_the_panels(summary_and_dir):

@@ -29,15 +29,29 @@ def _stage(name, upstream=(), fail=None):
 
 
 def make_cfg(tmp_path, **overrides):
-    cfg = OmegaConf.create({
-        "paths": {"cache": str(tmp_path / "cache")},
-        "model": {"name": "fake", "source": "x", "num_layers": 4, "head_layers": [1], "max_seq_len": 64,
-                  "dtype": "float32"},
-        "data": {"seq_len": 8, "budgets": {"train": 64}},
-        "logger": {"enabled": False, "mode": "disabled"},
-        "stages": ["all"], "force": False, "seed": 0, "device": "cpu", "progress": False,
-        "a": {"value": 1}, "b": {"value": 2}, "c": {"value": 3},
-    })
+    cfg = OmegaConf.create(
+        {
+            "paths": {"cache": str(tmp_path / "cache")},
+            "model": {
+                "name": "fake",
+                "source": "x",
+                "num_layers": 4,
+                "head_layers": [1],
+                "max_seq_len": 64,
+                "dtype": "float32",
+            },
+            "data": {"seq_len": 8, "budgets": {"train": 64}},
+            "logger": {"enabled": False, "mode": "disabled"},
+            "stages": ["all"],
+            "force": False,
+            "seed": 0,
+            "device": "cpu",
+            "progress": False,
+            "a": {"value": 1},
+            "b": {"value": 2},
+            "c": {"value": 3},
+        }
+    )
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
 
 

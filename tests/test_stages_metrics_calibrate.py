@@ -30,7 +30,9 @@ def make_cfg(**calibrate_overrides):
     calibrate.batch_tokens = 100
     for key, value in calibrate_overrides.items():
         OmegaConf.update(calibrate, key, value)
-    return OmegaConf.create({"model": {"name": "tiny-test", "dtype": "float32"}, "seed": 0, "calibrate": calibrate})
+    return OmegaConf.create(
+        {"model": {"name": "tiny-test", "dtype": "float32"}, "seed": 0, "calibrate": calibrate}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def upstream(tmp_path_factory):
     model = tiny_gpt_neox(num_layers=4, d_model=32, vocab=128, seed=0)
     backbone_dir = root / "backbone"
     model.save_pretrained(backbone_dir / LOCAL_MODEL_DIR)
-    (backbone_dir / BACKBONE_RECORD).write_text(json.dumps({"local": True, "source": "tiny", "revision": None}))
+    (backbone_dir / BACKBONE_RECORD).write_text(
+        json.dumps({"local": True, "source": "tiny", "revision": None})
+    )
     torch.manual_seed(0)
     for split in ("validation", "test"):
         ids = torch.randint(0, 128, (8, 64))
@@ -54,8 +58,14 @@ def upstream(tmp_path_factory):
 
 def context(cfg, upstream, out_dir: Path) -> StageContext:
     out_dir.mkdir(parents=True)
-    return StageContext(cfg=cfg, out_dir=out_dir, inputs=upstream, device=torch.device("cpu"), tracker=Tracker(),
-                        progress=False)
+    return StageContext(
+        cfg=cfg,
+        out_dir=out_dir,
+        inputs=upstream,
+        device=torch.device("cpu"),
+        tracker=Tracker(),
+        progress=False,
+    )
 
 
 def test_metrics_stage(upstream, tmp_path):
@@ -64,7 +74,9 @@ def test_metrics_stage(upstream, tmp_path):
     out = metrics_stage.run(context(cfg, upstream, tmp_path / "metrics"))
     tokens, aucs, curves = out.tables["token_metrics"], out.tables["auroc"], out.tables["risk_coverage"]
     assert len(tokens) == 512 * len(LAYERS)
-    assert set(aucs["metric"]) == set(cfg.calibrate.metrics) and aucs.groupby("head")["best"].sum().eq(1).all()
+    assert (
+        set(aucs["metric"]) == set(cfg.calibrate.metrics) and aucs.groupby("head")["best"].sum().eq(1).all()
+    )
     assert len(curves) == len(LAYERS) * len(cfg.calibrate.metrics) * cfg.calibrate.rc_points
     auroc_rows = [r for r in out.rows if r["metric"] == "auroc"]
     assert len(auroc_rows) == len(aucs) and {r["head"] for r in auroc_rows} == {0, 1, 2}
@@ -91,18 +103,24 @@ def test_calibrate_stage(upstream, tmp_path):
         for eps in (0.6, 0.9, 1.0):
             for head in range(len(LAYERS)):
                 t = thresholds.for_eps(method, eps)[head]
-                assert (np.isnan(rows[(method, eps, head, "threshold")]) if t is None
-                        else rows[(method, eps, head, "threshold")] == t)
+                assert (
+                    np.isnan(rows[(method, eps, head, "threshold")])
+                    if t is None
+                    else rows[(method, eps, head, "threshold")] == t
+                )
             assert (method, eps, "all", "accuracy") in rows and (method, eps, "all", "coverage") in rows
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"eps": [0.9, 1.5]}, "outside"),
-    ({"delta": 0.0}, "δ"),
-    ({"metric": "perplexity"}, "unknown metric"),
-    ({"methods": ["conformal"]}, "methods"),
-    ({"ltt.grid_fraction": 1.0}, "grid_fraction"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"eps": [0.9, 1.5]}, "outside"),
+        ({"delta": 0.0}, "δ"),
+        ({"metric": "perplexity"}, "unknown metric"),
+        ({"methods": ["conformal"]}, "methods"),
+        ({"ltt.grid_fraction": 1.0}, "grid_fraction"),
+    ],
+)
 def test_calibrate_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         calibrate_stage.validate(make_cfg(**override))

@@ -31,38 +31,75 @@ def fake_rows(model: str, scale: float) -> pd.DataFrame:
     frames = [
         to_frame([row("n_params", 7e7 * scale)], model, "backbone"),
         to_frame([row("bytes_per_token", 5124.0), row("tokens", 1000, method="train")], model, "extract"),
-        to_frame([row(m, 0.5 - 0.1 * h, method="trained", head=h) for h in range(4) for m in ("kl",)]
-                 + [row("agree", 0.5 + 0.1 * h, method="trained", head=h) for h in range(4)], model, "heads"),
-        to_frame([row("auroc", 0.7 + 0.02 * h + (0.05 if m == "entropy" else 0), method=m, head=h)
-                  for m in ("entropy", "max_prob") for h in range(4)], model, "metrics"),
-        to_frame([row(k, v, method="empirical", eps=e, head="all") for e in EPS
-                  for k, v in (("accuracy", e + 0.01), ("coverage", 1 - e))]
-                 + [row("threshold", 1.0, method="empirical", eps=e, head=h) for e in EPS for h in range(4)],
-                 model, "calibrate"),
-        to_frame([row(f"acc/{t}", 0.6, method="full") for t in ("a", "b")]
-                 + [row(f"acc/{t}", 0.6 - (1 - e) * 0.2, method="empirical", eps=e) for t in ("a", "b") for e in EPS]
-                 + [row(f"compute_frac/{t}", e, method="empirical", eps=e) for t in ("a", "b") for e in EPS],
-                 model, "early_exit"),
-        to_frame([row("acceptance_rate", 0.5 + 0.1 * scale ** 0, method="dssd", eps=e) for e in EPS]
-                 + [row("acceptance_rate", 0.4, method="layerskip"),
-                    row("acceptance_ratio", 1.5, method="dssd_vs_layerskip", eps=0.9)]
-                 + [row("speedup_vs_generate", 1.0 + 0.1 * scale, method=m, eps=0.9 if m == "dssd" else None)
-                    for m in ("dssd", "layerskip")]
-                 + [row("acceptance_rate", 0.3, method="layerskip_grid", head=0, draft_len=2)], model, "decoding"),
+        to_frame(
+            [row(m, 0.5 - 0.1 * h, method="trained", head=h) for h in range(4) for m in ("kl",)]
+            + [row("agree", 0.5 + 0.1 * h, method="trained", head=h) for h in range(4)],
+            model,
+            "heads",
+        ),
+        to_frame(
+            [
+                row("auroc", 0.7 + 0.02 * h + (0.05 if m == "entropy" else 0), method=m, head=h)
+                for m in ("entropy", "max_prob")
+                for h in range(4)
+            ],
+            model,
+            "metrics",
+        ),
+        to_frame(
+            [
+                row(k, v, method="empirical", eps=e, head="all")
+                for e in EPS
+                for k, v in (("accuracy", e + 0.01), ("coverage", 1 - e))
+            ]
+            + [row("threshold", 1.0, method="empirical", eps=e, head=h) for e in EPS for h in range(4)],
+            model,
+            "calibrate",
+        ),
+        to_frame(
+            [row(f"acc/{t}", 0.6, method="full") for t in ("a", "b")]
+            + [
+                row(f"acc/{t}", 0.6 - (1 - e) * 0.2, method="empirical", eps=e)
+                for t in ("a", "b")
+                for e in EPS
+            ]
+            + [row(f"compute_frac/{t}", e, method="empirical", eps=e) for t in ("a", "b") for e in EPS],
+            model,
+            "early_exit",
+        ),
+        to_frame(
+            [row("acceptance_rate", 0.5 + 0.1 * scale**0, method="dssd", eps=e) for e in EPS]
+            + [
+                row("acceptance_rate", 0.4, method="layerskip"),
+                row("acceptance_ratio", 1.5, method="dssd_vs_layerskip", eps=0.9),
+            ]
+            + [
+                row("speedup_vs_generate", 1.0 + 0.1 * scale, method=m, eps=0.9 if m == "dssd" else None)
+                for m in ("dssd", "layerskip")
+            ]
+            + [row("acceptance_rate", 0.3, method="layerskip_grid", head=0, draft_len=2)],
+            model,
+            "decoding",
+        ),
     ]
     return pd.concat(frames, ignore_index=True)
 
 
-def make_fake_sweep(root: Path, jobs: list[tuple[str, dict[str, str]]], missing: tuple[int, ...] = ()) -> Path:
+def make_fake_sweep(
+    root: Path, jobs: list[tuple[str, dict[str, str]]], missing: tuple[int, ...] = ()
+) -> Path:
     """A multirun directory with one job per (model, overrides); jobs listed in `missing` have no results."""
     sweep = root / "multirun" / "fake"
     for num, (model, overrides) in enumerate(jobs):
         job_dir = sweep / f"{num}_{model}"
         (job_dir / ".hydra").mkdir(parents=True)
         all_overrides = {"model": model, **overrides}
-        (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in all_overrides.items()]))
-        (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-            {"model": {"name": model}, "seed": int(overrides.get("seed", 0))}))
+        (job_dir / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump([f"{k}={v}" for k, v in all_overrides.items()])
+        )
+        (job_dir / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"model": {"name": model}, "seed": int(overrides.get("seed", 0))})
+        )
         (job_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
         if num not in missing:
             fake_rows(model, size_of(model) / 7e7 or 1.0).to_csv(job_dir / RESULTS_FILE, index=False)
@@ -71,18 +108,31 @@ def make_fake_sweep(root: Path, jobs: list[tuple[str, dict[str, str]]], missing:
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    return make_fake_sweep(tmp_path, [("pythia-410m", {"seed": "0"}), ("pythia-70m", {"seed": "0"}),
-                                      ("pythia-1.4b", {"seed": "0"})])
+    return make_fake_sweep(
+        tmp_path,
+        [("pythia-410m", {"seed": "0"}), ("pythia-70m", {"seed": "0"}), ("pythia-1.4b", {"seed": "0"})],
+    )
 
 
 def test_collect_concatenates_every_job_with_job_columns(sweep):
     summary, jobs = collect(sweep)
-    assert list(summary.columns[:11]) == ["job", "job_num", "variant", "seed", "model", "stage", "method", "eps",
-                                          "head", "metric", "value"]
+    assert list(summary.columns[:11]) == [
+        "job",
+        "job_num",
+        "variant",
+        "seed",
+        "model",
+        "stage",
+        "method",
+        "eps",
+        "head",
+        "metric",
+        "value",
+    ]
     assert set(summary["model"]) == {"pythia-70m", "pythia-410m", "pythia-1.4b"}
-    assert (summary["variant"] == summary["model"]).all()     # one job per model: the label is the model
+    assert (summary["variant"] == summary["model"]).all()  # one job per model: the label is the model
     assert list(jobs["status"]) == ["ok"] * 3
-    assert "draft_len" in summary.columns                     # stage-specific extra columns survive
+    assert "draft_len" in summary.columns  # stage-specific extra columns survive
     assert len(summary) == sum(len(fake_rows(m, 1.0)) for m in ("a", "b", "c"))
 
 
@@ -102,11 +152,12 @@ def test_variants_are_ordered_by_model_size(sweep):
 
 
 def test_swept_overrides_become_columns_and_variant_labels(tmp_path):
-    sweep = make_fake_sweep(tmp_path, [("tiny", {"heads": "linear", "seed": "0"}),
-                                       ("tiny", {"heads": "mlp", "seed": "0"})])
+    sweep = make_fake_sweep(
+        tmp_path, [("tiny", {"heads": "linear", "seed": "0"}), ("tiny", {"heads": "mlp", "seed": "0"})]
+    )
     summary, jobs = collect(sweep)
     assert set(summary["heads"]) == {"linear", "mlp"}
-    assert "seed" in summary and "override_seed" not in summary     # not swept: no extra column
+    assert "seed" in summary and "override_seed" not in summary  # not swept: no extra column
     assert set(summary["variant"]) == {"tiny [heads=linear]", "tiny [heads=mlp]"}
     table = comparison(summary)
     assert list(table.columns) == ["tiny [heads=linear]", "tiny [heads=mlp]"]
@@ -172,8 +223,12 @@ def test_estimate_matches_the_disk_formula():
 
 REPO = Path(__file__).resolve().parents[1]
 # Smaller than the smoke experiment's own tiny model (same code path): a few optimizer steps.
-FAST_TINY = ["model.tiny.train_tokens=8192", "model.tiny.eval_tokens=4096", "model.tiny.warmup_steps=1",
-             "model.tiny.tokenizer_max_bytes=1000000"]
+FAST_TINY = [
+    "model.tiny.train_tokens=8192",
+    "model.tiny.eval_tokens=4096",
+    "model.tiny.warmup_steps=1",
+    "model.tiny.tokenizer_max_bytes=1000000",
+]
 
 
 def _stage_set_problem() -> str | None:
@@ -203,12 +258,25 @@ def run_multirun(outputs: Path, *overrides: str, timeout: int = 900) -> Path:
     problem = _stage_set_problem()
     if problem:
         pytest.skip(f"pipeline cannot run in this tree: {problem}")
-    env = {**os.environ, "PIPELINE_OUTPUTS": str(outputs), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true"}
+    env = {
+        **os.environ,
+        "PIPELINE_OUTPUTS": str(outputs),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+    }
     before = set((outputs / "multirun").rglob("multirun.yaml")) if (outputs / "multirun").exists() else set()
     # `-m` last: Hydra's argparse does not take overrides after an option.
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *overrides, "-m"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *overrides, "-m"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     new = set((outputs / "multirun").rglob("multirun.yaml")) - before
     assert len(new) == 1, f"expected one new sweep directory, got {new}"
@@ -245,14 +313,20 @@ def test_smoke_multirun_backbone_only(outputs):
     from tests.test_report import wandb_runs
 
     backbone = [r for r in wandb_runs(outputs / "wandb") if r["job_type"] == "backbone"]
-    if backbone:   # absent when an earlier test of this module already pretrained (cache reuse)
+    if backbone:  # absent when an earlier test of this module already pretrained (cache reuse)
         assert backbone[0]["name"] == "tiny/backbone" and "n_params" in backbone[0]["summary"]
 
 
 def test_smoke_multirun_through_submitit_local_executor(outputs):
     """The SLURM launcher's code path (submitit pickles the job, runs it in a new process) on this machine."""
-    sweep = run_multirun(outputs, "+experiment=smoke", "stages=[backbone]", "heads=linear",
-                         "hydra/launcher=slurm_local", *FAST_TINY)
+    sweep = run_multirun(
+        outputs,
+        "+experiment=smoke",
+        "stages=[backbone]",
+        "heads=linear",
+        "hydra/launcher=slurm_local",
+        *FAST_TINY,
+    )
     assert any((sweep / ".submitit").rglob("*_result.pkl"))
     _check_sweep(sweep, outputs, n_jobs=1, stages={"backbone"})
 

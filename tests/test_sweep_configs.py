@@ -17,8 +17,14 @@ from pipeline.stages.extract import bytes_needed
 from pipeline.validation import validate_config
 
 PYTHIA = ["pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b"]
-D_MODEL = {"pythia-70m": 512, "pythia-160m": 768, "pythia-410m": 1024, "pythia-1b": 2048, "pythia-1.4b": 2048,
-           "pythia-2.8b": 2560}
+D_MODEL = {
+    "pythia-70m": 512,
+    "pythia-160m": 768,
+    "pythia-410m": 1024,
+    "pythia-1b": 2048,
+    "pythia-1.4b": 2048,
+    "pythia-2.8b": 2560,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +43,11 @@ def sweep_jobs(experiment: str, extra: list[str] = ()) -> list[list[str]]:
     the experiment's `hydra.sweeper.params` first, command-line arguments after (they replace an axis)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         # The master config exactly as `python -m pipeline ... -m` composes it (sweep values left out).
-        master = GlobalHydra.instance().config_loader().load_configuration(
-            "config", [f"+experiment={experiment}", *extra], run_mode=RunMode.MULTIRUN)
+        master = (
+            GlobalHydra.instance()
+            .config_loader()
+            .load_configuration("config", [f"+experiment={experiment}", *extra], run_mode=RunMode.MULTIRUN)
+        )
     params = [f"{k}={v}" for k, v in master.hydra.sweeper.params.items()]
     parser = OverridesParser.create()
     batches = BasicSweeper.split_arguments(parser.parse_overrides(params + list(extra)), max_batch_size=None)
@@ -69,14 +78,14 @@ def test_full_sweep_loops_live_inside_jobs_not_on_sweep_axes():
     cfg = _job_config("full_sweep", ["model=pythia-410m", "seed=0"])
     assert len(cfg.calibrate.eps) > 1 and len(cfg.calibrate.metrics) > 1
     assert len(cfg.decoding.layerskip_d) > 1
-    assert cfg.evaluate.tasks == "pythia" and len(cfg.evaluate.pythia) == 8     # the zero-shot suite
+    assert cfg.evaluate.tasks == "pythia" and len(cfg.evaluate.pythia) == 8  # the zero-shot suite
 
 
 @pytest.mark.parametrize("model", PYTHIA)
 def test_full_sweep_job_settings_fit_one_80gb_gpu_and_100gb_of_shards(model):
     cfg = _job_config("full_sweep", [f"model={model}", "seed=0"])
-    OmegaConf.resolve(cfg)       # every interpolation (the per-size table) resolves
-    validate_config(cfg)         # the runner's own checks, before any stage
+    OmegaConf.resolve(cfg)  # every interpolation (the per-size table) resolves
+    validate_config(cfg)  # the runner's own checks, before any stage
     assert cfg.model.name == model and cfg.model.source == f"EleutherAI/{model}"
     assert cfg.model.d_model == D_MODEL[model]
     assert cfg.data.kind == "minipile" and cfg.data.seq_len == 512
@@ -120,11 +129,14 @@ def test_command_line_value_narrows_an_axis():
     assert jobs == [["model=pythia-160m", "seed=0"]]
     jobs = sweep_jobs("full_sweep", ["model=pythia-70m,pythia-1b", "seed=0,1"])
     assert len(jobs) == 4 and {tuple(j) for j in jobs} == {
-        (f"model={m}", f"seed={s}") for m in ("pythia-70m", "pythia-1b") for s in (0, 1)}
+        (f"model={m}", f"seed={s}") for m in ("pythia-70m", "pythia-1b") for s in (0, 1)
+    }
 
 
 def test_command_line_overrides_per_size_settings():
-    cfg = _job_config("full_sweep", ["model=pythia-2.8b", "extract.batch_size=8", "data.budgets.train=1000000"])
+    cfg = _job_config(
+        "full_sweep", ["model=pythia-2.8b", "extract.batch_size=8", "data.budgets.train=1000000"]
+    )
     assert cfg.extract.batch_size == 8 and cfg.data.budgets.train == 1_000_000
 
 
@@ -133,8 +145,10 @@ def test_command_line_overrides_per_size_settings():
 
 @pytest.mark.parametrize("model,gpus,mem,timeout", [("pythia-70m", 1, 64, 180), ("pythia-2.8b", 1, 128, 360)])
 def test_slurm_launcher_composes_with_per_size_resources(model, gpus, mem, timeout):
-    cfg = _compose(["+experiment=full_sweep", f"model={model}", "hydra/launcher=slurm",
-                    "hydra.launcher.partition=gpu"], hydra=True)
+    cfg = _compose(
+        ["+experiment=full_sweep", f"model={model}", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+        hydra=True,
+    )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["mem_gb"], launcher["timeout_min"]) == (gpus, mem, timeout)
@@ -165,7 +179,9 @@ def test_smoke_has_the_full_sweeps_shape_on_two_tiny_variants():
         cfg = _job_config("smoke", job)
         OmegaConf.resolve(cfg)
         validate_config(cfg)
-        assert cfg.model.source == "tiny" and cfg.data.kind == "local_text" and cfg.trainer.accelerator == "cpu"
+        assert (
+            cfg.model.source == "tiny" and cfg.data.kind == "local_text" and cfg.trainer.accelerator == "cpu"
+        )
         assert cfg.model.tiny.train_tokens <= 200_000 and cfg.heads.max_steps <= 100
         assert sum(cfg.data.budgets.values()) <= 50_000 and cfg.decoding.n_prompts <= 5
 

@@ -28,7 +28,10 @@ def _docs(n: int, offset: int = 0) -> list[str]:
     ]
 
 
-SOURCE = ListSource(fingerprint="list-source", docs={"train": _docs(300), "validation": _docs(40, offset=1000), "test": _docs(10, 2000)})
+SOURCE = ListSource(
+    fingerprint="list-source",
+    docs={"train": _docs(300), "validation": _docs(40, offset=1000), "test": _docs(10, 2000)},
+)
 
 SMALL = {
     "vocab_size": 300,

@@ -69,13 +69,17 @@ def test_full_model_under_every_fill_policy(setup):
     results = evaluate_tokens(model, blocks, policy(heads, cost, [None, None]), batch_size=2)
     with torch.no_grad():
         logits = model(blocks).logits[:, :-1]
-    ppl = math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, 96), blocks[:, 1:].reshape(-1))))
+    ppl = math.exp(
+        float(torch.nn.functional.cross_entropy(logits.reshape(-1, 96), blocks[:, 1:].reshape(-1)))
+    )
     seq_len = blocks.shape[1]
     for fill in ("lazy", "copy"):
         assert results[fill].layer_equivalents_per_token == pytest.approx(LAYERS + cost.head)
         assert results[fill].compute_fraction == pytest.approx(1.0)
     # Without cache reuse, position p recomputes p + 1 rows per block: L (T + 1) / 2 blocks per token on average.
-    assert results["recompute"].layer_equivalents_per_token == pytest.approx(LAYERS * (seq_len + 1) / 2 + cost.head)
+    assert results["recompute"].layer_equivalents_per_token == pytest.approx(
+        LAYERS * (seq_len + 1) / 2 + cost.head
+    )
     for fill, res in results.items():
         assert res.agreement == 1.0, fill
         assert res.ppl == pytest.approx(ppl, rel=1e-4), fill
@@ -89,8 +93,12 @@ def test_forced_exit_costs_and_predictions(setup):
     own = HEADS[0] + 1 + cost.head
     assert results["lazy"].layer_equivalents_per_token == pytest.approx(own)
     depth, seq_len = HEADS[0] + 1, blocks.shape[1]
-    assert results["recompute"].layer_equivalents_per_token == pytest.approx(depth * (seq_len + 1) / 2 + cost.head)
-    assert results["copy"].layer_equivalents_per_token == pytest.approx(own + cost.kv_only * (LAYERS - HEADS[0] - 1))
+    assert results["recompute"].layer_equivalents_per_token == pytest.approx(
+        depth * (seq_len + 1) / 2 + cost.head
+    )
+    assert results["copy"].layer_equivalents_per_token == pytest.approx(
+        own + cost.kv_only * (LAYERS - HEADS[0] - 1)
+    )
     # Head 0 reads blocks every position ran exactly, so copying K/V for deeper blocks changes nothing here.
     assert results["copy"].ppl == pytest.approx(results["lazy"].ppl, rel=1e-4)
     assert results["copy"].agreement == results["lazy"].agreement < 1.0

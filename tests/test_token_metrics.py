@@ -26,7 +26,9 @@ def tiny_setup(tmp_path_factory):
     ids = torch.randint(0, 128, (3, 40))
     with torch.no_grad():
         hidden_states = model(input_ids=ids, output_hidden_states=True).hidden_states
-    slots = torch.stack([hidden_states[layer + 1] for layer in LAYERS] + [hidden_states[-1]], dim=2).flatten(0, 1)
+    slots = torch.stack([hidden_states[layer + 1] for layer in LAYERS] + [hidden_states[-1]], dim=2).flatten(
+        0, 1
+    )
     directory = tmp_path_factory.mktemp("shards") / "validation"
     writer = ShardWriter(directory, n_slots=len(LAYERS) + 1, d_model=32, shard_tokens=50)  # several shards
     writer.add(slots, ids.flatten())
@@ -54,12 +56,16 @@ def test_correctness_and_metrics_match_independent_computation(tiny_setup):
             assert (rows["layer"] == layer).all()
             np.testing.assert_array_equal(rows["token"].to_numpy(), np.arange(n))
             for name in ("entropy", "max_prob", "prob_margin", "logit_margin"):
-                np.testing.assert_allclose(rows[name].to_numpy(), get_metric(name)(logits).numpy(), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    rows[name].to_numpy(), get_metric(name)(logits).numpy(), rtol=1e-5, atol=1e-6
+                )
             if k == 0:
                 assert rows["saturation"].isna().all()  # no previous head input at the first head
             else:
                 expected = torch.nn.functional.cosine_similarity(stored[:, k], stored[:, k - 1], dim=-1)
-                np.testing.assert_allclose(rows["saturation"].to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    rows["saturation"].to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6
+                )
     assert 0 < correct.mean() < 1  # both classes present, so AUROCs are defined
 
 
@@ -69,8 +75,10 @@ def test_subset_of_tokens_in_given_order(tiny_setup):
     table = compute_token_metrics(reader, heads, model.get_output_embeddings(), ["entropy"], indices=idx)
     full = compute_token_metrics(reader, heads, model, ["entropy"])
     assert wide(table, "entropy").shape == (4, len(LAYERS))  # one row per requested token, duplicates kept
-    np.testing.assert_allclose(table[table["head"] == 1]["entropy"].to_numpy(),
-                               full[full["head"] == 1].set_index("token").loc[idx, "entropy"].to_numpy())
+    np.testing.assert_allclose(
+        table[table["head"] == 1]["entropy"].to_numpy(),
+        full[full["head"] == 1].set_index("token").loc[idx, "entropy"].to_numpy(),
+    )
 
 
 def test_mismatched_heads_and_shards_fail(tiny_setup):
@@ -101,9 +109,19 @@ def test_auroc_table_and_winner(tiny_setup):
 def test_auroc_table_known_winner():
     rng = np.random.default_rng(0)
     correct = rng.uniform(size=4000) < 0.5
-    informative = np.where(correct, rng.normal(0.0, 1.0, 4000), rng.normal(2.0, 1.0, 4000))  # low when correct
-    table = pd.DataFrame({"token": np.arange(4000), "head": 0, "layer": 3, "correct": correct,
-                          "entropy": informative, "max_prob": rng.uniform(size=4000)})
+    informative = np.where(
+        correct, rng.normal(0.0, 1.0, 4000), rng.normal(2.0, 1.0, 4000)
+    )  # low when correct
+    table = pd.DataFrame(
+        {
+            "token": np.arange(4000),
+            "head": 0,
+            "layer": 3,
+            "correct": correct,
+            "entropy": informative,
+            "max_prob": rng.uniform(size=4000),
+        }
+    )
     aucs = auroc_table(table, ["entropy", "max_prob"])
     assert best_metric_per_head(aucs)["metric"].tolist() == ["entropy"]
     assert aucs.set_index("metric").loc["entropy", "auroc"] > 0.85
@@ -122,7 +140,9 @@ def test_metric_directions_on_peaked_vs_flat_logits():
         mid = float((v_peaked + v_flat) / 2)
         assert bool(metric.is_confident(v_peaked, mid)) and not bool(metric.is_confident(v_flat, mid)), name
     assert METRICS["entropy"].lower_is_confident
-    assert not any(METRICS[m].lower_is_confident for m in ("max_prob", "prob_margin", "logit_margin", "saturation"))
+    assert not any(
+        METRICS[m].lower_is_confident for m in ("max_prob", "prob_margin", "logit_margin", "saturation")
+    )
     # Saturation: an unchanged residual stream is more confident than one that turned around.
     h = torch.tensor([[1.0, 0.0]])
     sat = METRICS["saturation"]

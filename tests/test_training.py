@@ -25,10 +25,24 @@ from pipeline.training import build_trainer, evaluate_heads, heads_settings, log
 from tests.test_lightning_modules import HEAD_LAYERS, tiny_backbone, write_extract
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "log_every_n_steps": 10}
+CPU = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "strategy": "auto",
+    "precision": "32-true",
+    "log_every_n_steps": 10,
+}
 # Random-init heads, a learning rate suited to a 32-wide model, a few hundred steps (~5 s on one core).
-HEADS = {"init": "random", "lr": 1e-2, "warmup_steps": 10, "batch_tokens": 256, "max_steps": 300,
-         "val_tokens": 512, "val_every_n_steps": 100, "eval_batch_tokens": 512}
+HEADS = {
+    "init": "random",
+    "lr": 1e-2,
+    "warmup_steps": 10,
+    "batch_tokens": 256,
+    "max_steps": 300,
+    "val_tokens": 512,
+    "val_every_n_steps": 100,
+    "eval_batch_tokens": 512,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +65,9 @@ def tiny(tmp_path_factory):
 def trained(tiny, tmp_path_factory):
     model, directory = tiny
     out = tmp_path_factory.mktemp("heads")
-    heads, metrics = train_heads(model, HEAD_LAYERS, directory, HEADS, CPU, seed=0, out_dir=out, progress=False)
+    heads, metrics = train_heads(
+        model, HEAD_LAYERS, directory, HEADS, CPU, seed=0, out_dir=out, progress=False
+    )
     return heads, metrics, out
 
 
@@ -106,7 +122,9 @@ def test_evaluate_logit_lens_matches_direct_computation(tiny):
             lens = unembed(norm(head_hidden[:, i])).log_softmax(-1)
             kl = (teacher.exp() * (teacher - lens)).sum(-1).mean()
             assert row["kl"] == pytest.approx(float(kl), rel=1e-4)
-            assert row["agree"] == pytest.approx(float((lens.argmax(-1) == teacher.argmax(-1)).float().mean()))
+            assert row["agree"] == pytest.approx(
+                float((lens.argmax(-1) == teacher.argmax(-1)).float().mean())
+            )
 
 
 class _StopAt(Callback):
@@ -129,8 +147,17 @@ def test_resume_from_last_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
     cfg = {**HEADS, "head_type": "mlp", "max_steps": 30, "val_every_n_steps": 10}
     straight, _ = train_heads(model, HEAD_LAYERS, directory, cfg, CPU, 0, tmp_path / "a", progress=False)
     with pytest.raises(RuntimeError, match="simulated"):
-        train_heads(model, HEAD_LAYERS, directory, cfg, CPU, 0, tmp_path / "b", progress=False,
-                    callbacks=[_StopAt(20, "interrupt")])
+        train_heads(
+            model,
+            HEAD_LAYERS,
+            directory,
+            cfg,
+            CPU,
+            0,
+            tmp_path / "b",
+            progress=False,
+            callbacks=[_StopAt(20, "interrupt")],
+        )
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "b" / "heads.safetensors").exists()
     resumed, metrics = train_heads(model, HEAD_LAYERS, directory, cfg, CPU, 0, tmp_path / "b", progress=False)
@@ -144,8 +171,17 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(tiny, tmp_
     model, directory = tiny
     cfg = {**HEADS, "max_steps": 30, "val_every_n_steps": 10}
     with pytest.raises(NonFiniteLossError, match="loss is nan at global step 15"):
-        train_heads(model, HEAD_LAYERS, directory, cfg, CPU, 0, tmp_path, progress=False,
-                    callbacks=[_StopAt(15, "nan")])
+        train_heads(
+            model,
+            HEAD_LAYERS,
+            directory,
+            cfg,
+            CPU,
+            0,
+            tmp_path,
+            progress=False,
+            callbacks=[_StopAt(15, "nan")],
+        )
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # plain hparams load safely
     assert ckpt["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
@@ -155,8 +191,9 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(tiny, tmp_
 def test_bf16_mixed_precision_trains_on_cpu(tiny, tmp_path):
     model, directory = tiny
     cfg = {**HEADS, "max_steps": 5, "val_every_n_steps": 5}
-    heads, metrics = train_heads(model, HEAD_LAYERS, directory, cfg, {**CPU, "precision": "bf16-mixed"}, 0,
-                                 tmp_path, progress=False)
+    heads, metrics = train_heads(
+        model, HEAD_LAYERS, directory, cfg, {**CPU, "precision": "bf16-mixed"}, 0, tmp_path, progress=False
+    )
     assert metrics["steps"] == 5 and all(p.dtype == torch.float32 for p in heads.parameters())
     assert all(row["kl"] > 0 for row in metrics["trained"])
 
@@ -181,8 +218,16 @@ def test_trainer_configs_compose_and_build(tmp_path):
         heads_settings({"lr": 1e-3, "learning_rate": 1e-3})
 
 
-DDP_HEADS = dict(init="random", lr=1e-2, warmup_steps=5, batch_tokens=128, max_steps=20, val_tokens=512,
-                 val_every_n_steps=10, eval_batch_tokens=256)
+DDP_HEADS = dict(
+    init="random",
+    lr=1e-2,
+    warmup_steps=5,
+    batch_tokens=128,
+    max_steps=20,
+    val_tokens=512,
+    val_every_n_steps=10,
+    eval_batch_tokens=256,
+)
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
@@ -207,18 +252,35 @@ if __name__ == "__main__":
 def test_ddp_two_cpu_processes_on_gloo_equals_one_process_with_twice_the_batch(tiny, tmp_path, strategy):
     model, directory = tiny
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(REPO), extract=str(directory), heads_cfg=DDP_HEADS,
-                                        out=str(tmp_path), strategy=strategy))
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "MASTER_PORT": "29517"})
+    script.write_text(
+        DDP_SCRIPT.format(
+            repo=str(REPO), extract=str(directory), heads_cfg=DDP_HEADS, out=str(tmp_path), strategy=strategy
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MASTER_PORT": "29517"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["train_tokens"] == 20 * 128 * 2
     ddp = EarlyExitHeads.load(tmp_path / "heads", model)
     # Rank r's batch k is slice 2k+r of the epoch permutation, so the two ranks together see exactly the
     # tokens of one process's 256-token batch k, and the all-reduced gradient is that batch's gradient.
-    single, _ = train_heads(model, HEAD_LAYERS, directory, {**DDP_HEADS, "batch_tokens": 256}, CPU, 0,
-                            tmp_path / "single", progress=False)
+    single, _ = train_heads(
+        model,
+        HEAD_LAYERS,
+        directory,
+        {**DDP_HEADS, "batch_tokens": 256},
+        CPU,
+        0,
+        tmp_path / "single",
+        progress=False,
+    )
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
 
@@ -246,14 +308,22 @@ def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
     model, directory = tiny
     backbone_dir, extract_dir = tmp_path / "backbone", directory.parent
     model.save_pretrained(backbone_dir / LOCAL_MODEL_DIR)
-    (backbone_dir / BACKBONE_RECORD).write_text(json.dumps({"local": True, "source": "tiny", "revision": None}))
+    (backbone_dir / BACKBONE_RECORD).write_text(
+        json.dumps({"local": True, "source": "tiny", "revision": None})
+    )
     (extract_dir / "meta.json").write_text(json.dumps({"layers": HEAD_LAYERS}))
     cfg = _stage_cfg()
     heads_stage.validate(cfg)
     out_dir = tmp_path / "heads.partial"
     out_dir.mkdir()
-    ctx = StageContext(cfg=cfg, out_dir=out_dir, inputs={"backbone": backbone_dir, "extract": extract_dir},
-                       device=torch.device("cpu"), tracker=Tracker(), progress=False)
+    ctx = StageContext(
+        cfg=cfg,
+        out_dir=out_dir,
+        inputs={"backbone": backbone_dir, "extract": extract_dir},
+        device=torch.device("cpu"),
+        tracker=Tracker(),
+        progress=False,
+    )
     output = heads_stage.run(ctx)
 
     EarlyExitHeads.load(out_dir, model)  # what the metrics/calibrate stages do
@@ -278,7 +348,11 @@ def test_heads_stage_key_and_validation():
     ddp.trainer.devices = 2
     assert heads_stage.key_config(ddp)["world_size"] == 2  # global batch doubles: other weights
     assert heads_stage.stage_trainer_cfg(_compose("trainer=ddp").trainer)["strategy"] == "ddp_spawn"
-    for override, message in [({"head_type": "conv"}, "head_type"), ({"lr": 0.0}, "lr"),
-                              ({"val_tokens": 4000}, "exceed"), ({"learning_rate": 1.0}, "unknown")]:
+    for override, message in [
+        ({"head_type": "conv"}, "head_type"),
+        ({"lr": 0.0}, "lr"),
+        ({"val_tokens": 4000}, "exceed"),
+        ({"learning_rate": 1.0}, "unknown"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             heads_stage.validate(_stage_cfg(**override))

@@ -91,7 +91,9 @@ class BackboneAdapter:
         keys, values = cache.keys[index], cache.values[index]
         keys[:, :, start:end] = key
         values[:, :, start:end] = value
-        attn = self._attend(query, keys[:, :, :end], values[:, :, :end], start, rows, self.sliding_window[index])
+        attn = self._attend(
+            query, keys[:, :, :end], values[:, :, :end], start, rows, self.sliding_window[index]
+        )
         return self._block_out(layer, hidden, attn.transpose(1, 2).reshape(1, rows, -1))
 
     def kv_only(self, index: int, hidden: torch.Tensor, cache: JaggedKVCache, start: int) -> None:
@@ -128,8 +130,9 @@ class BackboneAdapter:
             if window is not None:
                 mask &= k_pos > q_pos - window
         gqa = query.shape[1] != keys.shape[1]
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=gqa
+        )
 
     scaling: float
 

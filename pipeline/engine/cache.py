@@ -16,8 +16,16 @@ import torch
 
 
 class JaggedKVCache:
-    def __init__(self, num_layers: int, n_kv_heads: int, head_dim: int, d_model: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        d_model: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.num_layers = num_layers
         self._shape = (n_kv_heads, head_dim, d_model)
         self.dtype, self.device = dtype, device

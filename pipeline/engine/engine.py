@@ -44,8 +44,15 @@ class DecodeSession:
     predicts token p + 1.
     """
 
-    def __init__(self, engine: Engine, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                 strategy_name: str, extra_capacity: int = 0):
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        strategy_name: str,
+        extra_capacity: int = 0,
+    ):
         self.engine = engine
         self.adapter: BackboneAdapter = engine.adapter
         self.prompt_len = int(prompt.numel())
@@ -58,9 +65,14 @@ class DecodeSession:
         self.out: list[int] = []
         self.done = max_new_tokens <= 0
         n_heads = len(engine.head_layers)
-        self.stats = GenerationStats(strategy=strategy_name, num_layers=self.adapter.num_layers, cost=engine.cost,
-                                     prompt_tokens=self.prompt_len, exits_per_head=[0] * n_heads,
-                                     drafts_per_head=[0] * n_heads)
+        self.stats = GenerationStats(
+            strategy=strategy_name,
+            num_layers=self.adapter.num_layers,
+            cost=engine.cost,
+            prompt_tokens=self.prompt_len,
+            exits_per_head=[0] * n_heads,
+            drafts_per_head=[0] * n_heads,
+        )
         self.accepted_per_head = [0] * n_heads
 
     # -- output ----------------------------------------------------------------------------------------------
@@ -102,8 +114,14 @@ class DecodeSession:
         self.stats.lm_head_rows += 1
         return int(adapter.logits(cache.hidden[:, n - 1 : n]).argmax(-1).view(-1)[0])
 
-    def step(self, position: int, token: int, rule: ExitRule | None = None, verify_from: int | None = None,
-             probe: list[list[int]] | None = None) -> StepResult:
+    def step(
+        self,
+        position: int,
+        token: int,
+        rule: ExitRule | None = None,
+        verify_from: int | None = None,
+        probe: list[list[int]] | None = None,
+    ) -> StepResult:
         """Run token `token` at `position` up the stack, lazily filling each block's pending positions first.
 
         Exits at the first block of `rule` whose head is confident. Otherwise it reaches the final layer; the
@@ -116,14 +134,17 @@ class DecodeSession:
         end = position + 1
         by_layer = rule.by_layer if rule is not None else None
         metric = rule.metric if rule is not None else None
-        prev_head_input = cache.hidden[:, position : end].clone() if metric is not None and metric.needs_hidden \
-            else None
+        prev_head_input = (
+            cache.hidden[:, position:end].clone() if metric is not None and metric.needs_hidden else None
+        )
         probe_row: list[int] = []
         lengths = cache.lengths
         for i in range(adapter.num_layers):
             start = lengths[i]
             if start > position:
-                raise RuntimeError(f"position {position} already in layer {i}'s cache ({lengths}): crop first")
+                raise RuntimeError(
+                    f"position {position} already in layer {i}'s cache ({lengths}): crop first"
+                )
             out = adapter.block(i, cache.hidden[:, start:end], cache, start)
             cache.hidden[:, start:end] = out
             lengths[i] = end
@@ -193,7 +214,9 @@ class Engine:
         self.heads = heads
         self.head_layers: list[int] = list(heads.layers) if heads is not None else []
         if any(not 0 <= layer < self.adapter.num_layers for layer in self.head_layers):
-            raise ValueError(f"head layers {self.head_layers} outside the model's {self.adapter.num_layers} blocks")
+            raise ValueError(
+                f"head layers {self.head_layers} outside the model's {self.adapter.num_layers} blocks"
+            )
         self.head_index = {layer: k for k, layer in enumerate(self.head_layers)}
         self.head_dtype = next(heads.parameters()).dtype if heads is not None else self.adapter.dtype
         self.cost = cost or CostModel.default(self.adapter.d_model, self.adapter.vocab_size)
@@ -206,8 +229,9 @@ class Engine:
     def _cache_for(self, capacity: int) -> JaggedKVCache:
         a = self.adapter
         if self._cache is None:
-            self._cache = JaggedKVCache(a.num_layers, a.n_kv_heads, a.head_dim, a.d_model, capacity, a.dtype,
-                                        a.device)
+            self._cache = JaggedKVCache(
+                a.num_layers, a.n_kv_heads, a.head_dim, a.d_model, capacity, a.dtype, a.device
+            )
         self._cache.reserve(capacity)
         a.rope_table(self._cache.capacity)
         return self._cache
@@ -216,21 +240,37 @@ class Engine:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.adapter.device)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
-                raise ValueError(f"the engine decodes one sequence at a time (batch size 1), got {ids.shape[0]}")
+                raise ValueError(
+                    f"the engine decodes one sequence at a time (batch size 1), got {ids.shape[0]}"
+                )
             ids = ids[0]
         if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty [seq] or [1, seq] tensor, got shape {tuple(ids.shape)}")
+            raise ValueError(
+                f"input_ids must be a non-empty [seq] or [1, seq] tensor, got shape {tuple(ids.shape)}"
+            )
         return ids
 
-    def session(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None, strategy_name: str = "",
-                extra_capacity: int = 0) -> DecodeSession:
+    def session(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        strategy_name: str = "",
+        extra_capacity: int = 0,
+    ) -> DecodeSession:
         """A fresh decoding state on this engine's cache (invalidates any earlier session)."""
-        return DecodeSession(self, self._prompt(input_ids), max_new_tokens, eos_token_id, strategy_name,
-                             extra_capacity)
+        return DecodeSession(
+            self, self._prompt(input_ids), max_new_tokens, eos_token_id, strategy_name, extra_capacity
+        )
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | Sequence[int], strategy, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> GenerationResult:
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        strategy,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+    ) -> GenerationResult:
         """Decode up to `max_new_tokens` tokens after `input_ids` with `strategy` (see `strategies`)."""
         strategy.validate(self)
         t0 = time.perf_counter()
@@ -243,8 +283,9 @@ class Engine:
         return GenerationResult(sess.out, sess.stats)
 
     @torch.inference_mode()
-    def oracle_bound(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
-                     eos_token_id: int | None = None) -> OracleBound:
+    def oracle_bound(
+        self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+    ) -> OracleBound:
         """Greedy generation with every head probed: per token, the earliest head that agrees with the full
         model, and what exiting there would have cost."""
         if self.heads is None:
@@ -271,5 +312,11 @@ class Engine:
             else:
                 oracle.append(self.head_layers[k] + 1 + head)
                 cascade.append(self.head_layers[k] + 1 + (k + 1) * head)
-        return OracleBound(tokens=list(sess.out), earliest_head=earliest, head_layers=list(self.head_layers),
-                           oracle_cost=oracle, cascade_cost=cascade, full_cost=L + head)
+        return OracleBound(
+            tokens=list(sess.out),
+            earliest_head=earliest,
+            head_layers=list(self.head_layers),
+            oracle_cost=oracle,
+            cascade_cost=cascade,
+            full_cost=L + head,
+        )

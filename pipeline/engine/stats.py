@@ -92,8 +92,11 @@ class GenerationStats:
 
     @property
     def layer_equivalents(self) -> float:
-        return (self.block_rows + self.cost.head * (self.head_evals + self.lm_head_rows)
-                + self.cost.kv_only * self.kv_only_rows)
+        return (
+            self.block_rows
+            + self.cost.head * (self.head_evals + self.lm_head_rows)
+            + self.cost.kv_only * self.kv_only_rows
+        )
 
     @property
     def layer_equivalents_per_token(self) -> float:
@@ -105,8 +108,14 @@ class GenerationStats:
 
     def check(self) -> None:
         """Raise AssertionError if the counters do not add up."""
-        parts = (self.prefill_tokens + self.accepted + self.corrections + self.bonus + self.full_tokens
-                 + self.exited)
+        parts = (
+            self.prefill_tokens
+            + self.accepted
+            + self.corrections
+            + self.bonus
+            + self.full_tokens
+            + self.exited
+        )
         assert parts == self.generated, f"token accounting: {parts} != generated {self.generated}: {self}"
         assert 0 <= self.accepted <= self.drafted, f"accepted {self.accepted} > drafted {self.drafted}"
         assert sum(self.drafts_per_head) == self.drafted
@@ -118,8 +127,14 @@ class GenerationStats:
         out = asdict(self)
         out.pop("cost")
         out["head_cost"], out["kv_only_cost"] = self.cost.head, self.cost.kv_only
-        for name in ("acceptance_rate", "accepted_per_verification", "tokens_per_full_pass",
-                     "layer_equivalents", "layer_equivalents_per_token", "tokens_per_second"):
+        for name in (
+            "acceptance_rate",
+            "accepted_per_verification",
+            "tokens_per_full_pass",
+            "layer_equivalents",
+            "layer_equivalents_per_token",
+            "tokens_per_second",
+        ):
             out[name] = getattr(self, name)
         return out
 

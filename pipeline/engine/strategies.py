@@ -30,8 +30,11 @@ class Strategy:
 
 
 def _threshold_rule(engine: Engine, thresholds: Sequence[float | None], metric: str) -> ExitRule:
-    by_layer = {layer: (k, float(t)) for k, (layer, t) in enumerate(zip(engine.head_layers, thresholds,
-                                                                            strict=True)) if t is not None}
+    by_layer = {
+        layer: (k, float(t))
+        for k, (layer, t) in enumerate(zip(engine.head_layers, thresholds, strict=True))
+        if t is not None
+    }
     return ExitRule(by_layer, get_metric(metric))
 
 
@@ -39,8 +42,10 @@ def _check_thresholds(engine: Engine, thresholds: Sequence[float | None]) -> Non
     if engine.heads is None:
         raise ValueError("this strategy needs early-exit heads: Engine(model, heads)")
     if len(thresholds) != len(engine.head_layers):
-        raise ValueError(f"{len(thresholds)} thresholds for {len(engine.head_layers)} heads "
-                         f"(one per head, None disables a head)")
+        raise ValueError(
+            f"{len(thresholds)} thresholds for {len(engine.head_layers)} heads "
+            f"(one per head, None disables a head)"
+        )
 
 
 class Greedy(Strategy):
@@ -79,7 +84,12 @@ class EarlyExit(Strategy):
         _check_thresholds(engine, self.thresholds)
 
     def describe(self) -> dict:
-        return {"strategy": self.name, "metric": self.metric, "fill": self.fill, "thresholds": self.thresholds}
+        return {
+            "strategy": self.name,
+            "metric": self.metric,
+            "fill": self.fill,
+            "thresholds": self.thresholds,
+        }
 
     def run(self, session: DecodeSession, first_token: int) -> None:
         engine = session.engine
@@ -175,8 +185,12 @@ class DSSD(_Speculative):
         _check_thresholds(engine, self.thresholds)
 
     def describe(self) -> dict:
-        return {"strategy": self.name, "metric": self.metric, "max_draft": self.max_draft,
-                "thresholds": self.thresholds}
+        return {
+            "strategy": self.name,
+            "metric": self.metric,
+            "max_draft": self.max_draft,
+            "thresholds": self.thresholds,
+        }
 
     def _rule(self, engine: Engine) -> ExitRule:
         return _threshold_rule(engine, self.thresholds, self.metric)

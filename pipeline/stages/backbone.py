@@ -49,14 +49,23 @@ def run(ctx: StageContext) -> StageOutput:
         from pipeline.data import make_text_source
         from pipeline.tiny_model import pretrain_tiny_model
 
-        metrics = pretrain_tiny_model(model_cfg.tiny, make_text_source(ctx.cfg.data),
-                                      ctx.out_dir / LOCAL_MODEL_DIR, progress=ctx.progress)
+        metrics = pretrain_tiny_model(
+            model_cfg.tiny,
+            make_text_source(ctx.cfg.data),
+            ctx.out_dir / LOCAL_MODEL_DIR,
+            progress=ctx.progress,
+        )
         model, _ = load_backbone(ctx.out_dir / LOCAL_MODEL_DIR, with_tokenizer=False)
         record = {"local": True, "source": "tiny", "revision": None}
-        rows += [row(name, value, method="pretrain") for name, value in metrics.items()
-                 if isinstance(value, int | float) and name != "n_params"]
+        rows += [
+            row(name, value, method="pretrain")
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and name != "n_params"
+        ]
     else:
-        model, _ = load_backbone(model_cfg.source, revision=model_cfg.revision, dtype=model_cfg.dtype, with_tokenizer=True)
+        model, _ = load_backbone(
+            model_cfg.source, revision=model_cfg.revision, dtype=model_cfg.dtype, with_tokenizer=True
+        )
         record = {"local": False, "source": str(model_cfg.source), "revision": model_cfg.revision}
     n_layers, d_model = num_layers_of(model), unembedding_of(model).in_features
     if (n_layers, d_model) != (int(model_cfg.num_layers), int(model_cfg.d_model)):
@@ -64,14 +73,16 @@ def run(ctx: StageContext) -> StageOutput:
             f"{model_cfg.source} has {n_layers} layers and d_model {d_model}, but conf/model/{model_cfg.name}.yaml "
             f"says {model_cfg.num_layers} and {model_cfg.d_model}: fix the model config"
         )
-    record.update({
-        "name": str(model_cfg.name),
-        "fingerprint": backbone_fingerprint(model),
-        "num_layers": n_layers,
-        "d_model": d_model,
-        "vocab_size": unembedding_of(model).out_features,
-        "n_params": sum(p.numel() for p in model.parameters()),
-    })
+    record.update(
+        {
+            "name": str(model_cfg.name),
+            "fingerprint": backbone_fingerprint(model),
+            "num_layers": n_layers,
+            "d_model": d_model,
+            "vocab_size": unembedding_of(model).out_features,
+            "n_params": sum(p.numel() for p in model.parameters()),
+        }
+    )
     (ctx.out_dir / BACKBONE_RECORD).write_text(json.dumps(record, indent=2))
     rows.append(row("n_params", record["n_params"]))
     ctx.tracker.summary(record)

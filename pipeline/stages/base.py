@@ -36,13 +36,13 @@ from pipeline.tracking import Tracker
 
 @dataclass
 class StageContext:
-    cfg: DictConfig                  # the full resolved config of this run
-    out_dir: Path                    # temporary output directory; becomes the stage's cache entry on success
-    inputs: dict[str, Path]          # finished output directories of the upstream stages, by stage name
+    cfg: DictConfig  # the full resolved config of this run
+    out_dir: Path  # temporary output directory; becomes the stage's cache entry on success
+    inputs: dict[str, Path]  # finished output directories of the upstream stages, by stage name
     device: torch.device
-    tracker: Tracker                 # W&B (or no-op) run for this stage: .log(), .log_table(), .summary()
-    progress: bool = True            # show progress bars
-    key: str = ""                    # this stage's cache key
+    tracker: Tracker  # W&B (or no-op) run for this stage: .log(), .log_table(), .summary()
+    progress: bool = True  # show progress bars
+    key: str = ""  # this stage's cache key
 
     @property
     def model_name(self) -> str:
@@ -51,8 +51,8 @@ class StageContext:
 
 @dataclass
 class StageOutput:
-    rows: list[dict[str, Any]] = field(default_factory=list)   # results rows (long format)
-    metrics: dict[str, Any] = field(default_factory=dict)      # summary numbers for the completion record
+    rows: list[dict[str, Any]] = field(default_factory=list)  # results rows (long format)
+    metrics: dict[str, Any] = field(default_factory=dict)  # summary numbers for the completion record
     # Larger tables for notebooks (e.g. per-token metric values): saved as `tables/<name>.parquet` in the
     # stage output and copied into the run directory as `tables/<stage>/<name>.parquet`.
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)

@@ -24,9 +24,16 @@ THRESHOLDS_FILE = "thresholds.json"
 
 def key_config(cfg: DictConfig) -> dict:
     c = cfg.calibrate
-    return {"metric": str(c.metric), "methods": list(c.methods), "eps": [float(e) for e in c.eps],
-            "delta": float(c.delta), "cascade": bool(c.cascade), "ltt": dict(c.ltt), "max_tokens": c.max_tokens,
-            "seed": int(cfg.seed)}
+    return {
+        "metric": str(c.metric),
+        "methods": list(c.methods),
+        "eps": [float(e) for e in c.eps],
+        "delta": float(c.delta),
+        "cascade": bool(c.cascade),
+        "ltt": dict(c.ltt),
+        "max_tokens": c.max_tokens,
+        "seed": int(cfg.seed),
+    }
 
 
 def validate(cfg: DictConfig) -> None:
@@ -40,7 +47,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"calibrate.metric: unknown metric {c.metric!r}; available: {sorted(METRICS)}")
     unknown = [m for m in c.methods if m not in METHODS]
     if unknown or not c.methods:
-        raise ConfigError(f"calibrate.methods: {list(c.methods)} must be a non-empty subset of {list(METHODS)}")
+        raise ConfigError(
+            f"calibrate.methods: {list(c.methods)} must be a non-empty subset of {list(METHODS)}"
+        )
     if not 0.0 < float(c.ltt.grid_fraction) < 1.0:
         raise ConfigError(f"calibrate.ltt.grid_fraction must lie in (0, 1), got {c.ltt.grid_fraction}")
     if int(c.ltt.grid_points) < 1:
@@ -56,9 +65,17 @@ def run(ctx: StageContext) -> StageOutput:
     test = split_metrics(ctx, backbone, heads, "test", [metric])
     layers = [int(x) for x in val.groupby("head")["layer"].first().sort_index()]
     thresholds = calibrate(
-        wide(val, metric), wide(val, "correct"), metric, [float(e) for e in c.eps], methods=list(c.methods),
-        delta=float(c.delta), cascade=bool(c.cascade), layers=layers,
-        grid_fraction=float(c.ltt.grid_fraction), grid_points=int(c.ltt.grid_points), seed=int(ctx.cfg.seed),
+        wide(val, metric),
+        wide(val, "correct"),
+        metric,
+        [float(e) for e in c.eps],
+        methods=list(c.methods),
+        delta=float(c.delta),
+        cascade=bool(c.cascade),
+        layers=layers,
+        grid_fraction=float(c.ltt.grid_fraction),
+        grid_points=int(c.ltt.grid_points),
+        seed=int(ctx.cfg.seed),
     )
     thresholds.save(ctx.out_dir / THRESHOLDS_FILE)
 
@@ -70,20 +87,43 @@ def run(ctx: StageContext) -> StageOutput:
             thr = thresholds.for_eps(method, eps)
             out = apply_exit_policy(test_values, test_correct, thr, thresholds.lower_is_confident)
             for head, (t, frac) in enumerate(zip(thr, out.coverage, strict=True)):
-                rows.append(row("threshold", math.nan if t is None else t, method=method, eps=eps, head=head,
-                                layer=layers[head]))
+                rows.append(
+                    row(
+                        "threshold",
+                        math.nan if t is None else t,
+                        method=method,
+                        eps=eps,
+                        head=head,
+                        layer=layers[head],
+                    )
+                )
                 rows.append(row("exit_frac", frac, method=method, eps=eps, head=head, layer=layers[head]))
             rows.append(row("accuracy", out.accuracy, method=method, eps=eps, head="all"))
             rows.append(row("coverage", out.total_coverage, method=method, eps=eps, head="all"))
-            log.info("%s ε=%.2f: test accuracy %.4f, coverage %.3f, per head %s", method, eps, out.accuracy,
-                     out.total_coverage, np.round(out.coverage, 3).tolist())
-    summary = {"validation_tokens": int(val["token"].nunique()),
-               "test_tokens": int(len(test_values)),
-               "violations": {m: int((~policy[policy["method"] == m]["meets_eps"]).sum()) for m in thresholds.methods}}
+            log.info(
+                "%s ε=%.2f: test accuracy %.4f, coverage %.3f, per head %s",
+                method,
+                eps,
+                out.accuracy,
+                out.total_coverage,
+                np.round(out.coverage, 3).tolist(),
+            )
+    summary = {
+        "validation_tokens": int(val["token"].nunique()),
+        "test_tokens": int(len(test_values)),
+        "violations": {
+            m: int((~policy[policy["method"] == m]["meets_eps"]).sum()) for m in thresholds.methods
+        },
+    }
     ctx.tracker.log_table("policy", policy)
     ctx.tracker.summary({f"violations/{m}": v for m, v in summary["violations"].items()})
     return StageOutput(rows=rows, metrics=summary, tables={"policy": policy})
 
 
-STAGE = Stage(name="calibrate", upstream=("backbone", "extract", "heads"), key_config=key_config, run=run,
-              validate=validate)
+STAGE = Stage(
+    name="calibrate",
+    upstream=("backbone", "extract", "heads"),
+    key_config=key_config,
+    run=run,
+    validate=validate,
+)

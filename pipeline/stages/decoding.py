@@ -70,12 +70,19 @@ class LosslessnessError(RuntimeError):
 def key_config(cfg: DictConfig) -> dict:
     d = cfg.decoding
     return {
-        "n_prompts": int(d.n_prompts), "n_tune_prompts": int(d.n_tune_prompts), "prompt_len": int(d.prompt_len),
-        "max_new_tokens": int(d.max_new_tokens), "eps": [float(e) for e in d.eps],
-        "calibration_method": str(d.calibration_method), "max_draft": int(d.max_draft),
-        "layerskip_d": [int(x) for x in d.layerskip_d], "layerskip_select": str(d.get("layerskip_select", SELECT_CRITERIA[0])),
-        "early_exit": bool(d.get("early_exit", True)), "early_exit_fill": str(d.get("early_exit_fill", "lazy")),
-        "stop_at_eos": bool(d.get("stop_at_eos", False)), "repeats": int(d.get("repeats", 1)),
+        "n_prompts": int(d.n_prompts),
+        "n_tune_prompts": int(d.n_tune_prompts),
+        "prompt_len": int(d.prompt_len),
+        "max_new_tokens": int(d.max_new_tokens),
+        "eps": [float(e) for e in d.eps],
+        "calibration_method": str(d.calibration_method),
+        "max_draft": int(d.max_draft),
+        "layerskip_d": [int(x) for x in d.layerskip_d],
+        "layerskip_select": str(d.get("layerskip_select", SELECT_CRITERIA[0])),
+        "early_exit": bool(d.get("early_exit", True)),
+        "early_exit_fill": str(d.get("early_exit_fill", "lazy")),
+        "stop_at_eos": bool(d.get("stop_at_eos", False)),
+        "repeats": int(d.get("repeats", 1)),
         "seed": int(cfg.seed),
     }
 
@@ -99,11 +106,15 @@ def validate(cfg: DictConfig) -> None:
     calibrated = {eps_key(e) for e in cfg.calibrate.eps}
     missing = [e for e in eps if eps_key(e) not in calibrated]
     if missing:
-        raise ConfigError(f"decoding.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
-                          "add them to calibrate.eps or drop them from decoding.eps")
+        raise ConfigError(
+            f"decoding.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
+            "add them to calibrate.eps or drop them from decoding.eps"
+        )
     if d.calibration_method not in cfg.calibrate.methods:
-        raise ConfigError(f"decoding.calibration_method={d.calibration_method!r} is not calibrated "
-                          f"(calibrate.methods={list(cfg.calibrate.methods)})")
+        raise ConfigError(
+            f"decoding.calibration_method={d.calibration_method!r} is not calibrated "
+            f"(calibrate.methods={list(cfg.calibrate.methods)})"
+        )
     _int(d.n_prompts, "decoding.n_prompts", 1)
     _int(d.n_tune_prompts, "decoding.n_tune_prompts", 1)
     prompt_len = _int(d.prompt_len, "decoding.prompt_len", 1)
@@ -111,17 +122,25 @@ def validate(cfg: DictConfig) -> None:
     _int(d.max_draft, "decoding.max_draft", 1)
     _int(d.get("repeats", 1), "decoding.repeats", 1)
     if not isinstance(d.layerskip_d, ListConfig | list | tuple) or not d.layerskip_d:
-        raise ConfigError(f"decoding.layerskip_d must be a non-empty list of draft lengths >= 1, got {d.layerskip_d!r}")
+        raise ConfigError(
+            f"decoding.layerskip_d must be a non-empty list of draft lengths >= 1, got {d.layerskip_d!r}"
+        )
     for value in d.layerskip_d:
         _int(value, "decoding.layerskip_d entries (LayerSkip draft lengths)", 1)
     max_len = int(cfg.model.get("max_seq_len") or 0)
     if max_len and prompt_len + new_tokens > max_len:
-        raise ConfigError(f"decoding.prompt_len + decoding.max_new_tokens = {prompt_len + new_tokens} exceeds "
-                          f"{cfg.model.name}'s maximum sequence length {max_len}; shorten one of them")
+        raise ConfigError(
+            f"decoding.prompt_len + decoding.max_new_tokens = {prompt_len + new_tokens} exceeds "
+            f"{cfg.model.name}'s maximum sequence length {max_len}; shorten one of them"
+        )
     if str(d.get("layerskip_select", SELECT_CRITERIA[0])) not in SELECT_CRITERIA:
-        raise ConfigError(f"decoding.layerskip_select={d.layerskip_select!r}; choose one of {list(SELECT_CRITERIA)}")
+        raise ConfigError(
+            f"decoding.layerskip_select={d.layerskip_select!r}; choose one of {list(SELECT_CRITERIA)}"
+        )
     if str(d.get("early_exit_fill", "lazy")) not in FILL_POLICIES:
-        raise ConfigError(f"decoding.early_exit_fill={d.early_exit_fill!r}; choose one of {list(FILL_POLICIES)}")
+        raise ConfigError(
+            f"decoding.early_exit_fill={d.early_exit_fill!r}; choose one of {list(FILL_POLICIES)}"
+        )
 
 
 # --- measurement helpers -------------------------------------------------------------------------------------------
@@ -135,7 +154,7 @@ class Setting:
     eps: float | None = None
     head: int | None = None
     draft_len: int | None = None
-    strategy: Any = None              # None for transformers generate
+    strategy: Any = None  # None for transformers generate
     tokens: list[list[int]] = field(default_factory=list)
     stats: list[Any] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
@@ -168,7 +187,11 @@ class Setting:
         if not self.stats:
             return out
         gen = self.total("generated")
-        drafted, accepted, verifications = self.total("drafted"), self.total("accepted"), self.total("verifications")
+        drafted, accepted, verifications = (
+            self.total("drafted"),
+            self.total("accepted"),
+            self.total("verifications"),
+        )
         passes = self.total("full_passes") + self.total("prefill_tokens")
         out["layer_equiv_per_token"] = self.total("layer_equivalents") / gen if gen else math.nan
         out["tokens_per_full_pass"] = gen / passes if passes else math.nan
@@ -184,18 +207,30 @@ class Setting:
         return [sum(getattr(s, key)[k] for s in self.stats) / gen if gen else math.nan for k in range(n)]
 
 
-def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-              pad_token_id: int) -> list[int]:
+def hf_greedy(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> list[int]:
     """transformers' greedy `generate`: the reference. EOS stops it only when `eos_token_id` is given."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, num_beams=1)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_beams=1,
+    )
     with torch.inference_mode():
-        out = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long,
-                                                                           device=prompt.device),
-                             generation_config=config)
-    return out[0, prompt.numel():].tolist()
+        out = model.generate(
+            prompt.view(1, -1),
+            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device),
+            generation_config=config,
+        )
+    return out[0, prompt.numel() :].tolist()
 
 
 class Runner:
@@ -232,15 +267,21 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def check_identical(reference: list[int], tokens: list[int], what: str, against: str, split: str, index: int) -> None:
+def check_identical(
+    reference: list[int], tokens: list[int], what: str, against: str, split: str, index: int
+) -> None:
     if tokens == reference:
         return
-    first = next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b), min(len(reference), len(tokens)))
+    first = next(
+        (i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b),
+        min(len(reference), len(tokens)),
+    )
     raise LosslessnessError(
         f"{what} is not lossless: on {split} prompt {index} its {len(tokens)} tokens differ from {against}'s "
-        f"{len(reference)} tokens at position {first} ({tokens[first:first + 5]} vs {reference[first:first + 5]}). "
+        f"{len(reference)} tokens at position {first} ({tokens[first : first + 5]} vs {reference[first : first + 5]}). "
         "DSSD/LayerSkip/greedy must reproduce greedy decoding of the full model exactly; this is a bug in the "
-        "engine or a numerically unstable model (try model.dtype=float32).")
+        "engine or a numerically unstable model (try model.dtype=float32)."
+    )
 
 
 def oracle_speculation(earliest: list[int | None], max_draft: int) -> tuple[int, int]:
@@ -262,8 +303,9 @@ def oracle_speculation(earliest: list[int | None], max_draft: int) -> tuple[int,
     return accepted, verifications
 
 
-def _rows_for(setting: Setting, generate_tps: float, reference: list[list[int]] | None,
-              **extra: Any) -> list[dict]:
+def _rows_for(
+    setting: Setting, generate_tps: float, reference: list[list[int]] | None, **extra: Any
+) -> list[dict]:
     common = {"method": setting.method, "eps": setting.eps, **extra}
     out = []
     summary = setting.summary()
@@ -272,14 +314,22 @@ def _rows_for(setting: Setting, generate_tps: float, reference: list[list[int]] 
         if not (isinstance(value, float) and math.isnan(value)):
             out.append(row(metric, value, **common))
     if setting.method == "early_exit":
-        same = sum(a == b for ref, toks in zip(reference, setting.tokens, strict=True) for a, b in zip(ref, toks, strict=False))
+        same = sum(
+            a == b
+            for ref, toks in zip(reference, setting.tokens, strict=True)
+            for a, b in zip(ref, toks, strict=False)
+        )
         out.append(row("agreement", same / sum(map(len, reference)), **common))
-        out += [row("exit_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("exits_per_head"))]
+        out += [
+            row("exit_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("exits_per_head"))
+        ]
     else:
         # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist.
         out.append(row("identical", float(setting.tokens == reference), **common))
     if setting.method in SPECULATIVE:
-        out += [row("draft_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("drafts_per_head"))]
+        out += [
+            row("draft_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("drafts_per_head"))
+        ]
     return out
 
 
@@ -297,7 +347,9 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.heads import EarlyExitHeads
 
     cfg, d = ctx.cfg, ctx.cfg.decoding
-    model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
+    model, tokenizer = load_from_stage_output(
+        ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device
+    )
     heads = EarlyExitHeads.load(ctx.inputs["heads"], model).to(ctx.device).eval()
     thresholds = ExitThresholds.load(Path(ctx.inputs["calibrate"]) / THRESHOLDS_FILE)
     method, metric = str(d.calibration_method), thresholds.metric
@@ -308,22 +360,47 @@ def run(ctx: StageContext) -> StageOutput:
     select = str(d.get("layerskip_select", SELECT_CRITERIA[0]))
 
     source = make_text_source(cfg.data)
-    test = token_blocks(source, tokenizer, "test", int(d.n_prompts) * prompt_len, prompt_len,
-                        budget_key="decoding.n_prompts × decoding.prompt_len").to(ctx.device)
-    tune = token_blocks(source, tokenizer, "validation", int(d.n_tune_prompts) * prompt_len, prompt_len,
-                        budget_key="decoding.n_tune_prompts × decoding.prompt_len").to(ctx.device)
+    test = token_blocks(
+        source,
+        tokenizer,
+        "test",
+        int(d.n_prompts) * prompt_len,
+        prompt_len,
+        budget_key="decoding.n_prompts × decoding.prompt_len",
+    ).to(ctx.device)
+    tune = token_blocks(
+        source,
+        tokenizer,
+        "validation",
+        int(d.n_tune_prompts) * prompt_len,
+        prompt_len,
+        budget_key="decoding.n_tune_prompts × decoding.prompt_len",
+    ).to(ctx.device)
     eos = tokenizer.eos_token_id if bool(d.get("stop_at_eos", False)) else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     engine = Engine(model, heads)
     n_heads = len(engine.head_layers)
-    log.info("decoding: %d test prompts, %d tuning prompts, %d+%d tokens; %s thresholds (%s) for ε=%s; heads at "
-             "blocks %s; head cost %.2f blocks", len(test), len(tune), prompt_len, new_tokens, method, metric,
-             eps_list, engine.head_layers, engine.cost.head)
+    log.info(
+        "decoding: %d test prompts, %d tuning prompts, %d+%d tokens; %s thresholds (%s) for ε=%s; heads at "
+        "blocks %s; head cost %.2f blocks",
+        len(test),
+        len(tune),
+        prompt_len,
+        new_tokens,
+        method,
+        metric,
+        eps_list,
+        engine.head_layers,
+        engine.cost.head,
+    )
 
     use_ee = bool(d.get("early_exit", True))
     fill = str(d.get("early_exit_fill", "lazy"))
-    grid = [Setting("layerskip_grid", head=k, draft_len=n, strategy=LayerSkip(k, n))
-            for k in range(n_heads) for n in draft_lengths]
+    grid = [
+        Setting("layerskip_grid", head=k, draft_len=n, strategy=LayerSkip(k, n))
+        for k in range(n_heads)
+        for n in draft_lengths
+    ]
     n_runs = len(tune) * (2 + len(grid)) + len(test) * (3 + (2 if use_ee else 1) * len(eps_list) + 1)
     bar = tqdm(total=n_runs, desc="decoding", unit="gen", disable=not ctx.progress)
     runner = Runner(model, engine, new_tokens, eos, pad, int(d.get("repeats", 1)), bar)
@@ -331,18 +408,34 @@ def run(ctx: StageContext) -> StageOutput:
 
     def record(split: str, index: int, setting: Setting) -> None:
         stats = setting.stats[-1].as_dict() if setting.strategy is not None else {}
-        per_prompt.append({"split": split, "prompt": index, "method": setting.method, "eps": setting.eps,
-                           "head": setting.head, "draft_len": setting.draft_len, "setting": setting.label,
-                           "n_tokens": len(setting.tokens[-1]), "wall_s": setting.wall[-1],
-                           "tokens_per_s": len(setting.tokens[-1]) / setting.wall[-1] if setting.wall[-1] else math.nan,
-                           **{k: v for k, v in stats.items() if k not in ("strategy", "wall_time_s", "tokens_per_second")}})
+        per_prompt.append(
+            {
+                "split": split,
+                "prompt": index,
+                "method": setting.method,
+                "eps": setting.eps,
+                "head": setting.head,
+                "draft_len": setting.draft_len,
+                "setting": setting.label,
+                "n_tokens": len(setting.tokens[-1]),
+                "wall_s": setting.wall[-1],
+                "tokens_per_s": len(setting.tokens[-1]) / setting.wall[-1] if setting.wall[-1] else math.nan,
+                **{
+                    k: v
+                    for k, v in stats.items()
+                    if k not in ("strategy", "wall_time_s", "tokens_per_second")
+                },
+            }
+        )
 
     # 1. Tuning prompts: reference, greedy, the LayerSkip grid (also warms up every path before timing).
     tune_generate, tune_greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
     for i, prompt in enumerate(tune):
         ref = runner.run(tune_generate, prompt)
         record("tune", i, tune_generate)
-        check_identical(ref, runner.run(tune_greedy, prompt), "greedy (engine)", "transformers generate", "tuning", i)
+        check_identical(
+            ref, runner.run(tune_greedy, prompt), "greedy (engine)", "transformers generate", "tuning", i
+        )
         record("tune", i, tune_greedy)
         for setting in grid:
             check_identical(ref, runner.run(setting, prompt), setting.label, "greedy", "tuning", i)
@@ -357,21 +450,38 @@ def run(ctx: StageContext) -> StageOutput:
         return (summary["layer_equiv_per_token"], apv, s.head, s.draft_len)
 
     best = min(grid, key=score)
-    log.info("LayerSkip tuned on %d validation prompts by %s: head %d (block %d), d=%d", len(tune), select,
-             best.head, engine.head_layers[best.head], best.draft_len)
+    log.info(
+        "LayerSkip tuned on %d validation prompts by %s: head %d (block %d), d=%d",
+        len(tune),
+        select,
+        best.head,
+        engine.head_layers[best.head],
+        best.draft_len,
+    )
 
     # 2. Test prompts, interleaved per prompt.
     generate, greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
-    early = [Setting("early_exit", eps=e, strategy=EarlyExit(by_eps[e], metric=metric, fill=fill)) for e in eps_list] \
-        if use_ee else []
-    layerskip = Setting("layerskip", head=best.head, draft_len=best.draft_len,
-                        strategy=LayerSkip(best.head, best.draft_len))
-    dssd = [Setting("dssd", eps=e, strategy=DSSD(by_eps[e], metric=metric, max_draft=max_draft)) for e in eps_list]
+    early = (
+        [
+            Setting("early_exit", eps=e, strategy=EarlyExit(by_eps[e], metric=metric, fill=fill))
+            for e in eps_list
+        ]
+        if use_ee
+        else []
+    )
+    layerskip = Setting(
+        "layerskip", head=best.head, draft_len=best.draft_len, strategy=LayerSkip(best.head, best.draft_len)
+    )
+    dssd = [
+        Setting("dssd", eps=e, strategy=DSSD(by_eps[e], metric=metric, max_draft=max_draft)) for e in eps_list
+    ]
     bounds = []
     for i, prompt in enumerate(test):
         ref = runner.run(generate, prompt)
         record("test", i, generate)
-        check_identical(ref, runner.run(greedy, prompt), "greedy (engine)", "transformers generate", "test", i)
+        check_identical(
+            ref, runner.run(greedy, prompt), "greedy (engine)", "transformers generate", "test", i
+        )
         record("test", i, greedy)
         for setting in early:
             runner.run(setting, prompt)
@@ -391,27 +501,41 @@ def run(ctx: StageContext) -> StageOutput:
     tune_gen_tps = tune_generate.tokens_per_s
     for setting in (generate, greedy, *early, layerskip, *dssd):
         rows += _rows_for(setting, gen_tps, generate.tokens)
-    rows += [row("draft_head", best.head, method="layerskip"), row("draft_len", best.draft_len, method="layerskip")]
+    rows += [
+        row("draft_head", best.head, method="layerskip"),
+        row("draft_len", best.draft_len, method="layerskip"),
+    ]
     for setting in grid:
-        for r in _rows_for(setting, tune_gen_tps, tune_generate.tokens, layer=engine.head_layers[setting.head],
-                           draft_len=setting.draft_len):
-            if r["head"] is None:   # per-head draft fractions of a one-head drafter carry no information
+        for r in _rows_for(
+            setting,
+            tune_gen_tps,
+            tune_generate.tokens,
+            layer=engine.head_layers[setting.head],
+            draft_len=setting.draft_len,
+        ):
+            if r["head"] is None:  # per-head draft fractions of a one-head drafter carry no information
                 r["head"] = setting.head
                 rows.append(r)
 
     ls = layerskip.summary()
     for setting in dssd:
         ds = setting.summary()
-        ratios = {"acceptance_ratio": ("acceptance_rate", ds, ls),
-                  "accepted_per_verification_ratio": ("accepted_per_verification", ds, ls),
-                  "layer_equiv_ratio": ("layer_equiv_per_token", ds, ls), "speed_ratio": ("tokens_per_s", ds, ls)}
+        ratios = {
+            "acceptance_ratio": ("acceptance_rate", ds, ls),
+            "accepted_per_verification_ratio": ("accepted_per_verification", ds, ls),
+            "layer_equiv_ratio": ("layer_equiv_per_token", ds, ls),
+            "speed_ratio": ("tokens_per_s", ds, ls),
+        }
         for name, (key, num, den) in ratios.items():
             # Always one row per ratio and ε (NaN when undefined, e.g. DSSD drafted nothing at this ε).
             a, b = num.get(key, math.nan), den.get(key, math.nan)
             rows.append(row(name, a / b if b > 0 else math.nan, method="dssd_vs_layerskip", eps=setting.eps))
         if not setting.total("drafted"):
-            log.warning("DSSD at ε=%g drafted nothing on the test prompts (no head is confident at this ε): it ran "
-                        "as greedy decoding; its acceptance ratios are undefined (NaN)", setting.eps)
+            log.warning(
+                "DSSD at ε=%g drafted nothing on the test prompts (no head is confident at this ε): it ran "
+                "as greedy decoding; its acceptance ratios are undefined (NaN)",
+                setting.eps,
+            )
 
     n_tok = sum(len(b.oracle_cost) for b in bounds)
     accepted = verifications = 0
@@ -420,24 +544,40 @@ def run(ctx: StageContext) -> StageOutput:
         a, v = oracle_speculation(b.earliest_head, max_draft)
         accepted, verifications = accepted + a, verifications + v
         per_head = [x + y for x, y in zip(per_head, b.exits_per_head(), strict=True)]
-    rows += [row("layer_equiv_per_token", sum(sum(b.oracle_cost) for b in bounds) / n_tok, method="oracle"),
-             row("cascade_layer_equiv_per_token", sum(sum(b.cascade_cost) for b in bounds) / n_tok, method="oracle"),
-             row("exit_frac", sum(per_head) / n_tok, method="oracle", head="all"),
-             row("acceptance_rate", 1.0, method="oracle"),
-             row("identical", 1.0, method="oracle")]
+    rows += [
+        row("layer_equiv_per_token", sum(sum(b.oracle_cost) for b in bounds) / n_tok, method="oracle"),
+        row(
+            "cascade_layer_equiv_per_token", sum(sum(b.cascade_cost) for b in bounds) / n_tok, method="oracle"
+        ),
+        row("exit_frac", sum(per_head) / n_tok, method="oracle", head="all"),
+        row("acceptance_rate", 1.0, method="oracle"),
+        row("identical", 1.0, method="oracle"),
+    ]
     rows += [row("exit_frac", c / n_tok, method="oracle", head=k) for k, c in enumerate(per_head)]
     if verifications:
         rows.append(row("accepted_per_verification", accepted / verifications, method="oracle"))
 
     summary = summary_table(rows)
-    log.info("decoding summary (test prompts; LayerSkip head %d d=%d tuned on validation prompts):\n%s",
-             best.head, best.draft_len, summary.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    log.info(
+        "decoding summary (test prompts; LayerSkip head %d d=%d tuned on validation prompts):\n%s",
+        best.head,
+        best.draft_len,
+        summary.to_string(index=False, float_format=lambda x: f"{x:.3g}"),
+    )
     ctx.tracker.log_table("decoding_summary", summary)
-    metrics: dict[str, Any] = {"layerskip_head": best.head, "layerskip_draft_len": best.draft_len,
-                               "greedy_speedup_vs_generate": greedy.tokens_per_s / gen_tps,
-                               "test_prompts": len(test), "tune_prompts": len(tune), "identical": True}
+    metrics: dict[str, Any] = {
+        "layerskip_head": best.head,
+        "layerskip_draft_len": best.draft_len,
+        "greedy_speedup_vs_generate": greedy.tokens_per_s / gen_tps,
+        "test_prompts": len(test),
+        "tune_prompts": len(tune),
+        "identical": True,
+    }
     for r in rows:
-        if r["method"] == "dssd_vs_layerskip" and r["metric"] in ("acceptance_ratio", "accepted_per_verification_ratio"):
+        if r["method"] == "dssd_vs_layerskip" and r["metric"] in (
+            "acceptance_ratio",
+            "accepted_per_verification_ratio",
+        ):
             metrics[f"{r['metric']}@{r['eps']:g}"] = r["value"]
         if r["method"] == "dssd" and r["metric"] == "speedup_vs_generate":
             metrics[f"dssd_speedup@{r['eps']:g}"] = r["value"]
@@ -446,8 +586,15 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(rows=rows, metrics=metrics, tables={"per_prompt": table, "summary": summary})
 
 
-SUMMARY_METRICS = ("tokens_per_s", "speedup_vs_generate", "layer_equiv_per_token", "acceptance_rate",
-                   "accepted_per_verification", "identical", "agreement")
+SUMMARY_METRICS = (
+    "tokens_per_s",
+    "speedup_vs_generate",
+    "layer_equiv_per_token",
+    "acceptance_rate",
+    "accepted_per_verification",
+    "identical",
+    "agreement",
+)
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
@@ -462,9 +609,19 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
         elif r["metric"] in SUMMARY_METRICS:
             lines.setdefault((r["method"], r["eps"]), {})[r["metric"]] = r["value"]
     columns = [*SUMMARY_METRICS, "acceptance_ratio", "accepted_per_verification_ratio"]
-    return pd.DataFrame([{"method": m, "eps": math.nan if e is None else e, **{c: v.get(c, math.nan) for c in columns}}
-                         for (m, e), v in lines.items()], columns=["method", "eps", *columns])
+    return pd.DataFrame(
+        [
+            {"method": m, "eps": math.nan if e is None else e, **{c: v.get(c, math.nan) for c in columns}}
+            for (m, e), v in lines.items()
+        ],
+        columns=["method", "eps", *columns],
+    )
 
 
-STAGE = Stage(name="decoding", upstream=("backbone", "extract", "heads", "calibrate"), key_config=key_config,
-              run=run, validate=validate)
+STAGE = Stage(
+    name="decoding",
+    upstream=("backbone", "extract", "heads", "calibrate"),
+    key_config=key_config,
+    run=run,
+    validate=validate,
+)

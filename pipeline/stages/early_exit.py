@@ -53,7 +53,9 @@ def task_names(cfg: DictConfig) -> list[str] | None:
         return [tasks]
     if isinstance(tasks, ListConfig | list | tuple) and tasks:
         return [str(t) for t in tasks]
-    raise ConfigError(f"evaluate.tasks must be 'offline', 'pythia' or a non-empty list of task names, got {tasks!r}")
+    raise ConfigError(
+        f"evaluate.tasks must be 'offline', 'pythia' or a non-empty list of task names, got {tasks!r}"
+    )
 
 
 def key_config(cfg: DictConfig) -> dict:
@@ -74,24 +76,31 @@ def validate(cfg: DictConfig) -> None:
     calibrated = {eps_key(e) for e in cfg.calibrate.eps}
     missing = [e for e in eps if eps_key(e) not in calibrated]
     if missing:
-        raise ConfigError(f"evaluate.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
-                          "add them to calibrate.eps or drop them")
+        raise ConfigError(
+            f"evaluate.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
+            "add them to calibrate.eps or drop them"
+        )
     unknown = [m for m in ev.methods if m not in cfg.calibrate.methods]
     if unknown:
-        raise ConfigError(f"evaluate.methods {unknown} are not calibrated (calibrate.methods="
-                          f"{list(cfg.calibrate.methods)})")
+        raise ConfigError(
+            f"evaluate.methods {unknown} are not calibrated (calibrate.methods={list(cfg.calibrate.methods)})"
+        )
     bad_fills = [f for f in ev.token_eval.fills if f not in FILL_POLICIES]
     if bad_fills or ev.fill not in FILL_POLICIES:
         raise ConfigError(f"evaluate fill policies must be among {list(FILL_POLICIES)}")
     if ev.generation not in GENERATION_STRATEGIES:
-        raise ConfigError(f"evaluate.generation={ev.generation!r}; choose one of {list(GENERATION_STRATEGIES)}")
+        raise ConfigError(
+            f"evaluate.generation={ev.generation!r}; choose one of {list(GENERATION_STRATEGIES)}"
+        )
     names = task_names(cfg)
     if names is not None and os.environ.get("HF_DATASETS_OFFLINE") != "1":
         from pipeline.backbone import hub_reachable
 
         if not hub_reachable():
-            raise ConfigError(f"evaluate.tasks {names} download their datasets from the Hugging Face hub, which is "
-                              "unreachable; use evaluate.tasks=offline, or HF_DATASETS_OFFLINE=1 if they are cached")
+            raise ConfigError(
+                f"evaluate.tasks {names} download their datasets from the Hugging Face hub, which is "
+                "unreachable; use evaluate.tasks=offline, or HF_DATASETS_OFFLINE=1 if they are cached"
+            )
 
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -128,8 +137,10 @@ def task_rows(results: dict, exit_stats: dict, method: str, eps: float | None) -
         stats = exit_stats.get(task)
         if stats is not None and stats.positions:
             rows.append(row(f"compute_frac/{task}", stats.compute_fraction, method=method, eps=eps))
-            rows += [row(f"exit_frac/{task}", frac, method=method, eps=eps, head=k)
-                     for k, frac in enumerate(stats.exit_fractions)]
+            rows += [
+                row(f"exit_frac/{task}", frac, method=method, eps=eps, head=k)
+                for k, frac in enumerate(stats.exit_fractions)
+            ]
     return rows
 
 
@@ -137,9 +148,12 @@ def _token_rows(results: dict, method: str, eps: float) -> list[dict]:
     rows = []
     for fill, res in results.items():
         common = {"method": fill, "eps": eps, "calibration": method}
-        rows += [row("agreement", res.agreement, **common), row("ppl", res.ppl, **common),
-                 row("layer_equiv_per_token", res.layer_equivalents_per_token, **common),
-                 row("compute_frac", res.compute_fraction, **common)]
+        rows += [
+            row("agreement", res.agreement, **common),
+            row("ppl", res.ppl, **common),
+            row("layer_equiv_per_token", res.layer_equivalents_per_token, **common),
+            row("compute_frac", res.compute_fraction, **common),
+        ]
         rows += [row("exit_frac", frac, head=k, **common) for k, frac in enumerate(res.exit_fractions)]
     return rows
 
@@ -155,12 +169,22 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.token_eval import ExitPolicy, evaluate_tokens
 
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
-    model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
+    model, tokenizer = load_from_stage_output(
+        ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device
+    )
     heads = EarlyExitHeads.load(ctx.inputs["heads"], model).to(ctx.device)
     thresholds = ExitThresholds.load(Path(ctx.inputs["calibrate"]) / THRESHOLDS_FILE)
     names, manager = _prepare_tasks(cfg, ctx.out_dir)
-    lm = EarlyExitLM(model, tokenizer, heads, metric=thresholds.metric, batch_size=int(ev.batch_size),
-                     generation=str(ev.generation), fill=str(ev.fill), max_draft=int(ev.max_draft))
+    lm = EarlyExitLM(
+        model,
+        tokenizer,
+        heads,
+        metric=thresholds.metric,
+        batch_size=int(ev.batch_size),
+        generation=str(ev.generation),
+        fill=str(ev.fill),
+        max_draft=int(ev.max_draft),
+    )
     settings: list[tuple[str, float | None]] = [("full", None)]
     settings += [(str(m), float(e)) for m in ev.methods for e in ev.eps]
     rows: list[dict] = []
@@ -169,36 +193,71 @@ def run(ctx: StageContext) -> StageOutput:
         lm.set_policy(None if eps is None else thresholds.for_eps(method, eps))
         log.info("lm-eval %s ε=%s on %s", method, eps, names)
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=ev.limit, num_fewshot=int(ev.num_fewshot),
-            bootstrap_iters=int(ev.bootstrap_iters), log_samples=False, random_seed=int(cfg.seed),
-            numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=ev.limit,
+            num_fewshot=int(ev.num_fewshot),
+            bootstrap_iters=int(ev.bootstrap_iters),
+            log_samples=False,
+            random_seed=int(cfg.seed),
+            numpy_random_seed=int(cfg.seed),
+            torch_random_seed=int(cfg.seed),
+            fewshot_random_seed=int(cfg.seed),
+        )
         rows += task_rows(results, lm.exit_stats, method, eps)
         label = method if eps is None else f"{method}_eps{eps:g}"
         (ctx.out_dir / LM_EVAL_DIR / f"{label}.json").write_text(
-            json.dumps({"results": results["results"], "policy": lm.policy.thresholds,
-                        "exit_stats": {t: vars(s) for t, s in lm.exit_stats.items()}}, indent=1, default=str))
+            json.dumps(
+                {
+                    "results": results["results"],
+                    "policy": lm.policy.thresholds,
+                    "exit_stats": {t: vars(s) for t, s in lm.exit_stats.items()},
+                },
+                indent=1,
+                default=str,
+            )
+        )
 
     n_tokens = int(ev.token_eval.n_tokens)
     if n_tokens > 0:
-        blocks = token_blocks(make_text_source(cfg.data), tokenizer, "test", n_tokens, int(cfg.data.seq_len),
-                              budget_key="evaluate.token_eval.n_tokens")
+        blocks = token_blocks(
+            make_text_source(cfg.data),
+            tokenizer,
+            "test",
+            n_tokens,
+            int(cfg.data.seq_len),
+            budget_key="evaluate.token_eval.n_tokens",
+        )
         fills = [str(f) for f in ev.token_eval.fills]
         batch = int(ev.token_eval.batch_size)
         full = ExitPolicy.disabled(heads, lm.policy.num_layers, lm.policy.cost, thresholds.metric)
-        base = evaluate_tokens(model, blocks, full, fills=["lazy"], batch_size=batch, device=ctx.device)["lazy"]
-        rows += [row("ppl", base.ppl, method="full"), row("agreement", 1.0, method="full"),
-                 row("layer_equiv_per_token", base.layer_equivalents_per_token, method="full")]
+        base = evaluate_tokens(model, blocks, full, fills=["lazy"], batch_size=batch, device=ctx.device)[
+            "lazy"
+        ]
+        rows += [
+            row("ppl", base.ppl, method="full"),
+            row("agreement", 1.0, method="full"),
+            row("layer_equiv_per_token", base.layer_equivalents_per_token, method="full"),
+        ]
         for method, eps in settings[1:]:
-            policy = ExitPolicy(heads, thresholds.for_eps(method, eps), thresholds.metric, full.num_layers, full.cost)
+            policy = ExitPolicy(
+                heads, thresholds.for_eps(method, eps), thresholds.metric, full.num_layers, full.cost
+            )
             log.info("token-level %s ε=%s: %d tokens, fills %s", method, eps, blocks.numel(), fills)
-            rows += _token_rows(evaluate_tokens(model, blocks, policy, fills=fills, batch_size=batch,
-                                                device=ctx.device), method, eps)
+            rows += _token_rows(
+                evaluate_tokens(model, blocks, policy, fills=fills, batch_size=batch, device=ctx.device),
+                method,
+                eps,
+            )
     table = accuracy_compute_table(rows)
     ctx.tracker.log_table("accuracy_compute", table)
     metrics = {}
     for (method, eps), group in table.groupby(["method", table["eps"].fillna(-1)], sort=False):
         metrics[f"mean_acc/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["acc"].mean())
-        metrics[f"mean_compute_frac/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["compute_frac"].mean())
+        metrics[f"mean_compute_frac/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(
+            group["compute_frac"].mean()
+        )
     return StageOutput(rows=rows, metrics=metrics, tables={"accuracy_compute": table})
 
 
@@ -210,10 +269,19 @@ def accuracy_compute_table(rows: list[dict]) -> pd.DataFrame:
         name, sep, task = r["metric"].partition("/")
         if sep and name in columns and r.get("head") is None:
             lines.setdefault((r["method"], r["eps"], task), {})[name] = r["value"]
-    return pd.DataFrame([{"method": m, "eps": e, "task": t, **{c: v.get(c, math.nan) for c in columns}}
-                         for (m, e, t), v in lines.items()],
-                        columns=["method", "eps", "task", *columns])
+    return pd.DataFrame(
+        [
+            {"method": m, "eps": e, "task": t, **{c: v.get(c, math.nan) for c in columns}}
+            for (m, e, t), v in lines.items()
+        ],
+        columns=["method", "eps", "task", *columns],
+    )
 
 
-STAGE = Stage(name="early_exit", upstream=("backbone", "extract", "heads", "calibrate"), key_config=key_config,
-              run=run, validate=validate)
+STAGE = Stage(
+    name="early_exit",
+    upstream=("backbone", "extract", "heads", "calibrate"),
+    key_config=key_config,
+    run=run,
+    validate=validate,
+)

@@ -35,9 +35,14 @@ def key_config(cfg: DictConfig) -> dict:
     return {
         "dtype": cfg.model.dtype,
         "head_layers": list(cfg.model.head_layers),
-        "data": {"kind": data.kind, "seq_len": data.seq_len, "budgets": dict(data.budgets),
-                 "split_fractions": data.get("split_fractions"), "split_seed": data.get("split_seed"),
-                 "fingerprint": make_text_source(data).fingerprint},
+        "data": {
+            "kind": data.kind,
+            "seq_len": data.seq_len,
+            "budgets": dict(data.budgets),
+            "split_fractions": data.get("split_fractions"),
+            "split_seed": data.get("split_seed"),
+            "fingerprint": make_text_source(data).fingerprint,
+        },
     }
 
 
@@ -59,16 +64,24 @@ def check_disk(cfg: DictConfig, directory: Path) -> None:
 
 
 @torch.inference_mode()
-def extract_split(model, blocks: torch.Tensor, layers: list[int], writer: ShardWriter, batch_size: int,
-                  device: torch.device, progress: bool, desc: str) -> int:
+def extract_split(
+    model,
+    blocks: torch.Tensor,
+    layers: list[int],
+    writer: ShardWriter,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> int:
     """Forward `blocks` [n, seq_len] in batches; write head-layer residuals + final hidden per token."""
     n_tokens = 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = blocks[start:start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device)
         hidden_states = model(input_ids=batch, output_hidden_states=True).hidden_states
         # hidden_states[l + 1] is the residual after block l; hidden_states[-1] is after the final norm.
         slots = [hidden_states[layer + 1] for layer in layers] + [hidden_states[-1]]
-        stacked = torch.stack(slots, dim=2).flatten(0, 1)          # [batch * seq, n_slots, d]
+        stacked = torch.stack(slots, dim=2).flatten(0, 1)  # [batch * seq, n_slots, d]
         writer.add(stacked, batch.flatten())
         n_tokens += batch.numel()
     return n_tokens
@@ -95,14 +108,24 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.data import make_text_source, token_blocks
 
     cfg = ctx.cfg
-    model, tokenizer = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device)
+    model, tokenizer = load_from_stage_output(
+        ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device
+    )
     source = make_text_source(cfg.data)
     layers = [int(x) for x in cfg.model.head_layers]
     d_model = int(cfg.model.d_model)
-    meta = {"model": str(cfg.model.name), "source": str(cfg.model.source), "revision": cfg.model.revision,
-            "layers": layers, "d_model": d_model, "vocab_size": model.get_output_embeddings().out_features,
-            "dtype": "float16", "model_dtype": str(cfg.model.dtype), "seq_len": int(cfg.data.seq_len),
-            "splits": {}}
+    meta = {
+        "model": str(cfg.model.name),
+        "source": str(cfg.model.source),
+        "revision": cfg.model.revision,
+        "layers": layers,
+        "d_model": d_model,
+        "vocab_size": model.get_output_embeddings().out_features,
+        "dtype": "float16",
+        "model_dtype": str(cfg.model.dtype),
+        "seq_len": int(cfg.data.seq_len),
+        "splits": {},
+    }
     rows = []
     total_tokens, total_seconds = 0, 0.0
     for split in SPLITS:
@@ -110,27 +133,58 @@ def run(ctx: StageContext) -> StageOutput:
         if budget <= 0:
             continue
         blocks = token_blocks(source, tokenizer, split, budget, int(cfg.data.seq_len))
-        writer = ShardWriter(ctx.out_dir / split, n_slots=len(layers) + 1, d_model=d_model,
-                             shard_tokens=int(cfg.extract.shard_tokens))
+        writer = ShardWriter(
+            ctx.out_dir / split,
+            n_slots=len(layers) + 1,
+            d_model=d_model,
+            shard_tokens=int(cfg.extract.shard_tokens),
+        )
         started = time.time()
-        n_tokens = extract_split(model, blocks, layers, writer, int(cfg.extract.batch_size), ctx.device,
-                                 ctx.progress, desc=f"extract {split}")
+        n_tokens = extract_split(
+            model,
+            blocks,
+            layers,
+            writer,
+            int(cfg.extract.batch_size),
+            ctx.device,
+            ctx.progress,
+            desc=f"extract {split}",
+        )
         seconds = time.time() - started
         index = writer.close()
-        stored = sum((ctx.out_dir / split / name).stat().st_size
-                     for shard in index["shards"] for name in (shard["hidden"], shard["tokens"]))
-        meta["splits"][split] = {"n_tokens": n_tokens, "n_shards": len(index["shards"]), "bytes": stored,
-                                 "seconds": round(seconds, 3)}
-        log.info("extract %s: %d tokens in %.1f s (%.0f tokens/s), %.1f MiB", split, n_tokens, seconds,
-                 n_tokens / max(seconds, 1e-9), stored / 2**20)
-        rows += [row("tokens", n_tokens, method=split), row("tokens_per_s", n_tokens / max(seconds, 1e-9), method=split)]
+        stored = sum(
+            (ctx.out_dir / split / name).stat().st_size
+            for shard in index["shards"]
+            for name in (shard["hidden"], shard["tokens"])
+        )
+        meta["splits"][split] = {
+            "n_tokens": n_tokens,
+            "n_shards": len(index["shards"]),
+            "bytes": stored,
+            "seconds": round(seconds, 3),
+        }
+        log.info(
+            "extract %s: %d tokens in %.1f s (%.0f tokens/s), %.1f MiB",
+            split,
+            n_tokens,
+            seconds,
+            n_tokens / max(seconds, 1e-9),
+            stored / 2**20,
+        )
+        rows += [
+            row("tokens", n_tokens, method=split),
+            row("tokens_per_s", n_tokens / max(seconds, 1e-9), method=split),
+        ]
         total_tokens += n_tokens
         total_seconds += seconds
     (ctx.out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     bytes_per_token = sum(s["bytes"] for s in meta["splits"].values()) / max(total_tokens, 1)
     rows.append(row("bytes_per_token", bytes_per_token))
-    metrics = {"tokens": total_tokens, "tokens_per_s": total_tokens / max(total_seconds, 1e-9),
-               "bytes_per_token": bytes_per_token}
+    metrics = {
+        "tokens": total_tokens,
+        "tokens_per_s": total_tokens / max(total_seconds, 1e-9),
+        "bytes_per_token": bytes_per_token,
+    }
     ctx.tracker.summary(metrics)
     return StageOutput(rows=rows, metrics=metrics)
 

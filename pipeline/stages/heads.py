@@ -58,7 +58,9 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"heads: {err}") from err
     if h["head_type"] not in HEAD_TYPES:
-        raise ConfigError(f"heads.head_type={h['head_type']!r}: choose one of {HEAD_TYPES} (heads=linear|mlp)")
+        raise ConfigError(
+            f"heads.head_type={h['head_type']!r}: choose one of {HEAD_TYPES} (heads=linear|mlp)"
+        )
     if h["init"] not in INITS:
         raise ConfigError(f"heads.init={h['init']!r}: choose one of {INITS}")
     for key in ("lr", "batch_tokens", "max_steps", "val_tokens", "val_every_n_steps", "eval_batch_tokens"):
@@ -77,7 +79,9 @@ def validate(cfg: DictConfig) -> None:
             )
     reserved = {"max_steps", "max_epochs", "val_check_interval", "callbacks", "logger"} & set(cfg.trainer)
     if reserved:
-        raise ConfigError(f"trainer.{sorted(reserved)} are set from conf/heads by the heads stage; remove them")
+        raise ConfigError(
+            f"trainer.{sorted(reserved)} are set from conf/heads by the heads stage; remove them"
+        )
 
 
 def stage_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
@@ -112,22 +116,39 @@ def run(ctx: StageContext) -> StageOutput:
     meta = read_meta(ctx.inputs["extract"])
     if meta["layers"] != layers:
         raise ConfigError(f"extracted layers {meta['layers']} differ from model.head_layers {layers}")
-    backbone, _ = load_from_stage_output(ctx.inputs["backbone"], dtype=cfg.model.dtype, device="cpu",
-                                         with_tokenizer=False)
+    backbone, _ = load_from_stage_output(
+        ctx.inputs["backbone"], dtype=cfg.model.dtype, device="cpu", with_tokenizer=False
+    )
     extract_dir = Path(ctx.inputs["extract"])
     logger = ctx.tracker.lightning_logger()  # W&B when tracking is on; None -> CSV logs in the output
     heads, metrics = train_heads(
-        backbone, layers, extract_dir / "train", cfg.heads, stage_trainer_cfg(cfg.trainer), int(cfg.seed),
-        ctx.out_dir, logger=logger, progress=ctx.progress,
-        backbone_id=str(cfg.model.source), backbone_revision=cfg.model.revision,
+        backbone,
+        layers,
+        extract_dir / "train",
+        cfg.heads,
+        stage_trainer_cfg(cfg.trainer),
+        int(cfg.seed),
+        ctx.out_dir,
+        logger=logger,
+        progress=ctx.progress,
+        backbone_id=str(cfg.model.source),
+        backbone_revision=cfg.model.revision,
     )
     shutil.rmtree(ctx.out_dir / CHECKPOINT_DIR, ignore_errors=True)
     for t, lens in zip(metrics["trained"], metrics["logit_lens"], strict=True):
-        log.info("head %d (block %d): KL %.4f (logit lens %.4f), agreement %.3f (logit lens %.3f)",
-                 t["head"], t["layer"], t["kl"], lens["kl"], t["agree"], lens["agree"])
+        log.info(
+            "head %d (block %d): KL %.4f (logit lens %.4f), agreement %.3f (logit lens %.3f)",
+            t["head"],
+            t["layer"],
+            t["kl"],
+            lens["kl"],
+            t["agree"],
+            lens["agree"],
+        )
     table = pd.DataFrame([{**r, "method": method} for method in METHODS for r in metrics[method]])
-    summary: dict[str, Any] = {k: metrics[k] for k in ("steps", "train_tokens", "train_seconds",
-                                                        "train_tokens_per_s", "eval_tokens")}
+    summary: dict[str, Any] = {
+        k: metrics[k] for k in ("steps", "train_tokens", "train_seconds", "train_tokens_per_s", "eval_tokens")
+    }
     for method in METHODS:
         for r in metrics[method]:
             summary[f"{method}/kl_head{r['head']}"] = r["kl"]
@@ -135,5 +156,11 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(rows=result_rows(metrics), metrics=summary, tables={"heads_eval": table})
 
 
-STAGE = Stage(name="heads", upstream=("backbone", "extract"), key_config=key_config, run=run, validate=validate,
-              resumable=True)
+STAGE = Stage(
+    name="heads",
+    upstream=("backbone", "extract"),
+    key_config=key_config,
+    run=run,
+    validate=validate,
+    resumable=True,
+)

@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 def key_config(cfg: DictConfig) -> dict:
     c = cfg.calibrate
-    return {"metrics": list(c.metrics), "max_tokens": c.max_tokens, "rc_points": int(c.rc_points),
-            "seed": int(cfg.seed)}
+    return {
+        "metrics": list(c.metrics),
+        "max_tokens": c.max_tokens,
+        "rc_points": int(c.rc_points),
+        "seed": int(cfg.seed),
+    }
 
 
 def validate(cfg: DictConfig) -> None:
@@ -48,21 +52,30 @@ def token_subset(n_tokens: int, max_tokens: int | None, seed: int) -> np.ndarray
 
 def load_backbone_and_heads(ctx: StageContext) -> tuple[torch.nn.Module, EarlyExitHeads]:
     """The frozen backbone and the trained heads of the upstream stages (heads refuse another backbone)."""
-    backbone, _ = load_from_stage_output(ctx.inputs["backbone"], dtype=ctx.cfg.model.dtype, device=ctx.device,
-                                         with_tokenizer=False)
+    backbone, _ = load_from_stage_output(
+        ctx.inputs["backbone"], dtype=ctx.cfg.model.dtype, device=ctx.device, with_tokenizer=False
+    )
     return backbone, EarlyExitHeads.load(ctx.inputs["heads"], backbone)
 
 
-def split_metrics(ctx: StageContext, backbone: torch.nn.Module, heads: EarlyExitHeads, split: str,
-                  metrics: list[str]) -> pd.DataFrame:
+def split_metrics(
+    ctx: StageContext, backbone: torch.nn.Module, heads: EarlyExitHeads, split: str, metrics: list[str]
+) -> pd.DataFrame:
     """The per-(token, head) table of one extracted split (shared with the calibrate stage)."""
     cfg = ctx.cfg
     reader = ShardReader(Path(ctx.inputs["extract"]) / split)
     max_tokens = cfg.calibrate.max_tokens
     indices = token_subset(len(reader), None if max_tokens is None else int(max_tokens), int(cfg.seed))
     log.info("%s: %d tokens x %d heads, metrics %s", split, len(indices), len(heads), metrics)
-    return compute_token_metrics(reader, heads, unembedding_of(backbone), metrics, indices=indices,
-                                 batch_size=int(cfg.calibrate.batch_tokens), device=ctx.device)
+    return compute_token_metrics(
+        reader,
+        heads,
+        unembedding_of(backbone),
+        metrics,
+        indices=indices,
+        batch_size=int(cfg.calibrate.batch_tokens),
+        device=ctx.device,
+    )
 
 
 def risk_coverage_table(table: pd.DataFrame, metrics: list[str], n_points: int) -> pd.DataFrame:
@@ -73,8 +86,17 @@ def risk_coverage_table(table: pd.DataFrame, metrics: list[str], n_points: int) 
         for name in metrics:
             score = get_metric(name).confidence(group[name].to_numpy(np.float64))
             coverage, risk = sample_risk_coverage(score, correct, n_points)
-            frames.append(pd.DataFrame({"head": int(head), "layer": int(layer), "metric": name,
-                                        "coverage": coverage, "risk": risk}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "head": int(head),
+                        "layer": int(layer),
+                        "metric": name,
+                        "coverage": coverage,
+                        "risk": risk,
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -99,9 +121,15 @@ def run(ctx: StageContext) -> StageOutput:
     ctx.tracker.log_table("risk_coverage", curves)
     ctx.tracker.summary(summary)
     # Compact per-token table for the notebooks' histograms: float32 metrics, small ints, bool correctness.
-    return StageOutput(rows=rows, metrics=summary,
-                       tables={"token_metrics": table, "auroc": aucs, "risk_coverage": curves})
+    return StageOutput(
+        rows=rows, metrics=summary, tables={"token_metrics": table, "auroc": aucs, "risk_coverage": curves}
+    )
 
 
-STAGE = Stage(name="metrics", upstream=("backbone", "extract", "heads"), key_config=key_config, run=run,
-              validate=validate)
+STAGE = Stage(
+    name="metrics",
+    upstream=("backbone", "extract", "heads"),
+    key_config=key_config,
+    run=run,
+    validate=validate,
+)
