@@ -1,6 +1,6 @@
 """Loading the results tables of a run or a sweep, and small selectors over the long results table.
 
-The notebooks and `python -m analysis` read only what the pipeline writes (see pipeline/results.py for the row
+The notebooks and `python -m analysis` read only what the pipeline writes (see pipeline/orchestration/results.py for the row
 vocabulary):
 
 - a **run directory** holds `results.csv` and `tables/<stage>/<name>.parquet`;
@@ -26,7 +26,9 @@ import pandas as pd
 
 log = logging.getLogger("analysis")
 
-RESULTS_FILE = "results.csv"  # mirrors pipeline.results.RESULTS_FILE (not imported: the analysis
+RESULTS_FILE = (
+    "results.csv"  # mirrors pipeline.orchestration.results.RESULTS_FILE (not imported: the analysis
+)
 SUMMARY_FILES = ("summary.parquet", "summary.csv")  # package must not need torch or the pipeline's deps)
 TOKEN_TABLE = Path("tables") / "metrics" / "token_metrics.parquet"
 COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]

@@ -29,7 +29,7 @@ exits that almost never agree with the full model, and every speculative method 
 Random-weight models get logit-lens heads (each head = the model's own final norm + unembedding): on random
 weights the residual stream barely changes across blocks, so these heads often agree with the full model —
 a stand-in for trained heads that lets the speculative paths run at realistic acceptance. Their thresholds
-are calibrated on the fly (the paper's empirical rule, `pipeline.calibration`) on separate prompts, and the
+are calibrated on the fly (the paper's empirical rule, `pipeline.exits.calibration`) on separate prompts, and the
 LayerSkip setting (head, d) is tuned there too, by layer-equivalents per token. With --model-dir and a
 tokenizer, prompts are windows of real text (--text, default: a standard-library module's source).
 """
@@ -50,11 +50,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.backbone import default_head_layers, load_backbone, num_layers_of
-from pipeline.calibration import ExitThresholds, calibrate
-from pipeline.confidence import get_metric
 from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Strategy
-from pipeline.heads import EarlyExitHeads
+from pipeline.exits.calibration import ExitThresholds, calibrate
+from pipeline.exits.confidence import get_metric
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of
 
 SHAPES = {  # (layers, d_model, attention heads, vocab): Pythia's real shapes, plus a tiny one
     "tiny": (4, 64, 4, 256),
@@ -331,7 +331,7 @@ def find_pipeline_outputs(root: Path, model: str = "tiny") -> dict:
 
 def pipeline_prompts(found: dict, tokenizer, n: int, n_tune: int, length: int):
     """Test-split prompts and validation-split tuning prompts of the data the extract stage read."""
-    from pipeline.data import make_text_source, token_blocks
+    from pipeline.data.tokens import make_text_source, token_blocks
 
     record = json.loads((found["extract"] / "_SUCCESS.json").read_text())
     source = make_text_source(record["config"]["data"])
@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         model, tokenizer = load_backbone(args.model_dir)
         targets = [(str(args.model_dir), model, tokenizer, args.heads_dir, args.thresholds, None)]
     else:
-        from pipeline.backbone import load_from_stage_output
+        from pipeline.models.backbone import load_from_stage_output
 
         found = find_pipeline_outputs(args.from_outputs, args.model)
         model, tokenizer = load_from_stage_output(found["backbone"])

@@ -25,10 +25,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.backbone import default_head_layers, load_backbone, num_layers_of, unembedding_of
-from pipeline.shards import ShardWriter
+from pipeline.data.shards import ShardWriter
+from pipeline.exits.training import train_heads
+from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of, unembedding_of
 from pipeline.stages.extract import extract_split
-from pipeline.training import train_heads
 
 SHAPES = {  # (layers, d_model, heads, vocab) of the real checkpoints
     "pythia-70m": (6, 512, 8, 50304),

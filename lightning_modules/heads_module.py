@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from pipeline.heads import EarlyExitHeads
+from pipeline.exits.heads import EarlyExitHeads
 
 
 def kl_full_to_head(teacher_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:

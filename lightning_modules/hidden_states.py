@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (head hidden [n, n_heads, d] fp32, final hidden [n, d] fp32)
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.errors import USER_ERRORS  # noqa: E402
+from pipeline.orchestration.errors import USER_ERRORS  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("pipeline")
@@ -25,7 +25,7 @@ log = logging.getLogger("pipeline")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.runner import run_pipeline
+    from pipeline.orchestration.runner import run_pipeline
 
     hydra_cfg = HydraConfig.get()
     logging.getLogger().setLevel(str(cfg.get("log_level", "INFO")).upper())

@@ -383,7 +383,7 @@ def wandb_online(mode: str) -> bool:
     )
     if not has_key:
         return False
-    from pipeline.tracking import _wandb_reachable
+    from pipeline.orchestration.tracking import _wandb_reachable
 
     return _wandb_reachable()
 

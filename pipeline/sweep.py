@@ -28,7 +28,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.results import COLUMNS, RESULTS_FILE, read_results
+from pipeline.orchestration.results import COLUMNS, RESULTS_FILE, read_results
 
 log = logging.getLogger(__name__)
 

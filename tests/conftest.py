@@ -59,7 +59,7 @@ def tiny_gpt_neox(num_layers: int = 4, d_model: int = 32, vocab: int = 128, seed
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """One full micro pipeline run; tests that modify outputs work on a copy (`micro_copy`)."""
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
 
     from .micro import compose_micro
 

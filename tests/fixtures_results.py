@@ -1,4 +1,4 @@
-"""Synthetic results that follow the results vocabulary (pipeline/results.py) for two Pythia-like models, so the
+"""Synthetic results that follow the results vocabulary (pipeline/orchestration/results.py) for two Pythia-like models, so the
 analysis notebooks and figures can be tested before (and independently of) a real pipeline run.
 
 The numbers are shaped like the real thing, not random noise: deeper heads agree more with the full model,
@@ -247,7 +247,7 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
 
 
 def write_run(root: Path, model: str, seed: int = 0) -> Path:
-    """A run directory as pipeline/runner.py leaves it: results.csv and tables/metrics/token_metrics.parquet."""
+    """A run directory as pipeline/orchestration/runner.py leaves it: results.csv and tables/metrics/token_metrics.parquet."""
     rng = np.random.default_rng([seed, sorted(MODELS).index(model)])
     run_dir = Path(root)
     (run_dir / "tables" / "metrics").mkdir(parents=True, exist_ok=True)

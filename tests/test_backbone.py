@@ -4,14 +4,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline.backbone import (
+from pipeline.exits.heads import EarlyExitHeads, HeadsMismatchError
+from pipeline.models.backbone import (
     BackboneError,
     backbone_fingerprint,
     default_head_layers,
     load_backbone,
     num_layers_of,
 )
-from pipeline.heads import EarlyExitHeads, HeadsMismatchError
 
 from .conftest import tiny_gpt_neox
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from pipeline.calibration import (
+from pipeline.exits.calibration import (
     ExitThresholds,
     apply_exit_policy,
     calibrate,
@@ -194,7 +194,7 @@ def test_unreachable_eps_disables_head_with_warning(caplog):
     s = rng.uniform(size=(500, 2))
     c = np.stack([rng.uniform(size=500) < 0.3, rng.uniform(size=500) < s[:, 1]], axis=1)  # head 0: flat 30%
     c[:, 0] &= s[:, 0] < 0.999  # ensure head 0 cannot reach ε = 1 via a lucky top token
-    with caplog.at_level(logging.WARNING, logger="pipeline.calibration"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.exits.calibration"):
         th = calibrate(
             s, c, "max_prob", [0.95, 1.0], methods=["empirical", "ltt"], cascade=True, layers=[2, 5]
         )

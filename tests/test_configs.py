@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.validation import ConfigError, check_eps, validate_config
+from pipeline.orchestration.validation import ConfigError, check_eps, validate_config
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))

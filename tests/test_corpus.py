@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.corpus import SPLITS, LocalTextCorpus, scan_corpus
+from pipeline.data.corpus import SPLITS, LocalTextCorpus, scan_corpus
 
 
 def _write(root: Path, rel: str, text: str | bytes) -> None:

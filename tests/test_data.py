@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import data as data_mod
-from pipeline.corpus import LocalTextCorpus
-from pipeline.data import (
+from pipeline.data import tokens as data_mod
+from pipeline.data.corpus import LocalTextCorpus
+from pipeline.data.tokens import (
     DataUnavailableError,
     MiniPileSource,
     TextSource,
@@ -16,7 +16,7 @@ from pipeline.data import (
     max_sequence_length,
     token_blocks,
 )
-from pipeline.tiny_model import train_tokenizer
+from pipeline.models.tiny_model import train_tokenizer
 from tests.conftest import ListSource
 
 DOCS = {
@@ -108,9 +108,9 @@ def test_seq_len_helpers(tokenizer) -> None:
 
 
 def test_minipile_fails_fast_offline(monkeypatch) -> None:
-    import pipeline.backbone
+    import pipeline.models.backbone
 
-    monkeypatch.setattr(pipeline.backbone, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(pipeline.models.backbone, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(DataUnavailableError, match="data=local_text"):
         next(MiniPileSource().documents("train"))
     with pytest.raises(ValueError, match="unknown split"):

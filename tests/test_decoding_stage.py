@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages import decoding
-from pipeline.validation import ConfigError
 
 from .micro import compose_micro
 
@@ -152,8 +152,8 @@ def test_per_prompt_table(micro_run):
 def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
     """A DSSD that changes one token must stop the stage with LosslessnessError and leave no finished output."""
     from pipeline.engine import DSSD, Engine
-    from pipeline.runner import Runner
-    from pipeline.store import SUCCESS_FILE
+    from pipeline.orchestration.runner import Runner
+    from pipeline.orchestration.store import SUCCESS_FILE
 
     if not (micro_copy / "cache" / "decoding").exists():
         pytest.skip("decoding stage absent")

@@ -17,8 +17,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.backbone import BackboneError
-from pipeline.confidence import entropy
 from pipeline.engine import (
     DSSD,
     CostModel,
@@ -30,7 +28,9 @@ from pipeline.engine import (
     adapter_for,
     make_strategy,
 )
-from pipeline.heads import EarlyExitHeads
+from pipeline.exits.confidence import entropy
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import BackboneError
 
 VOCAB = 256
 HEAD_LAYERS = [0, 1, 2]

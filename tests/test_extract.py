@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import ShardCorruptError, ShardReader, ShardWriter
+from pipeline.data.shards import ShardCorruptError, ShardReader, ShardWriter
 from pipeline.stages.extract import extract_split
 
 from .conftest import tiny_gpt_neox

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from lightning_modules import HeadsModule, HiddenStatesDataModule, held_out_range, kl_full_to_head
 from lightning_modules.heads_module import NonFiniteLossError, lr_lambda
 from lightning_modules.hidden_states import RandomTokenBatches
-from pipeline.heads import EarlyExitHeads
-from pipeline.shards import ShardReader, ShardWriter
+from pipeline.data.shards import ShardReader, ShardWriter
+from pipeline.exits.heads import EarlyExitHeads
 
 HEAD_LAYERS = [1, 2]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from pipeline.heads import EarlyExitHeads
-from pipeline.lm_eval_adapter import EarlyExitLM
-from pipeline.offline_tasks import TASKS, OfflineTaskSettings, task_manager, write_offline_tasks
-from pipeline.tiny_model import train_tokenizer
+from pipeline.evaluation.lm_eval_adapter import EarlyExitLM
+from pipeline.evaluation.offline_tasks import TASKS, OfflineTaskSettings, task_manager, write_offline_tasks
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.tiny_model import train_tokenizer
 from tests.conftest import tiny_gpt_neox
 
 HEAD_LAYERS = [1, 2]
@@ -204,8 +204,8 @@ def stage_config(**evaluate):
 
 
 def test_stage_validate_rejects_bad_eps_and_methods():
+    from pipeline.orchestration.validation import ConfigError
     from pipeline.stages.early_exit import validate
-    from pipeline.validation import ConfigError
 
     validate(stage_config())
     with pytest.raises(ConfigError, match="outside"):
@@ -219,10 +219,10 @@ def test_stage_validate_rejects_bad_eps_and_methods():
 def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
     import json
 
-    from pipeline.calibration import ExitThresholds, eps_key
+    from pipeline.exits.calibration import ExitThresholds, eps_key
+    from pipeline.orchestration.tracking import Tracker
     from pipeline.stages.base import StageContext
     from pipeline.stages.early_exit import run
-    from pipeline.tracking import Tracker
 
     model, tokenizer, heads, _ = tiny
     backbone = tmp_path / "backbone"

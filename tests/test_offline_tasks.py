@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from pipeline.offline_tasks import (
+from pipeline.evaluation.offline_tasks import (
     NEXT_LINE,
     NEXT_WORD,
     TASKS,

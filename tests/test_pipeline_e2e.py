@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import time
 
-from pipeline.backbone import load_from_stage_output
-from pipeline.heads import EarlyExitHeads
-from pipeline.runner import Runner, available_stages
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import load_from_stage_output
+from pipeline.orchestration.runner import Runner, available_stages
 
 from .micro import compose_micro
 

@@ -19,9 +19,9 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import USER_ERRORS
-from pipeline.runner import Runner
-from pipeline.store import SUCCESS_FILE, StageOutputError
+from pipeline.orchestration.errors import USER_ERRORS
+from pipeline.orchestration.runner import Runner
+from pipeline.orchestration.store import SUCCESS_FILE, StageOutputError
 
 from .micro import REPO, compose_micro, micro_command, run_micro
 
@@ -203,7 +203,7 @@ def test_unknown_model_on_the_command_line(tmp_path):
 
 
 def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, caplog):
-    import pipeline.tracking as tracking
+    import pipeline.orchestration.tracking as tracking
 
     monkeypatch.setattr(tracking, "_wandb_reachable", lambda: False)
     cfg = compose_micro(tmp_path / "out", "logger=wandb", "logger.mode=online")

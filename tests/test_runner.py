@@ -6,11 +6,11 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-import pipeline.runner as runner_mod
-from pipeline.results import row
-from pipeline.runner import Runner
+import pipeline.orchestration.runner as runner_mod
+from pipeline.orchestration.results import row
+from pipeline.orchestration.runner import Runner
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageOutput
-from pipeline.validation import ConfigError
 
 CALLS: list[str] = []
 

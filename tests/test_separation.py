@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.separation import aurc, auroc, risk_coverage, sample_risk_coverage
+from pipeline.exits.separation import aurc, auroc, risk_coverage, sample_risk_coverage
 
 
 @pytest.mark.parametrize("n_levels", [3, 10, 1000])

@@ -10,15 +10,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
-from pipeline.calibration import ExitThresholds
-from pipeline.heads import EarlyExitHeads
-from pipeline.shards import ShardWriter
+from pipeline.data.shards import ShardWriter
+from pipeline.exits.calibration import ExitThresholds
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
+from pipeline.orchestration.tracking import Tracker
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages import calibrate as calibrate_stage
 from pipeline.stages import metrics as metrics_stage
 from pipeline.stages.base import StageContext
-from pipeline.tracking import Tracker
-from pipeline.validation import ConfigError
 from tests.conftest import tiny_gpt_neox
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.store import SUCCESS_FILE, StageOutputError, StageStore, stage_key
+from pipeline.orchestration.store import SUCCESS_FILE, StageOutputError, StageStore, stage_key
 
 
 def test_stage_key_is_stable_and_sensitive():

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.results import RESULTS_FILE, row, to_frame
+from pipeline.orchestration.results import RESULTS_FILE, row, to_frame
 from pipeline.sweep import (
     JOBS_CSV,
     SUMMARY_CSV,
@@ -27,7 +27,7 @@ EPS = [0.8, 0.9]
 
 
 def fake_rows(model: str, scale: float) -> pd.DataFrame:
-    """Rows of every stage in the results vocabulary (pipeline/results.py), numbers growing with `scale`."""
+    """Rows of every stage in the results vocabulary (pipeline/orchestration/results.py), numbers growing with `scale`."""
     frames = [
         to_frame([row("n_params", 7e7 * scale)], model, "backbone"),
         to_frame([row("bytes_per_token", 5124.0), row("tokens", 1000, method="train")], model, "extract"),
@@ -233,7 +233,7 @@ FAST_TINY = [
 
 def _stage_set_problem() -> str | None:
     """Why the runner cannot plan any run right now (a stage whose upstream stage module is not written yet)."""
-    from pipeline.runner import available_stages
+    from pipeline.orchestration.runner import available_stages
 
     known = available_stages()
     for name, stage in known.items():
@@ -334,7 +334,7 @@ def test_smoke_multirun_through_submitit_local_executor(outputs):
 @pytest.mark.slow
 def test_smoke_multirun_every_stage(outputs):
     """The whole smoke experiment as shipped: every stage that exists, two variants, summary and report."""
-    from pipeline.runner import available_stages
+    from pipeline.orchestration.runner import available_stages
 
     sweep = run_multirun(outputs, "+experiment=smoke", timeout=3600)
     summary = _check_sweep(sweep, outputs, n_jobs=2, stages=set(available_stages()))

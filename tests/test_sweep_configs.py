@@ -13,8 +13,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.__main__ import CONFIG_DIR
+from pipeline.orchestration.validation import validate_config
 from pipeline.stages.extract import bytes_needed
-from pipeline.validation import validate_config
 
 PYTHIA = ["pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b"]
 D_MODEL = {
@@ -106,7 +106,7 @@ def test_full_sweep_job_settings_fit_one_80gb_gpu_and_100gb_of_shards(model):
 def test_full_sweep_jobs_plan_and_pass_stage_checks(model):
     """The runner plans every present stage's cache key and the stages' own config checks pass; the
     backbone (hub reachability) and extract (free disk) checks depend on the machine and are left out."""
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from tests.test_sweep import _stage_set_problem
 
     if problem := _stage_set_problem():
@@ -187,7 +187,7 @@ def test_smoke_has_the_full_sweeps_shape_on_two_tiny_variants():
 
 
 def test_smoke_variants_share_backbone_and_extraction_cache_keys():
-    from pipeline.runner import available_stages, plan_keys
+    from pipeline.orchestration.runner import available_stages, plan_keys
 
     known = available_stages()
     keys = [plan_keys(_job_config("smoke", job), known)[0] for job in sweep_jobs("smoke")]

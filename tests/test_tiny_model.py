@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.backbone import load_backbone
-from pipeline.tiny_model import (
+from pipeline.models.backbone import load_backbone
+from pipeline.models.tiny_model import (
     DEFAULTS,
     EOS_TOKEN,
     build_model,

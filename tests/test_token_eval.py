@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.confidence import get_metric
 from pipeline.engine.stats import CostModel
-from pipeline.heads import EarlyExitHeads
-from pipeline.token_eval import ExitPolicy, cascade_logits, evaluate_tokens, fill_costs
+from pipeline.evaluation.token_eval import ExitPolicy, cascade_logits, evaluate_tokens, fill_costs
+from pipeline.exits.confidence import get_metric
+from pipeline.exits.heads import EarlyExitHeads
 from tests.conftest import tiny_gpt_neox
 
 LAYERS, HEADS = 4, [1, 2]

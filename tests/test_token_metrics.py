@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.confidence import METRICS, get_metric
-from pipeline.heads import EarlyExitHeads
-from pipeline.separation import auroc
-from pipeline.shards import ShardReader, ShardWriter
-from pipeline.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics, wide
+from pipeline.data.shards import ShardReader, ShardWriter
+from pipeline.exits.confidence import METRICS, get_metric
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.separation import auroc
+from pipeline.exits.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics, wide
 from tests.conftest import tiny_gpt_neox
 
 LAYERS = [0, 1, 2]

@@ -19,9 +19,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
 from lightning_modules.heads_module import NonFiniteLossError
-from pipeline.heads import EarlyExitHeads, HeadsMismatchError
-from pipeline.shards import ShardReader
-from pipeline.training import build_trainer, evaluate_heads, heads_settings, logit_lens, train_heads
+from pipeline.data.shards import ShardReader
+from pipeline.exits.heads import EarlyExitHeads, HeadsMismatchError
+from pipeline.exits.training import build_trainer, evaluate_heads, heads_settings, logit_lens, train_heads
 from tests.test_lightning_modules import HEAD_LAYERS, tiny_backbone, write_extract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ import json, sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from tests.test_lightning_modules import tiny_backbone, HEAD_LAYERS
-from pipeline.training import train_heads
+from pipeline.exits.training import train_heads
 
 torch.set_num_threads(1)
 trainer_cfg = dict(accelerator="cpu", devices=2, strategy={strategy!r}, precision="32-true")
@@ -300,10 +300,10 @@ def _stage_cfg(**heads_overrides):
 
 
 def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
-    from pipeline.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
+    from pipeline.models.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
+    from pipeline.orchestration.tracking import Tracker
     from pipeline.stages import heads as heads_stage
     from pipeline.stages.base import StageContext
-    from pipeline.tracking import Tracker
 
     model, directory = tiny
     backbone_dir, extract_dir = tmp_path / "backbone", directory.parent
@@ -338,8 +338,8 @@ def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
 
 
 def test_heads_stage_key_and_validation():
+    from pipeline.orchestration.validation import ConfigError
     from pipeline.stages import heads as heads_stage
-    from pipeline.validation import ConfigError
 
     base = heads_stage.key_config(_stage_cfg())
     assert base == heads_stage.key_config(_stage_cfg(num_workers=3, eval_batch_tokens=64))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backbone import BackboneError, decoder_of, final_norm_of, unembedding_of
+from pipeline.models.backbone import BackboneError, decoder_of, final_norm_of, unembedding_of
 
 if TYPE_CHECKING:
     from pipeline.engine.cache import JaggedKVCache

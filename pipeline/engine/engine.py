@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.confidence import ConfidenceMetric
 from pipeline.engine.adapters import BackboneAdapter, adapter_for
 from pipeline.engine.cache import JaggedKVCache
 from pipeline.engine.stats import CostModel, GenerationStats, OracleBound
+from pipeline.exits.confidence import ConfidenceMetric
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.confidence import get_metric
 from pipeline.engine.engine import DecodeSession, Engine, ExitRule
+from pipeline.exits.confidence import get_metric
 
 FILL_POLICIES = ("lazy", "copy", "recompute")
 

@@ -9,7 +9,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline.backbone import (
+from pipeline.models.backbone import (
     BACKBONE_RECORD,
     LOCAL_MODEL_DIR,
     BackboneError,
@@ -19,7 +19,7 @@ from pipeline.backbone import (
     require_loadable,
     unembedding_of,
 )
-from pipeline.results import row
+from pipeline.orchestration.results import row
 from pipeline.stages.base import Stage, StageContext, StageOutput
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def key_config(cfg: DictConfig) -> dict:
     model = cfg.model
     key = {"source": model.source, "revision": model.revision}
     if model.source == "tiny":
-        from pipeline.data import make_text_source
+        from pipeline.data.tokens import make_text_source
 
         key["tiny"] = model.tiny
         key["corpus"] = make_text_source(cfg.data).fingerprint
@@ -46,8 +46,8 @@ def run(ctx: StageContext) -> StageOutput:
     model_cfg = ctx.cfg.model
     rows, metrics = [], {}
     if model_cfg.source == "tiny":
-        from pipeline.data import make_text_source
-        from pipeline.tiny_model import pretrain_tiny_model
+        from pipeline.data.tokens import make_text_source
+        from pipeline.models.tiny_model import pretrain_tiny_model
 
         metrics = pretrain_tiny_model(
             model_cfg.tiny,

@@ -10,13 +10,13 @@ A stage module defines one `Stage` object named `STAGE`:
         run=run,                                         # run(ctx: StageContext) -> StageOutput
     )
 
-The runner (pipeline/runner.py) hashes `key_config(cfg)` together with the upstream stages' keys, reuses a
+The runner (pipeline/orchestration/runner.py) hashes `key_config(cfg)` together with the upstream stages' keys, reuses a
 finished output when one exists, and otherwise calls `run` with `ctx.out_dir` pointing at a fresh temporary
 directory that is renamed into place only after `run` returns. So a stage never needs to clean up after a
 crash, and must write *only* into `ctx.out_dir`. Volatile settings (device, log level, progress bars) must
 not appear in `key_config`.
 
-Result rows are long-format dicts with the keys of `pipeline.results.COLUMNS`
+Result rows are long-format dicts with the keys of `pipeline.orchestration.results.COLUMNS`
 (model, stage, method, eps, head, metric, value); `model` and `stage` are filled in by the runner.
 """
 
@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline.tracking import Tracker
+from pipeline.orchestration.tracking import Tracker
 
 
 @dataclass

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from pipeline.calibration import METHODS, apply_exit_policy, calibrate, check_delta, evaluate_thresholds
-from pipeline.confidence import METRICS
-from pipeline.results import row
+from pipeline.exits.calibration import METHODS, apply_exit_policy, calibrate, check_delta, evaluate_thresholds
+from pipeline.exits.confidence import METRICS
+from pipeline.exits.token_metrics import wide
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError, check_eps
 from pipeline.stages.base import Stage, StageContext, StageOutput
 from pipeline.stages.metrics import load_backbone_and_heads, split_metrics
-from pipeline.token_metrics import wide
-from pipeline.validation import ConfigError, check_eps
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"

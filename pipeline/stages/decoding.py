@@ -18,7 +18,7 @@ number of tokens and speeds compare per token).
 3. Losslessness: on every prompt (tuning and test) greedy must equal `generate`, and every LayerSkip / DSSD
    output must equal greedy, token for token. A mismatch raises `LosslessnessError`; nothing is written.
 
-Rows (pipeline/results.py), counters summed over prompts before ratios are taken:
+Rows (pipeline/orchestration/results.py), counters summed over prompts before ratios are taken:
   method generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token,
       tokens_per_full_pass, identical (1 = every prompt identical to greedy `generate`; lossless methods only),
@@ -50,9 +50,9 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from pipeline.results import row
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError, check_eps
 from pipeline.stages.base import Stage, StageContext, StageOutput
-from pipeline.validation import ConfigError, check_eps
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"
@@ -96,8 +96,8 @@ def _int(value: Any, key: str, minimum: int) -> int:
 
 
 def validate(cfg: DictConfig) -> None:
-    from pipeline.calibration import eps_key
     from pipeline.engine import FILL_POLICIES
+    from pipeline.exits.calibration import eps_key
 
     d = cfg.decoding
     eps = check_eps(list(d.eps) if isinstance(d.eps, ListConfig | list | tuple) else d.eps, "decoding.eps")
@@ -340,11 +340,11 @@ def _rows_for(
 def run(ctx: StageContext) -> StageOutput:
     from tqdm.auto import tqdm
 
-    from pipeline.backbone import load_from_stage_output
-    from pipeline.calibration import ExitThresholds
-    from pipeline.data import make_text_source, token_blocks
+    from pipeline.data.tokens import make_text_source, token_blocks
     from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip
-    from pipeline.heads import EarlyExitHeads
+    from pipeline.exits.calibration import ExitThresholds
+    from pipeline.exits.heads import EarlyExitHeads
+    from pipeline.models.backbone import load_from_stage_output
 
     cfg, d = ctx.cfg, ctx.cfg.decoding
     model, tokenizer = load_from_stage_output(

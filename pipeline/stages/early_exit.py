@@ -1,11 +1,11 @@
 """Stage `early_exit`: benchmark accuracy with early exit, next to its compute, and token-level evaluation.
 
 For the full model and every (calibration method, ε), the configured lm-eval tasks run through `EarlyExitLM`
-(pipeline/lm_eval_adapter.py); then the same policies are evaluated token by token on the test split under each
-KV fill policy (pipeline/token_eval.py). `evaluate.tasks=offline` uses tasks built from the held-out split
-(pipeline/offline_tasks.py), so the default run needs no network.
+(pipeline/evaluation/lm_eval_adapter.py); then the same policies are evaluated token by token on the test split under each
+KV fill policy (pipeline/evaluation/token_eval.py). `evaluate.tasks=offline` uses tasks built from the held-out split
+(pipeline/evaluation/offline_tasks.py), so the default run needs no network.
 
-Rows (pipeline/results.py):
+Rows (pipeline/orchestration/results.py):
   method full|<calibration>, eps e (none for full), head -: acc/<task>, acc_stderr/<task> (and every other
       metric lm-eval reports, e.g. acc_norm/<task>, perplexity/<task>), compute_frac/<task>
   same, head i: exit_frac/<task>
@@ -28,9 +28,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.results import row
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError, check_eps
 from pipeline.stages.base import Stage, StageContext, StageOutput
-from pipeline.validation import ConfigError, check_eps
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"
@@ -67,9 +67,9 @@ def key_config(cfg: DictConfig) -> dict:
 
 
 def validate(cfg: DictConfig) -> None:
-    from pipeline.calibration import eps_key
-    from pipeline.lm_eval_adapter import GENERATION_STRATEGIES
-    from pipeline.token_eval import FILL_POLICIES
+    from pipeline.evaluation.lm_eval_adapter import GENERATION_STRATEGIES
+    from pipeline.evaluation.token_eval import FILL_POLICIES
+    from pipeline.exits.calibration import eps_key
 
     ev = cfg.evaluate
     eps = check_eps(list(ev.eps), "evaluate.eps")
@@ -94,7 +94,7 @@ def validate(cfg: DictConfig) -> None:
         )
     names = task_names(cfg)
     if names is not None and os.environ.get("HF_DATASETS_OFFLINE") != "1":
-        from pipeline.backbone import hub_reachable
+        from pipeline.models.backbone import hub_reachable
 
         if not hub_reachable():
             raise ConfigError(
@@ -107,8 +107,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _prepare_tasks(cfg: DictConfig, out_dir: Path):
-    from pipeline.data import make_text_source
-    from pipeline.offline_tasks import OfflineTaskSettings, task_manager, write_offline_tasks
+    from pipeline.data.tokens import make_text_source
+    from pipeline.evaluation.offline_tasks import OfflineTaskSettings, task_manager, write_offline_tasks
 
     names = task_names(cfg)
     if names is not None:
@@ -161,12 +161,12 @@ def _token_rows(results: dict, method: str, eps: float) -> list[dict]:
 def run(ctx: StageContext) -> StageOutput:
     import lm_eval
 
-    from pipeline.backbone import load_from_stage_output
-    from pipeline.calibration import ExitThresholds
-    from pipeline.data import make_text_source, token_blocks
-    from pipeline.heads import EarlyExitHeads
-    from pipeline.lm_eval_adapter import EarlyExitLM
-    from pipeline.token_eval import ExitPolicy, evaluate_tokens
+    from pipeline.data.tokens import make_text_source, token_blocks
+    from pipeline.evaluation.lm_eval_adapter import EarlyExitLM
+    from pipeline.evaluation.token_eval import ExitPolicy, evaluate_tokens
+    from pipeline.exits.calibration import ExitThresholds
+    from pipeline.exits.heads import EarlyExitHeads
+    from pipeline.models.backbone import load_from_stage_output
 
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     model, tokenizer = load_from_stage_output(

@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.backbone import load_from_stage_output
-from pipeline.results import row
-from pipeline.shards import ShardWriter
+from pipeline.data.shards import ShardWriter
+from pipeline.models.backbone import load_from_stage_output
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput
-from pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -29,7 +29,7 @@ class DiskSpaceError(ConfigError):
 
 
 def key_config(cfg: DictConfig) -> dict:
-    from pipeline.data import make_text_source
+    from pipeline.data.tokens import make_text_source
 
     data = cfg.data
     return {
@@ -90,7 +90,7 @@ def extract_split(
 def validate(cfg: DictConfig) -> None:
     """Cheap checks before any heavy work: disk space for the estimate, and (offline corpus) whether each
     split can possibly hold its token budget (a token is at least one byte of text)."""
-    from pipeline.data import make_text_source
+    from pipeline.data.tokens import make_text_source
 
     check_disk(cfg, Path(cfg.paths.cache))
     source = make_text_source(cfg.data)
@@ -105,7 +105,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(ctx: StageContext) -> StageOutput:
-    from pipeline.data import make_text_source, token_blocks
+    from pipeline.data.tokens import make_text_source, token_blocks
 
     cfg = ctx.cfg
     model, tokenizer = load_from_stage_output(

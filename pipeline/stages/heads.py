@@ -17,13 +17,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.backbone import load_from_stage_output
-from pipeline.heads import HEAD_TYPES, INITS
-from pipeline.results import row
+from pipeline.exits.heads import HEAD_TYPES, INITS
+from pipeline.exits.training import CHECKPOINT_DIR, heads_settings, train_heads
+from pipeline.models.backbone import load_from_stage_output
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput
 from pipeline.stages.extract import read_meta
-from pipeline.training import CHECKPOINT_DIR, heads_settings, train_heads
-from pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 # heads-config keys that do not change the trained heads (throughput and evaluation batching only).

@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline.backbone import load_from_stage_output, unembedding_of
-from pipeline.confidence import METRICS, get_metric
-from pipeline.heads import EarlyExitHeads
-from pipeline.results import row
-from pipeline.separation import sample_risk_coverage
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
+from pipeline.exits.confidence import METRICS, get_metric
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.separation import sample_risk_coverage
+from pipeline.exits.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics
+from pipeline.models.backbone import load_from_stage_output, unembedding_of
+from pipeline.orchestration.results import row
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput
-from pipeline.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics
-from pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

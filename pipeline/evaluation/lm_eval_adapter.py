@@ -2,14 +2,14 @@
 
 Loglikelihood requests (multiple choice, LAMBADA-style completion, rolling perplexity) are scored from one full
 forward per batch: for every position the logits come from the first enabled head whose confidence passes its
-threshold, else from the full model (`pipeline.token_eval.cascade_logits`). Because the forward keeps every
+threshold, else from the full model (`pipeline.evaluation.token_eval.cascade_logits`). Because the forward keeps every
 hidden state equal to the full model's, this is exactly what an incremental early-exit scorer with exact states
 (lazy KV fill) would produce.
 
 Compute: the forward runs the whole model, but the adapter reports what the *exit policy* would cost per scored
 position: blocks up to the exit, every enabled head evaluated on the way, and for positions no head takes all L
 blocks plus the unembedding (layer-equivalents, DESIGN.md §2). KV fill for skipped layers is not included here;
-`pipeline.token_eval` measures it per fill policy. Statistics are kept per lm-eval task (`exit_stats`).
+`pipeline.evaluation.token_eval` measures it per fill policy. Statistics are kept per lm-eval task (`exit_stats`).
 
 Generation requests (`generate_until`) go through the decoding engine (`pipeline.engine`): its `early_exit`
 strategy (lossy; KV fill policy `fill`) or its `dssd` strategy (identical to the full model's greedy output),
@@ -30,11 +30,11 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
-from pipeline.backbone import num_layers_of, unembedding_of
-from pipeline.confidence import ConfidenceMetric, get_metric
 from pipeline.engine.stats import CostModel
-from pipeline.heads import EarlyExitHeads
-from pipeline.token_eval import FILL_POLICIES, ExitCounts, ExitPolicy, cascade_logits
+from pipeline.evaluation.token_eval import FILL_POLICIES, ExitCounts, ExitPolicy, cascade_logits
+from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import num_layers_of, unembedding_of
 
 log = logging.getLogger(__name__)
 

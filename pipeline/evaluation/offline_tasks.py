@@ -165,7 +165,7 @@ def write_offline_tasks(
 ) -> dict[str, int]:
     """Write both tasks into `directory`; return the number of examples per task.
 
-    `documents` is an iterable of held-out documents, or a `pipeline.data.TextSource` (its `settings.split`).
+    `documents` is an iterable of held-out documents, or a `pipeline.data.tokens.TextSource` (its `settings.split`).
     """
     settings = settings or OfflineTaskSettings()
     if hasattr(documents, "documents"):

@@ -81,7 +81,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if layers != sorted(set(layers)):
         raise ConfigError(f"model.head_layers must be strictly increasing, got {layers}")
-    from pipeline.backbone import DTYPES
+    from pipeline.models.backbone import DTYPES
 
     if str(model.get("dtype")) not in DTYPES:
         raise ConfigError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.heads import file_sha256
+from pipeline.exits.heads import file_sha256
 
 INDEX_FILE = "index.json"
 STORE_DTYPE = np.float16

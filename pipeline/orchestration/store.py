@@ -29,7 +29,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pipeline.heads import file_sha256
+from pipeline.exits.heads import file_sha256
 
 log = logging.getLogger(__name__)
 

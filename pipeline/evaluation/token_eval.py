@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.confidence import ConfidenceMetric, get_metric
 from pipeline.engine.stats import CostModel
-from pipeline.heads import EarlyExitHeads
+from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.heads import EarlyExitHeads
 
 FULL = -1  # exit index of a position the full model decides
 FILL_POLICIES = ("lazy", "copy", "recompute")
@@ -102,7 +102,7 @@ class ExitPolicy:
         self, k: int, logits: torch.Tensor, hidden: torch.Tensor, prev_hidden: torch.Tensor | None
     ) -> torch.Tensor:
         """Metric values of head k. A hidden-state metric has no previous head at head 0: NaN (never exits),
-        as in the calibration (pipeline/token_metrics.py)."""
+        as in the calibration (pipeline/exits/token_metrics.py)."""
         if self.metric.needs_hidden:
             if prev_hidden is None:
                 return torch.full(logits.shape[:-1], float("nan"), device=logits.device)

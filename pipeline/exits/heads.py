@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.backbone import backbone_fingerprint, final_norm_of, num_layers_of, unembedding_of
+from pipeline.models.backbone import backbone_fingerprint, final_norm_of, num_layers_of, unembedding_of
 
 WEIGHTS_FILE = "heads.safetensors"
 SPEC_FILE = "heads.json"

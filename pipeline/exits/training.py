@@ -26,9 +26,9 @@ from torch import nn
 
 from lightning_modules.heads_module import HeadsModule, kl_full_to_head, teacher_logits_of
 from lightning_modules.hidden_states import HiddenStatesDataModule
-from pipeline.backbone import unembedding_of
-from pipeline.heads import EarlyExitHeads
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.models.backbone import unembedding_of
 
 log = logging.getLogger(__name__)
 

@@ -68,9 +68,9 @@ import pandas as pd
 from scipy.special import xlogy
 from scipy.stats import binom
 
-from pipeline.confidence import ConfidenceMetric, get_metric
-from pipeline.separation import finite_pairs
-from pipeline.validation import check_eps as check_eps_config
+from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.separation import finite_pairs
+from pipeline.orchestration.validation import check_eps as check_eps_config
 
 log = logging.getLogger(__name__)
 

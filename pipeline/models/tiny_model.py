@@ -2,7 +2,7 @@
 
 This is the model `python -m pipeline` uses when the hub is out of reach (DESIGN.md §4). It is built to go
 through exactly the Pythia code path: same architecture class (`GPTNeoXForCausalLM`, parallel residual,
-partial rotary), saved with `save_pretrained` and read back by `pipeline.backbone.load_backbone`.
+partial rotary), saved with `save_pretrained` and read back by `pipeline.models.backbone.load_backbone`.
 
 It must be *clearly trained* — early exits only make sense when deeper layers know more than shallow ones —
 yet cheap: the default config pretrains in a few minutes on 2 CPU cores. The returned metrics include the
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import TextSource, token_blocks
+from pipeline.data.tokens import TextSource, token_blocks
 
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only needed when training
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
@@ -260,7 +260,7 @@ def evaluate_lm(
     The logit lens is exactly what an untrained early-exit head would predict (the head is initialised as
     a copy of that norm + projection), so it previews how much room early exit has at each depth.
     """
-    from pipeline.backbone import final_norm_of, unembedding_of
+    from pipeline.models.backbone import final_norm_of, unembedding_of
 
     model.eval()
     norm, unembed = final_norm_of(model), unembedding_of(model)

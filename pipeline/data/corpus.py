@@ -137,7 +137,7 @@ def split_files(
 
 
 class LocalTextCorpus:
-    """The stdlib-source corpus, split by file. Satisfies `pipeline.data.TextSource`.
+    """The stdlib-source corpus, split by file. Satisfies `pipeline.data.tokens.TextSource`.
 
     `root` defaults to the running interpreter's stdlib; tests pass a small directory instead.
     """

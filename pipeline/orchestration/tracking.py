@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.backbone import host_reachable
+from pipeline.models.backbone import host_reachable
 
 log = logging.getLogger(__name__)
 

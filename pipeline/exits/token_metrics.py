@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.backbone import unembedding_of
-from pipeline.confidence import get_metric
-from pipeline.heads import EarlyExitHeads
-from pipeline.separation import aurc, auroc
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
+from pipeline.exits.confidence import get_metric
+from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.separation import aurc, auroc
+from pipeline.models.backbone import unembedding_of
 
 
 @torch.no_grad()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.backbone import BackboneError
-from pipeline.heads import HeadsMismatchError
-from pipeline.shards import ShardCorruptError
-from pipeline.store import StageOutputError
-from pipeline.validation import ConfigError
+from pipeline.data.shards import ShardCorruptError
+from pipeline.exits.heads import HeadsMismatchError
+from pipeline.models.backbone import BackboneError
+from pipeline.orchestration.store import StageOutputError
+from pipeline.orchestration.validation import ConfigError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     BackboneError,

@@ -19,12 +19,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import pipeline.stages as stages_pkg
-from pipeline.backbone import resolve_device
-from pipeline.results import RESULTS_FILE, print_table, read_results, to_frame
+from pipeline.models.backbone import resolve_device
+from pipeline.orchestration.results import RESULTS_FILE, print_table, read_results, to_frame
+from pipeline.orchestration.store import StageStore, stage_key
+from pipeline.orchestration.tracking import make_tracker
+from pipeline.orchestration.validation import ConfigError, check_device, validate_config
 from pipeline.stages.base import Stage, StageContext
-from pipeline.store import StageStore, stage_key
-from pipeline.tracking import make_tracker
-from pipeline.validation import ConfigError, check_device, validate_config
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pipeline.corpus import SPLITS, LocalTextCorpus
+from pipeline.data.corpus import SPLITS, LocalTextCorpus
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class MiniPileSource:
     def documents(self, split: str) -> Iterator[str]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
-        from pipeline.backbone import hub_reachable
+        from pipeline.models.backbone import hub_reachable
 
         # Streaming has no local cache to fall back on, and `datasets` would otherwise retry for minutes.
         if not hub_reachable():

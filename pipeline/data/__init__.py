@@ -1,0 +1,1 @@
+"""Text sources, tokenisation into fixed-length blocks, and the hidden-state shard format."""

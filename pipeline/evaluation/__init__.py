@@ -1,0 +1,1 @@
+"""Evaluation of exit policies: token level, lm-evaluation-harness, offline tasks."""

@@ -1,0 +1,1 @@
+"""Early exits: heads, confidence metrics, their separation, calibration of ε, training."""

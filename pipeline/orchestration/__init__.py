@@ -1,0 +1,1 @@
+"""Running stages: the runner, the content-addressed store, tracking, results, sweeps, reports."""
