@@ -84,3 +84,18 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# Tests that run the micro pipeline (in process or as `python -m pipeline` subprocesses) are `integration`;
+# everything else is a fast `unit` test: `python -m pytest -m unit` runs those in about a minute.
+INTEGRATION_FIXTURES = {"micro_run", "micro_copy"}
+INTEGRATION_MODULES = {"test_pipeline_e2e", "test_reliability", "test_sweep", "test_refactor_equality"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue  # `slow` is its own selection (excluded by default)
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        integration = module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(item.fixturenames)
+        item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)

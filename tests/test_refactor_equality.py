@@ -13,8 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 
 EXPECTED = Path(__file__).parent / "data" / "micro_results_expected.csv"
+# Training results depend on the CPU's kernels (AVX2 vs AVX-512 accumulate in different orders, native bf16 vs
+# emulated): the expectation holds for the platform it was written on, recorded here.
+PLATFORM = {"cpu_capability": "AVX2", "torch": "2.13.0+cpu"}
 TIMING = ("seconds", "tokens_per_s", "speedup", "speed_ratio", "wall")
 KEY = ["stage", "method", "eps", "head", "metric"]
 
@@ -35,7 +40,13 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(KEY, na_position="first").reset_index(drop=True)
 
 
+def _platform() -> dict[str, str]:
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def test_micro_pipeline_numbers_match_the_stored_expectation(micro_run):
+    if _platform() != PLATFORM and os.environ.get("UPDATE_EXPECTED") != "1":
+        pytest.skip(f"expectation written on {PLATFORM}, this is {_platform()}: numbers differ by kernel")
     _, _, results = micro_run
     actual = comparable(results)
     if os.environ.get("UPDATE_EXPECTED") == "1":
