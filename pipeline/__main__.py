@@ -1,4 +1,4 @@
-"""Entry point: `python -m pipeline [overrides]` (Hydra app; `-m` for multirun sweeps)."""
+"""Entry point: `python -m pipeline [overrides]` (Hydra app; `-m` for multirun sweeps, anywhere on the line)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from pipeline.command_line import normalize_argv  # noqa: E402
 from pipeline.orchestration.errors import USER_ERRORS  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -52,4 +53,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Hydra parses sys.argv itself and takes overrides only as one contiguous run: flags typed between
+    # overrides (`+experiment=full_sweep -m model=pythia-410m`) go in front first.
+    sys.argv[1:] = normalize_argv(sys.argv[1:])
     main()
