@@ -50,3 +50,44 @@ def test_fp16_overflow_is_refused(tmp_path):
     writer = ShardWriter(tmp_path / "s", n_slots=1, d_model=2)
     with pytest.raises(OverflowError, match="bf16"):
         writer.add(torch.full((1, 1, 2), 1e6), torch.zeros(1))
+
+
+def _tiny_llama(num_layers: int = 4, d_model: int = 32, vocab: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=4 * d_model,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_gpt_neox, _tiny_llama], ids=["gpt_neox", "llama"])
+def test_extraction_skips_the_lm_head_and_stores_identical_states(tmp_path, build):
+    """The base model alone (no LM head, whose logits extraction would throw away) yields bit-for-bit the
+    states the full causal LM's output_hidden_states gives, batch by batch."""
+    model = build()
+    layers, batch_size = [0, 2], 2
+    blocks = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(1))
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    writer = ShardWriter(tmp_path / "s", n_slots=len(layers) + 1, d_model=32, shard_tokens=1000)
+    extract_split(model, blocks, layers, writer, batch_size, torch.device("cpu"), progress=False, desc="t")
+    writer.close()
+    assert head_calls == []
+    with torch.no_grad():
+        reference = []
+        for start in range(0, len(blocks), batch_size):
+            states = model(blocks[start : start + batch_size], output_hidden_states=True).hidden_states
+            slots = [states[layer + 1] for layer in layers] + [states[-1]]
+            reference.append(torch.stack(slots, dim=2).flatten(0, 1))
+    expected = torch.cat(reference).numpy().astype(np.float16)
+    stored = np.load(tmp_path / "s" / "hidden_00000.npy")
+    assert head_calls == [1, 1, 1]  # the reference did run the head
+    np.testing.assert_array_equal(stored, expected)
