@@ -182,12 +182,12 @@ def run_benchmark(
     ]
     for eps, thr in thresholds_by_eps.items():
         for fill in fills:
-            methods.append(("early_exit", f"eps={eps} fill={fill}", EarlyExit(thr, metric=metric, fill=fill)))
+            methods.append(("early_exit", f"eps={eps} fill={fill}", EarlyExit(thr, fill=fill)))
     for strategy in layerskip:
         methods.append(("layerskip", f"head={strategy.head} d={strategy.max_draft}", strategy))
     for eps, thr in thresholds_by_eps.items():
         methods.append(
-            ("dssd", f"eps={eps} max_draft={max_draft}", DSSD(thr, metric=metric, max_draft=max_draft))
+            ("dssd", f"eps={eps} max_draft={max_draft}", DSSD(thr, max_draft=max_draft))
         )
     methods += list(extra)
 

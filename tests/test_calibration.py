@@ -27,6 +27,12 @@ from pipeline.exits.calibration import (
     hb_p_value,
     ltt_threshold,
 )
+from pipeline.exits.policy import ExitPolicy
+
+
+def _policy(thresholds, metric: str = "max_prob") -> ExitPolicy:
+    """A policy over heads at blocks 0..n-1 (the layers do not matter to a decision on stored values)."""
+    return ExitPolicy(tuple(range(len(thresholds))), tuple(thresholds), metric)
 
 
 def uniform_head(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +137,7 @@ def test_direction_lower_is_confident():
     (thr_hi,) = calibrate_heads(s, c, "max_prob", 0.8, "empirical", cascade=False)
     (thr_lo,) = calibrate_heads(-s, c, "entropy", 0.8, "empirical", cascade=False)
     assert thr_lo == -thr_hi
-    out = apply_exit_policy(-s, c, [thr_lo], lower_is_confident=True)
+    out = apply_exit_policy(-s, c, _policy([thr_lo], "entropy"))
     assert out.accuracy >= 0.8 and out.total_coverage == pytest.approx(np.mean(s >= thr_hi))
 
 
@@ -160,7 +166,7 @@ def _violation_rates(method: str, n_cal: int, trials: int, eps: float, delta: fl
         perm = rng.permutation(len(s))
         cal, test = perm[:n_cal], perm[n_cal:]
         thr = calibrate_heads(s[cal], c[cal], "max_prob", eps, method, delta=delta, cascade=False, seed=trial)
-        out = apply_exit_policy(s[test], c[test], thr, lower_is_confident=False)
+        out = apply_exit_policy(s[test], c[test], _policy(thr))
         if out.total_coverage > 0:
             exits += 1
             violations += out.accuracy < eps
@@ -198,9 +204,9 @@ def test_unreachable_eps_disables_head_with_warning(caplog):
         th = calibrate(
             s, c, "max_prob", [0.95, 1.0], methods=["empirical", "ltt"], cascade=True, layers=[2, 5]
         )
-    assert th.for_eps("ltt", 1.0) == [None, None]
+    assert th.for_eps("ltt", 1.0).thresholds == (None, None)
     assert "cannot reach ε=1.00" in caplog.text and "layer 2" in caplog.text
-    out = apply_exit_policy(s, c, th.for_eps("ltt", 1.0), lower_is_confident=False)
+    out = apply_exit_policy(s, c, th.for_eps("ltt", 1.0))
     assert (out.exit_head == -1).all() and math.isnan(out.accuracy) and out.agreement == 1.0
 
 
@@ -214,10 +220,10 @@ def test_cascade_meets_eps_on_calibration_data_and_independent_does_not():
     independent = calibrate(s, c, "max_prob", eps_grid, methods=["empirical"], cascade=False)
     misses = 0
     for eps in eps_grid:
-        out = apply_exit_policy(s, c, cascade.for_eps("empirical", eps), lower_is_confident=False)
+        out = apply_exit_policy(s, c, cascade.for_eps("empirical", eps))
         assert out.accuracy >= eps - 1e-12
         assert out.coverage[1:].sum() > 0  # deeper heads take part, not only head 0
-        alone = apply_exit_policy(s, c, independent.for_eps("empirical", eps), lower_is_confident=False)
+        alone = apply_exit_policy(s, c, independent.for_eps("empirical", eps))
         misses += alone.accuracy < eps
     # Calibrating each head on all tokens ignores that deeper heads only see the hard ones.
     assert misses >= 3
@@ -233,7 +239,7 @@ def test_cascade_ltt_policy_meets_eps_on_test_splits(caplog):
         perm = rng.permutation(len(s))
         cal, test = perm[:3000], perm[3000:]
         thr = calibrate_heads(s[cal], c[cal], "max_prob", eps, "ltt", delta=delta, cascade=True, seed=trial)
-        out = apply_exit_policy(s[test], c[test], thr, lower_is_confident=False)
+        out = apply_exit_policy(s[test], c[test], _policy(thr))
         coverage.append(out.total_coverage)
         violations += out.total_coverage > 0 and out.accuracy < eps
     assert violations / trials <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
@@ -253,7 +259,9 @@ def test_thresholds_round_trip_and_validation(tmp_path):
     assert set(data["thresholds"]["empirical"]) == {"0.60", "0.90", "1.00"}
     loaded = ExitThresholds.load(path)
     assert loaded == th
-    assert loaded.for_eps("ltt", 0.9) == th.thresholds["ltt"]["0.90"]
+    assert list(loaded.for_eps("ltt", 0.9).thresholds) == th.thresholds["ltt"]["0.90"]
+    policy = loaded.for_eps("ltt", 0.9)
+    assert policy.layers == tuple(th.layers) and policy.metric == th.metric
     assert loaded.for_eps("empirical", "0.6") == th.for_eps("empirical", 0.6)
     with pytest.raises(KeyError):
         loaded.for_eps("empirical", 0.75)
@@ -283,12 +291,12 @@ def test_thresholds_round_trip_and_validation(tmp_path):
 def test_apply_exit_policy_by_hand():
     values = np.array([[0.9, 0.2], [0.1, 0.8], [0.1, 0.1], [np.nan, 0.95]])
     correct = np.array([[True, False], [False, True], [True, True], [True, False]])
-    out = apply_exit_policy(values, correct, [0.5, 0.7], lower_is_confident=False)
+    out = apply_exit_policy(values, correct, _policy([0.5, 0.7]))
     assert out.exit_head.tolist() == [0, 1, -1, 1]
     assert out.accuracy == pytest.approx(2 / 3)
     assert out.coverage.tolist() == [0.25, 0.5]
     assert out.agreement == pytest.approx(1 - (1 / 3) * 0.75)
-    out = apply_exit_policy(values, correct, [None, 0.7], lower_is_confident=False)
+    out = apply_exit_policy(values, correct, _policy([None, 0.7]))
     assert out.exit_head.tolist() == [-1, 1, -1, 1]
 
 

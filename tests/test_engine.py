@@ -22,7 +22,6 @@ from pipeline.engine import (
     CostModel,
     EarlyExit,
     Engine,
-    ExitRule,
     Greedy,
     LayerSkip,
     adapter_for,
@@ -30,6 +29,7 @@ from pipeline.engine import (
 )
 from pipeline.exits.confidence import entropy
 from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.policy import ExitPolicy
 from pipeline.models.backbone import BackboneError
 
 VOCAB = 256
@@ -76,6 +76,11 @@ def _build(kind: str) -> torch.nn.Module:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def _policy(thresholds) -> ExitPolicy:
+    """An entropy policy over the test heads."""
+    return ExitPolicy(HEAD_LAYERS, thresholds, "entropy")
 
 
 def _hf_greedy(model, prompt: torch.Tensor, n: int, eos: int | None = None) -> list[int]:
@@ -244,7 +249,7 @@ def test_jagged_cache_exact_after_random_exits_and_crops(kind):
                     token = rng.randrange(VOCAB)
                     continue
                 layer = rng.choice(HEAD_LAYERS + [None, None])
-                rule = None if layer is None else ExitRule({layer: (HEAD_LAYERS.index(layer), None)})
+                rule = None if layer is None else ExitPolicy.fixed_head(HEAD_LAYERS, HEAD_LAYERS.index(layer))
                 result = sess.step(
                     pos, token, rule, verify_from=sess.cache.lengths[-1] if layer is None else pos
                 )
@@ -282,10 +287,10 @@ def _settings(engine: Engine, prompts):
     q25, q60, q100 = _entropy_quantiles(engine, prompts, [0.25, 0.6, 1.0])
     always = [t + 1.0 for t in q100]  # every enabled head is confident: drafting runs to the cap
     return [
-        DSSD(q25, max_draft=8),
-        DSSD(q60, max_draft=4),
-        DSSD([None, q60[1], None], max_draft=16),
-        DSSD(always, max_draft=3),
+        DSSD(_policy(q25), max_draft=8),
+        DSSD(_policy(q60), max_draft=4),
+        DSSD(_policy([None, q60[1], None]), max_draft=16),
+        DSSD(_policy(always), max_draft=3),
         LayerSkip(head=0, draft_length=1),
         LayerSkip(head=1, draft_length=3),
         LayerSkip(head=2, draft_length=6),
@@ -336,7 +341,7 @@ def test_eos_stops_like_generate():
         eos = free[len(free) // 2]  # a token greedy decoding does produce
         ref = _hf_greedy(model, prompt, NEW_TOKENS, eos=eos)
         assert ref[-1] == eos and len(ref) <= len(free)
-        for strategy in (Greedy(), DSSD(q60, max_draft=6), LayerSkip(1, 4)):
+        for strategy in (Greedy(), DSSD(_policy(q60), max_draft=6), LayerSkip(1, 4)):
             result = engine.generate(prompt, strategy, NEW_TOKENS, eos_token_id=eos)
             assert result.tokens == ref, strategy.describe()
             result.stats.check()
@@ -350,7 +355,7 @@ def test_early_exit_with_all_heads_disabled_is_greedy(setup):
     heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="random", seed=0)
     engine = Engine(model, heads)
     for prompt, ref in list(zip(prompts, refs, strict=True))[:10]:
-        result = engine.generate(prompt, EarlyExit([None, None, None]), NEW_TOKENS)
+        result = engine.generate(prompt, EarlyExit(_policy([None, None, None])), NEW_TOKENS)
         assert result.tokens == ref
         assert result.stats.exited == 0 and result.stats.head_evals == 0
 
@@ -364,7 +369,7 @@ def test_early_exit_fill_policies():
     cost = {}
     for prompt in prompts:
         runs = {
-            fill: engine.generate(prompt, EarlyExit(q50, fill=fill), NEW_TOKENS)
+            fill: engine.generate(prompt, EarlyExit(_policy(q50), fill=fill), NEW_TOKENS)
             for fill in ("lazy", "recompute", "copy")
         }
         # Lazy fill and full recomputation compute the same exact hidden states: identical tokens.
@@ -433,10 +438,10 @@ def test_api_errors():
     with pytest.raises(ValueError, match="batch size 1"):
         engine.generate(torch.zeros(2, 3, dtype=torch.long), Greedy(), 4)
     with pytest.raises(ValueError, match="thresholds"):
-        engine.generate(torch.zeros(3, dtype=torch.long), DSSD([1.0]), 4)
+        engine.generate(torch.zeros(3, dtype=torch.long), DSSD(ExitPolicy([0], [1.0])), 4)
     with pytest.raises(ValueError, match="heads"):
         Engine(model).generate(torch.zeros(3, dtype=torch.long), LayerSkip(0, 2), 4)
     with pytest.raises(ValueError, match="fill policy"):
-        EarlyExit([None] * 3, fill="nope")
-    assert make_strategy("dssd", thresholds=[1.0, None, 2.0]).name == "dssd"
+        EarlyExit(_policy([None] * 3), fill="nope")
+    assert make_strategy("dssd", policy=_policy([1.0, None, 2.0])).name == "dssd"
     assert engine.generate(torch.zeros(3, dtype=torch.long), Greedy(), 0).tokens == []

@@ -12,11 +12,16 @@ from lm_eval.models.huggingface import HFLM
 from pipeline.evaluation.lm_eval_adapter import EarlyExitLM
 from pipeline.evaluation.offline_tasks import TASKS, OfflineTaskSettings, task_manager, write_offline_tasks
 from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.policy import ExitPolicy
 from pipeline.models.tiny_model import train_tokenizer
 from tests.conftest import tiny_gpt_neox
 
 HEAD_LAYERS = [1, 2]
 NUM_LAYERS = 4
+
+
+def _policy(thresholds) -> ExitPolicy:
+    return ExitPolicy(HEAD_LAYERS, thresholds, "entropy")
 
 
 def synthetic_documents(n_docs: int = 12) -> list[str]:
@@ -103,9 +108,7 @@ def expected_head_loglikelihood(model, tokenizer, heads, head: int, context: str
 def test_head_forced_to_exit_scores_with_that_heads_logits(tiny, tasks_dir):
     model, tokenizer, heads, _ = tiny
     # Entropy <= +inf always holds: head 0 takes every position, head 1 is never reached.
-    lm = EarlyExitLM(
-        model, tokenizer, heads, thresholds=[math.inf, None], metric="entropy", batch_size=4, device="cpu"
-    )
+    lm = EarlyExitLM(model, tokenizer, heads, policy=_policy([math.inf, None]), batch_size=4, device="cpu")
     results = evaluate(lm, tasks_dir, log_samples=True)
     n_checked = 0
     for task in TASKS:
@@ -117,7 +120,7 @@ def test_head_forced_to_exit_scores_with_that_heads_logits(tiny, tasks_dir):
                 n_checked += 1
         stats = lm.exit_stats[task]
         assert stats.exit_fractions == [1.0, 0.0]
-        cost = lm.policy.cost
+        cost = lm.cost
         assert stats.layer_equivalents_per_token == pytest.approx(HEAD_LAYERS[0] + 1 + cost.head)
         assert stats.compute_fraction == pytest.approx(
             (HEAD_LAYERS[0] + 1 + cost.head) / (NUM_LAYERS + cost.head)
@@ -130,10 +133,10 @@ def test_set_policy_resets_stats_and_checks_length(tiny, tasks_dir):
     lm = EarlyExitLM(model, tokenizer, heads, batch_size=4, device="cpu")
     evaluate(lm, tasks_dir)
     assert set(lm.exit_stats) == set(TASKS)
-    lm.set_policy([None, 1.0])
+    lm.set_policy(_policy([None, 1.0]))
     assert lm.exit_stats == {} and lm.policy.enabled == [1]
     with pytest.raises(ValueError, match="thresholds"):
-        lm.set_policy([None])
+        lm.set_policy(ExitPolicy(HEAD_LAYERS[:1], [None]))
 
 
 def generation_requests(docs: list[str], n: int = 4, max_gen_toks: int = 12) -> list:
@@ -163,7 +166,7 @@ def test_generation_dssd_gives_the_full_models_text(tiny):
         model,
         tokenizer,
         heads,
-        thresholds=[math.inf, 5.0],
+        policy=_policy([math.inf, 5.0]),
         generation="dssd",
         max_draft=4,
         batch_size=1,
@@ -177,7 +180,7 @@ def test_generation_dssd_gives_the_full_models_text(tiny):
 
 def test_generation_early_exit_records_exits(tiny):
     model, tokenizer, heads, docs = tiny
-    lm = EarlyExitLM(model, tokenizer, heads, thresholds=[math.inf, None], batch_size=1, device="cpu")
+    lm = EarlyExitLM(model, tokenizer, heads, policy=_policy([math.inf, None]), batch_size=1, device="cpu")
     texts = lm.generate_until(generation_requests(docs, n=2, max_gen_toks=8))
     assert len(texts) == 2
     stats = lm.exit_stats["gen"]

@@ -95,14 +95,14 @@ def test_calibrate_stage(upstream, tmp_path):
     out = calibrate_stage.run(context(cfg, upstream, out_dir))
     thresholds = ExitThresholds.load(out_dir / calibrate_stage.THRESHOLDS_FILE)
     assert thresholds.metric == "entropy" and thresholds.layers == LAYERS and thresholds.cascade
-    assert thresholds.for_eps("ltt", 1.0) == [None, None, None]  # ε = 1 cannot be certified
+    assert thresholds.for_eps("ltt", 1.0).thresholds == (None, None, None)  # ε = 1 cannot be certified
     policy = out.tables["policy"]
     assert len(policy) == 2 * 3 and (policy["n_tokens"] == 512).all()
     rows = {(r["method"], r["eps"], r["head"], r["metric"]): r["value"] for r in out.rows}
     for method in ("empirical", "ltt"):
         for eps in (0.6, 0.9, 1.0):
             for head in range(len(LAYERS)):
-                t = thresholds.for_eps(method, eps)[head]
+                t = thresholds.for_eps(method, eps).thresholds[head]
                 assert (
                     np.isnan(rows[(method, eps, head, "threshold")])
                     if t is None

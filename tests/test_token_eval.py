@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pipeline.engine.stats import CostModel
-from pipeline.evaluation.token_eval import ExitPolicy, cascade_logits, evaluate_tokens, fill_costs
+from pipeline.evaluation.token_eval import evaluate_tokens, fill_costs
 from pipeline.exits.confidence import get_metric
 from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.policy import ExitPolicy, head_inputs_of
 from tests.conftest import tiny_gpt_neox
 
 LAYERS, HEADS = 4, [1, 2]
@@ -26,8 +27,12 @@ def setup():
     return model, heads, blocks, cost
 
 
-def policy(heads, cost, thresholds) -> ExitPolicy:
-    return ExitPolicy(heads, thresholds, get_metric("entropy"), LAYERS, cost)
+def policy(thresholds) -> ExitPolicy:
+    return ExitPolicy(HEADS, thresholds, "entropy")
+
+
+def cascade_logits(hidden_states, final_logits, heads, policy):
+    return policy.cascade(heads, head_inputs_of(hidden_states, policy.layers), final_logits)
 
 
 def test_fill_costs_by_hand():
@@ -52,21 +57,21 @@ def test_cascade_takes_the_first_confident_head(setup):
     with torch.no_grad():
         out = model(blocks, output_hidden_states=True)
         head0 = heads(0, out.hidden_states[HEADS[0] + 1])
-    same, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [None, None]))
+    same, exits = cascade_logits(out.hidden_states, out.logits, heads, policy([None, None]))
     assert same is out.logits and bool((exits == -1).all())
-    forced, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [math.inf, math.inf]))
+    forced, exits = cascade_logits(out.hidden_states, out.logits, heads, policy([math.inf, math.inf]))
     assert torch.equal(forced, head0) and bool((exits == 0).all())
     # A threshold between the entropies: exactly the positions under it exit at head 0.
     entropy = get_metric("entropy")(head0)
     cut = float(entropy.median())
-    mixed, exits = cascade_logits(out.hidden_states, out.logits, policy(heads, cost, [cut, None]))
+    mixed, exits = cascade_logits(out.hidden_states, out.logits, heads, policy([cut, None]))
     assert torch.equal(exits == 0, entropy <= cut)
     assert torch.equal(mixed[entropy > cut], out.logits[entropy > cut])
 
 
 def test_full_model_under_every_fill_policy(setup):
     model, heads, blocks, cost = setup
-    results = evaluate_tokens(model, blocks, policy(heads, cost, [None, None]), batch_size=2)
+    results = evaluate_tokens(model, blocks, heads, policy([None, None]), cost, batch_size=2)
     with torch.no_grad():
         logits = model(blocks).logits[:, :-1]
     ppl = math.exp(
@@ -89,7 +94,7 @@ def test_full_model_under_every_fill_policy(setup):
 
 def test_forced_exit_costs_and_predictions(setup):
     model, heads, blocks, cost = setup
-    results = evaluate_tokens(model, blocks, policy(heads, cost, [math.inf, None]), batch_size=2)
+    results = evaluate_tokens(model, blocks, heads, policy([math.inf, None]), cost, batch_size=2)
     own = HEADS[0] + 1 + cost.head
     assert results["lazy"].layer_equivalents_per_token == pytest.approx(own)
     depth, seq_len = HEADS[0] + 1, blocks.shape[1]
@@ -111,7 +116,7 @@ def test_partial_exits_order_the_fill_policies(setup):
     with torch.no_grad():
         out = model(blocks, output_hidden_states=True)
         cut = float(get_metric("entropy")(heads(0, out.hidden_states[HEADS[0] + 1])).median())
-    results = evaluate_tokens(model, blocks, policy(heads, cost, [cut, None]), batch_size=2)
+    results = evaluate_tokens(model, blocks, heads, policy([cut, None]), cost, batch_size=2)
     lazy, rec = results["lazy"], results["recompute"]
     assert 0 < lazy.exit_fractions[0] < 1
     # Exact-state policies give the same predictions; recomputation pays at least lazy fill's price.

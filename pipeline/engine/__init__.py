@@ -3,10 +3,11 @@
 Public API::
 
     from pipeline.engine import Engine, Greedy, EarlyExit, LayerSkip, DSSD
+    from pipeline.exits.policy import ExitPolicy
 
     engine = Engine(model, heads)                      # model: GPT-NeoX or Llama/Mistral/Qwen2 causal LM
-    result = engine.generate(input_ids, DSSD(thresholds=[2.1, 1.7, None, 0.9]), max_new_tokens=64,
-                             eos_token_id=None)
+    policy = ExitPolicy(heads.layers, [2.1, 1.7, None, 0.9], "entropy")   # or ExitThresholds.for_eps(m, ε)
+    result = engine.generate(input_ids, DSSD(policy), max_new_tokens=64, eos_token_id=None)
     result.tokens                                      # list[int], new tokens only
     result.stats.acceptance_rate, result.stats.layer_equivalents_per_token, result.stats.as_dict()
     bound = engine.oracle_bound(input_ids, max_new_tokens=64)   # earliest agreeing head per greedy token
@@ -18,10 +19,10 @@ Public API::
   batch size 1 (`input_ids` is [seq] or [1, seq]), greedy (argmax) decoding. Generation stops after
   `max_new_tokens` tokens or right after emitting `eos_token_id` (included), like `model.generate`.
 - Strategies (`make_strategy(name, **kwargs)` builds them by name):
-  `Greedy()` — full model; `EarlyExit(thresholds, metric="entropy", fill="lazy"|"copy"|"recompute")` —
-  lossy; `LayerSkip(head, draft_length)` and `DSSD(thresholds, metric="entropy", max_draft=16)` — lossless
-  (identical to greedy). `thresholds` has one entry per head, `None` disables that head; a token is
-  confident when `get_metric(metric).is_confident(value, threshold)`.
+  `Greedy()` — full model; `EarlyExit(policy, fill="lazy"|"copy"|"recompute")` — lossy;
+  `LayerSkip(head, draft_length)` and `DSSD(policy, max_draft=16)` — lossless (identical to greedy).
+  `policy` is an `ExitPolicy` (pipeline/exits/policy.py) for the engine's head layers: one threshold per
+  head (`None` disables that head) and the confidence metric; the engine's step asks `policy.exits`.
 - `GenerationStats` (see `stats.py`) counts tokens by origin, drafts, verifications, block rows, head
   evaluations and wall time; `layer_equivalents_per_token`, `acceptance_rate`,
   `accepted_per_verification` are derived; `check()` asserts that the counters add up.
@@ -35,7 +36,7 @@ rejections crop every layer.
 
 from pipeline.engine.adapters import ADAPTERS, BackboneAdapter, GPTNeoXAdapter, LlamaAdapter, adapter_for
 from pipeline.engine.cache import JaggedKVCache
-from pipeline.engine.engine import DecodeSession, Engine, ExitRule, GenerationResult, StepResult
+from pipeline.engine.engine import DecodeSession, Engine, GenerationResult, StepResult
 from pipeline.engine.stats import CostModel, GenerationStats, OracleBound
 from pipeline.engine.strategies import (
     DSSD,
@@ -57,7 +58,6 @@ __all__ = [
     "JaggedKVCache",
     "DecodeSession",
     "Engine",
-    "ExitRule",
     "GenerationResult",
     "StepResult",
     "CostModel",

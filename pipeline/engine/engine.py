@@ -12,16 +12,7 @@ from torch import nn
 from pipeline.engine.adapters import BackboneAdapter, adapter_for
 from pipeline.engine.cache import JaggedKVCache
 from pipeline.engine.stats import CostModel, GenerationStats, OracleBound
-from pipeline.exits.confidence import ConfidenceMetric
-
-
-@dataclass
-class ExitRule:
-    """Where a token may leave the stack: block index -> (head index, threshold). A threshold of None means
-    the token exits there unconditionally (LayerSkip); otherwise it exits when `metric` says confident."""
-
-    by_layer: dict[int, tuple[int, float | None]]
-    metric: ConfidenceMetric | None = None
+from pipeline.exits.policy import ExitPolicy
 
 
 @dataclass
@@ -118,25 +109,26 @@ class DecodeSession:
         self,
         position: int,
         token: int,
-        rule: ExitRule | None = None,
+        policy: ExitPolicy | None = None,
         verify_from: int | None = None,
         probe: list[list[int]] | None = None,
     ) -> StepResult:
         """Run token `token` at `position` up the stack, lazily filling each block's pending positions first.
 
-        Exits at the first block of `rule` whose head is confident. Otherwise it reaches the final layer; the
-        full model's argmax is then computed for rows [verify_from, position] (all drafts since the last
-        verification, in one batch) or for this row only.
+        At each block where `policy` evaluates a head, the head runs on this token and the token exits there
+        when `policy.exits` says so. Otherwise it reaches the final layer; the full model's argmax is then
+        computed for rows [verify_from, position] (all drafts since the last verification, in one batch) or
+        for this row only.
         """
         adapter, cache, stats = self.adapter, self.cache, self.stats
         self.ids[position] = token
         cache.hidden[:, position : position + 1] = adapter.embed(self.ids[position : position + 1])
         end = position + 1
-        by_layer = rule.by_layer if rule is not None else None
-        metric = rule.metric if rule is not None else None
-        prev_head_input = (
-            cache.hidden[:, position:end].clone() if metric is not None and metric.needs_hidden else None
-        )
+        exit_at = policy.evaluated_heads if policy is not None else {}
+        # A hidden-state metric (saturation) compares head k's input with head k-1's input.
+        keep_prev = policy is not None and policy.metric_fn.needs_hidden
+        prev_head_input: torch.Tensor | None = None
+        head_index = self.engine.head_index
         probe_row: list[int] = []
         lengths = cache.lengths
         for i in range(adapter.num_layers):
@@ -149,21 +141,16 @@ class DecodeSession:
             cache.hidden[:, start:end] = out
             lengths[i] = end
             stats.block_rows += end - start
-            if probe is not None and i in self.engine.head_index:
-                probe_row.append(self._head_token(self.engine.head_index[i], out[:, -1:]))
-            if by_layer is not None and i in by_layer:
-                head, threshold = by_layer[i]
+            if probe is not None and i in head_index:
+                probe_row.append(self._head_token(head_index[i], out[:, -1:]))
+            if i in exit_at:
+                head = exit_at[i]
                 hidden = out[:, -1:]
                 logits = self.engine.heads(head, hidden.to(self.engine.head_dtype))
                 stats.head_evals += 1
-                if threshold is None:
+                if policy.exits(head, logits, hidden, prev_head_input):
                     return StepResult(head, int(logits.argmax(-1).view(-1)[0]))
-                value = metric(logits, hidden, prev_head_input) if metric.needs_hidden else metric(logits)
-                if metric.is_confident(value.view(-1)[0].item(), threshold):
-                    return StepResult(head, int(logits.argmax(-1).view(-1)[0]))
-            if prev_head_input is not None and i in self.engine.head_index:
-                # `saturation` compares a head's input with the previous head's input (the embedding for
-                # the first head), whether or not that previous head is enabled.
+            if keep_prev and i in head_index:
                 prev_head_input = out[:, -1:]
         if probe is not None:
             probe.append(probe_row)

@@ -7,10 +7,8 @@ the engine's step does the compute and the counting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from pipeline.engine.engine import DecodeSession, Engine, ExitRule
-from pipeline.exits.confidence import get_metric
+from pipeline.engine.engine import DecodeSession, Engine
+from pipeline.exits.policy import ExitPolicy
 
 FILL_POLICIES = ("lazy", "copy", "recompute")
 
@@ -29,23 +27,22 @@ class Strategy:
         return {"strategy": self.name}
 
 
-def _threshold_rule(engine: Engine, thresholds: Sequence[float | None], metric: str) -> ExitRule:
-    by_layer = {
-        layer: (k, float(t))
-        for k, (layer, t) in enumerate(zip(engine.head_layers, thresholds, strict=True))
-        if t is not None
-    }
-    return ExitRule(by_layer, get_metric(metric))
-
-
-def _check_thresholds(engine: Engine, thresholds: Sequence[float | None]) -> None:
+def _check_policy(engine: Engine, policy: ExitPolicy) -> None:
     if engine.heads is None:
         raise ValueError("this strategy needs early-exit heads: Engine(model, heads)")
-    if len(thresholds) != len(engine.head_layers):
+    if list(policy.layers) != list(engine.head_layers):
         raise ValueError(
-            f"{len(thresholds)} thresholds for {len(engine.head_layers)} heads "
-            f"(one per head, None disables a head)"
+            f"the policy's {policy.n_heads} thresholds are for heads at blocks {list(policy.layers)}; "
+            f"the engine's heads are at blocks {engine.head_layers} (one threshold per head)"
         )
+
+
+def _as_policy(policy: ExitPolicy, strategy: str) -> ExitPolicy:
+    if not isinstance(policy, ExitPolicy):
+        raise TypeError(
+            f"{strategy} takes an ExitPolicy (e.g. ExitThresholds.for_eps(method, eps)), got {type(policy)}"
+        )
+    return policy
 
 
 class Greedy(Strategy):
@@ -73,33 +70,31 @@ class EarlyExit(Strategy):
 
     name = "early_exit"
 
-    def __init__(self, thresholds: Sequence[float | None], metric: str = "entropy", fill: str = "lazy"):
+    def __init__(self, policy: ExitPolicy, fill: str = "lazy"):
         if fill not in FILL_POLICIES:
             raise ValueError(f"unknown fill policy {fill!r}; choose one of {FILL_POLICIES}")
-        self.thresholds = list(thresholds)
-        self.metric = metric
+        self.policy = _as_policy(policy, "EarlyExit")
         self.fill = fill
 
     def validate(self, engine: Engine) -> None:
-        _check_thresholds(engine, self.thresholds)
+        _check_policy(engine, self.policy)
 
     def describe(self) -> dict:
         return {
             "strategy": self.name,
-            "metric": self.metric,
+            "metric": self.policy.metric,
             "fill": self.fill,
-            "thresholds": self.thresholds,
+            "thresholds": list(self.policy.thresholds),
         }
 
     def run(self, session: DecodeSession, first_token: int) -> None:
-        engine = session.engine
-        rule = _threshold_rule(engine, self.thresholds, self.metric)
+        engine, policy = session.engine, self.policy
         stats = session.stats
         position, token = session.prompt_len, first_token
         while True:
             if self.fill == "recompute":
                 session.reset_for_recompute(position)
-            result = session.step(position, token, rule)
+            result = session.step(position, token, policy)
             if result.head is None:
                 stats.full_passes += 1
                 kind = "full_tokens"
@@ -120,11 +115,11 @@ class _Speculative(Strategy):
 
     max_draft: int
 
-    def _rule(self, engine: Engine) -> ExitRule:
+    def _policy(self, engine: Engine) -> ExitPolicy:
         raise NotImplementedError
 
     def run(self, session: DecodeSession, first_token: int) -> None:
-        rule = self._rule(session.engine)
+        policy = self._policy(session.engine)
         stats, eos = session.stats, session.eos_token_id
         position, token = session.prompt_len, first_token
         while True:
@@ -135,7 +130,7 @@ class _Speculative(Strategy):
             cap = min(self.max_draft, session.remaining - 1)
             while True:
                 forced = len(drafts) >= cap or (drafts and drafts[-1] == eos)
-                result = session.step(position, token, None if forced else rule, verify_from=base)
+                result = session.step(position, token, None if forced else policy, verify_from=base)
                 if result.head is None:
                     break
                 drafts.append(result.token)
@@ -173,27 +168,26 @@ class DSSD(_Speculative):
 
     name = "dssd"
 
-    def __init__(self, thresholds: Sequence[float | None], metric: str = "entropy", max_draft: int = 16):
+    def __init__(self, policy: ExitPolicy, max_draft: int = 16):
         if max_draft < 0:
             raise ValueError("max_draft must be >= 0")
-        self.thresholds = list(thresholds)
-        self.metric = metric
+        self.policy = _as_policy(policy, "DSSD")
         self.max_draft = max_draft
         self.extra_capacity = max_draft
 
     def validate(self, engine: Engine) -> None:
-        _check_thresholds(engine, self.thresholds)
+        _check_policy(engine, self.policy)
 
     def describe(self) -> dict:
         return {
             "strategy": self.name,
-            "metric": self.metric,
+            "metric": self.policy.metric,
             "max_draft": self.max_draft,
-            "thresholds": self.thresholds,
+            "thresholds": list(self.policy.thresholds),
         }
 
-    def _rule(self, engine: Engine) -> ExitRule:
-        return _threshold_rule(engine, self.thresholds, self.metric)
+    def _policy(self, engine: Engine) -> ExitPolicy:
+        return self.policy
 
 
 class LayerSkip(_Speculative):
@@ -218,8 +212,8 @@ class LayerSkip(_Speculative):
     def describe(self) -> dict:
         return {"strategy": self.name, "head": self.head, "draft_length": self.max_draft}
 
-    def _rule(self, engine: Engine) -> ExitRule:
-        return ExitRule({engine.head_layers[self.head]: (self.head, None)})
+    def _policy(self, engine: Engine) -> ExitPolicy:
+        return ExitPolicy.fixed_head(engine.head_layers, self.head)
 
 
 STRATEGIES = {cls.name: cls for cls in (Greedy, EarlyExit, LayerSkip, DSSD)}

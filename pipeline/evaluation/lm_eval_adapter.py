@@ -2,7 +2,7 @@
 
 Loglikelihood requests (multiple choice, LAMBADA-style completion, rolling perplexity) are scored from one full
 forward per batch: for every position the logits come from the first enabled head whose confidence passes its
-threshold, else from the full model (`pipeline.evaluation.token_eval.cascade_logits`). Because the forward keeps every
+threshold, else from the full model (`ExitPolicy.cascade`, pipeline/exits/policy.py). Because the forward keeps every
 hidden state equal to the full model's, this is exactly what an incremental early-exit scorer with exact states
 (lazy KV fill) would produce.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,10 +30,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm.auto import tqdm
 
 from pipeline.engine.stats import CostModel
-from pipeline.evaluation.token_eval import FILL_POLICIES, ExitCounts, ExitPolicy, cascade_logits
-from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.engine.strategies import FILL_POLICIES
+from pipeline.evaluation.token_eval import ExitCounts, default_cost, exit_costs
 from pipeline.exits.heads import EarlyExitHeads
-from pipeline.models.backbone import num_layers_of, unembedding_of
+from pipeline.exits.policy import ExitPolicy, head_inputs_of
+from pipeline.models.backbone import num_layers_of
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ _NO_TASK = "_untagged"
 class EarlyExitLM(HFLM):
     """lm-eval model scoring with an early-exit policy over `heads` (see the module docstring).
 
-    Built from an already loaded model and tokenizer (no hub access). `thresholds` gives one value per head
-    (None = the head never exits); all None (the default) is the full model, bit-identical to `HFLM`.
+    Built from an already loaded model and tokenizer (no hub access). `policy` is an `ExitPolicy` for the
+    heads' layers; None (the default) disables every head: the full model, bit-identical to `HFLM`.
     Change the policy between evaluations with `set_policy` instead of building a new model.
     """
 
@@ -55,8 +55,7 @@ class EarlyExitLM(HFLM):
         model: torch.nn.Module,
         tokenizer: Any,
         heads: EarlyExitHeads,
-        thresholds: Sequence[float | None] | None = None,
-        metric: str | ConfidenceMetric = "entropy",
+        policy: ExitPolicy | None = None,
         cost: CostModel | None = None,
         generation: str = "early_exit",
         fill: str = "lazy",
@@ -68,20 +67,14 @@ class EarlyExitLM(HFLM):
             raise ValueError(f"generation={generation!r}; choose one of {GENERATION_STRATEGIES}")
         if fill not in FILL_POLICIES:
             raise ValueError(f"fill={fill!r}; choose one of {FILL_POLICIES}")
-        unembed = unembedding_of(model)
         self.heads = heads.to(self.device).eval()
         self.generation = generation
         self.fill = fill
         self.max_draft = max_draft
         self._decoder = None  # the decoding engine, built on first generation request
-        self.policy = ExitPolicy(
-            heads=self.heads,
-            thresholds=[None] * len(heads),
-            metric=get_metric("entropy"),
-            num_layers=num_layers_of(model),
-            cost=cost or CostModel.default(unembed.in_features, unembed.out_features),
-        )
-        self.set_policy(thresholds, metric)
+        self.num_layers = num_layers_of(model)
+        self.cost = cost or default_cost(model)
+        self.set_policy(policy)
         self.exit_stats: dict[str, ExitCounts] = {}
         self._task = _NO_TASK
         # Exit heads of the rows of the batch `_model_call` scored last, consumed row by row (in batch order)
@@ -91,16 +84,17 @@ class EarlyExitLM(HFLM):
 
     # -- policy and statistics --------------------------------------------------------------------------------
 
-    def set_policy(
-        self, thresholds: Sequence[float | None] | None, metric: str | ConfidenceMetric | None = None
-    ) -> None:
-        """Switch to another threshold vector (and metric); statistics are reset."""
-        if metric is not None:
-            self.policy.metric = get_metric(metric) if isinstance(metric, str) else metric
-        values = [None] * len(self.heads) if thresholds is None else list(thresholds)
-        if len(values) != len(self.heads):
-            raise ValueError(f"{len(values)} thresholds for {len(self.heads)} heads")
-        self.policy.thresholds = [None if t is None else float(t) for t in values]
+    def set_policy(self, policy: ExitPolicy | None) -> None:
+        """Switch to another exit policy (None: every head disabled); statistics are reset."""
+        layers = list(self.heads.layers)
+        policy = ExitPolicy.disabled(layers) if policy is None else policy
+        if list(policy.layers) != layers:
+            raise ValueError(
+                f"the policy's {policy.n_heads} thresholds are for heads at blocks {list(policy.layers)}; "
+                f"the heads are at blocks {layers}"
+            )
+        self.policy = policy
+        self._exit_costs = exit_costs(policy, self.num_layers, self.cost)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -108,7 +102,7 @@ class EarlyExitLM(HFLM):
 
     def _counts(self) -> ExitCounts:
         if self._task not in self.exit_stats:
-            self.exit_stats[self._task] = ExitCounts(len(self.heads), self.policy.full_cost)
+            self.exit_stats[self._task] = ExitCounts(len(self.heads), self.num_layers + self.cost.head)
         return self.exit_stats[self._task]
 
     # -- per-task bookkeeping: lm-eval batches all tasks' requests together; split them by task ------------------
@@ -155,7 +149,8 @@ class EarlyExitLM(HFLM):
             ),
         ):
             out = self.model(inps, output_hidden_states=True)
-            logits, exits = cascade_logits(out.hidden_states, out.logits, self.policy)
+            head_inputs = head_inputs_of(out.hidden_states, self.policy.layers)
+            logits, exits = self.policy.cascade(self.heads, head_inputs, out.logits)
         self._batch_exits, self._batch_row = exits.cpu(), 0
         return logits
 
@@ -165,7 +160,7 @@ class EarlyExitLM(HFLM):
         # Called once per row of the last `_model_call` batch, in order, with the scored span of that row.
         if self._batch_exits is not None and contlen and inplen:
             row = self._batch_exits[self._batch_row]
-            self._counts().add(row[inplen - contlen : inplen], self.policy)
+            self._counts().add(row[inplen - contlen : inplen], self._exit_costs)
             self._batch_row += 1
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
@@ -175,16 +170,15 @@ class EarlyExitLM(HFLM):
         if self._decoder is None:
             from pipeline.engine import Engine
 
-            self._decoder = Engine(self.model, self.heads, cost=self.policy.cost)
+            self._decoder = Engine(self.model, self.heads, cost=self.cost)
         return self._decoder
 
     def _strategy(self):
         from pipeline.engine import DSSD, EarlyExit
 
-        thresholds, metric = self.policy.thresholds, self.policy.metric.name
         if self.generation == "dssd":
-            return DSSD(thresholds, metric=metric, max_draft=self.max_draft)
-        return EarlyExit(thresholds, metric=metric, fill=self.fill)
+            return DSSD(self.policy, max_draft=self.max_draft)
+        return EarlyExit(self.policy, fill=self.fill)
 
     def _generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Greedy generation with the engine, one request at a time (the engine decodes batch size 1).

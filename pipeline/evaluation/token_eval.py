@@ -38,121 +38,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.engine.stats import CostModel
-from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.engine.strategies import FILL_POLICIES
 from pipeline.exits.heads import EarlyExitHeads
-
-FULL = -1  # exit index of a position the full model decides
-FILL_POLICIES = ("lazy", "copy", "recompute")
-
-
-# --- the policy -----------------------------------------------------------------------------------------------
+from pipeline.exits.policy import FULL, ExitPolicy, head_inputs_of
+from pipeline.models.backbone import num_layers_of, unembedding_of
 
 
-@dataclass
-class ExitPolicy:
-    """Heads + one threshold per head (None = that head never exits) + the confidence metric."""
+def default_cost(model: nn.Module) -> CostModel:
+    unembed = unembedding_of(model)
+    return CostModel.default(unembed.in_features, unembed.out_features)
 
-    heads: EarlyExitHeads
-    thresholds: list[float | None]
-    metric: ConfidenceMetric
-    num_layers: int
-    cost: CostModel
 
-    def __post_init__(self) -> None:
-        if len(self.thresholds) != len(self.heads):
-            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.heads)} heads")
-        if isinstance(self.metric, str):
-            self.metric = get_metric(self.metric)
+# --- compute per exit outcome -----------------------------------------------------------------------------------
 
-    @classmethod
-    def disabled(
-        cls, heads: EarlyExitHeads, num_layers: int, cost: CostModel, metric: str = "entropy"
-    ) -> ExitPolicy:
-        """The full model: every head disabled."""
-        return cls(heads, [None] * len(heads), get_metric(metric), num_layers, cost)
 
-    @property
-    def enabled(self) -> list[int]:
-        return [k for k, t in enumerate(self.thresholds) if t is not None]
+def exit_costs(policy: ExitPolicy, num_layers: int, cost: CostModel) -> torch.Tensor:
+    """Cost per exit outcome, indexed by exit head k (0..n-1) with the full model at index n.
 
-    @property
-    def full_cost(self) -> float:
-        """Layer-equivalents of one token through the full model: L blocks + the unembedding."""
-        return self.num_layers + self.cost.head
+    Exiting at head k runs blocks 0..layers[k] and evaluates every enabled head up to k; a token no head
+    takes runs all blocks, every enabled head and the unembedding. No KV fill is counted here.
+    """
+    enabled = set(policy.enabled)
+    costs = []
+    for k, layer in enumerate(policy.layers):
+        evaluated = sum(1 for j in enabled if j <= k)
+        costs.append(layer + 1 + cost.head * evaluated)
+    costs.append(num_layers + cost.head * (len(enabled) + 1))
+    return torch.tensor(costs, dtype=torch.float64)
 
-    def exit_costs(self) -> torch.Tensor:
-        """Cost per exit outcome, indexed by exit head k (0..n-1) with the full model at index n.
 
-        Exiting at head k runs blocks 0..layers[k] and evaluates every enabled head up to k; a token no head
-        takes runs all blocks, every enabled head and the unembedding. No KV fill is counted here.
-        """
-        enabled = set(self.enabled)
-        costs = []
-        for k, layer in enumerate(self.heads.layers):
-            evaluated = sum(1 for j in enabled if j <= k)
-            costs.append(layer + 1 + self.cost.head * evaluated)
-        costs.append(self.num_layers + self.cost.head * (len(enabled) + 1))
-        return torch.tensor(costs, dtype=torch.float64)
-
-    def depths(self) -> torch.Tensor:
-        """Blocks run per exit outcome (same indexing as `exit_costs`)."""
-        return torch.tensor([layer + 1 for layer in self.heads.layers] + [self.num_layers], dtype=torch.long)
-
-    def head_values(
-        self, k: int, logits: torch.Tensor, hidden: torch.Tensor, prev_hidden: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Metric values of head k. A hidden-state metric has no previous head at head 0: NaN (never exits),
-        as in the calibration (pipeline/exits/token_metrics.py)."""
-        if self.metric.needs_hidden:
-            if prev_hidden is None:
-                return torch.full(logits.shape[:-1], float("nan"), device=logits.device)
-            return self.metric(logits, hidden, prev_hidden)
-        return self.metric(logits)
-
-    def confident(self, k: int, values: torch.Tensor) -> torch.Tensor:
-        threshold = self.thresholds[k]
-        if threshold is None:
-            return torch.zeros_like(values, dtype=torch.bool)
-        # NaN compares False on either side, so an undefined metric never exits.
-        return self.metric.is_confident(values, float(threshold))
+def depths(policy: ExitPolicy, num_layers: int) -> torch.Tensor:
+    """Blocks run per exit outcome (same indexing as `exit_costs`)."""
+    return torch.tensor([layer + 1 for layer in policy.layers] + [num_layers], dtype=torch.long)
 
 
 def exit_index(exit_head: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Map exit heads (FULL = -1) to indices into `exit_costs()` / `depths()` (full model = n_heads)."""
     return torch.where(exit_head == FULL, torch.full_like(exit_head, n_heads), exit_head)
-
-
-@torch.no_grad()
-def cascade_logits(
-    hidden_states: Sequence[torch.Tensor], final_logits: torch.Tensor, policy: ExitPolicy
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Early-exit logits for every position of a batch, and the head each position exited at (FULL = -1).
-
-    `hidden_states` is a Hugging Face `output_hidden_states` tuple (entry l + 1 = residual after block l).
-    With no enabled head, `final_logits` is returned as is (same tensor), so scoring is bit-identical to the
-    full model. Heads are evaluated only on positions no shallower head has taken.
-    """
-    exit_head = torch.full(final_logits.shape[:-1], FULL, dtype=torch.long, device=final_logits.device)
-    enabled = policy.enabled
-    if not enabled:
-        return final_logits, exit_head
-    out = final_logits.clone()
-    pending = torch.ones_like(exit_head, dtype=torch.bool)
-    head_dtype = next(policy.heads.parameters()).dtype
-    layers = policy.heads.layers
-    for k in enabled:
-        where = pending.nonzero(as_tuple=True)
-        if not where[0].numel():
-            break
-        hidden = hidden_states[layers[k] + 1][where].to(head_dtype)
-        prev = hidden_states[layers[k - 1] + 1][where].to(head_dtype) if k > 0 else None
-        logits = policy.heads(k, hidden)
-        take = policy.confident(k, policy.head_values(k, logits, hidden, prev))
-        chosen = tuple(index[take] for index in where)
-        out[chosen] = logits[take].to(out.dtype)
-        exit_head[chosen] = k
-        pending[chosen] = False
-    return out, exit_head
 
 
 # --- exit statistics ------------------------------------------------------------------------------------------
@@ -172,13 +94,14 @@ class ExitCounts:
         if not self.per_head:
             self.per_head = [0] * self.n_heads
 
-    def add(self, exit_head: torch.Tensor, policy: ExitPolicy) -> None:
+    def add(self, exit_head: torch.Tensor, costs: torch.Tensor) -> None:
+        """Add scored positions with their exit heads; `costs` is `exit_costs(...)` of the policy."""
         flat = exit_head.reshape(-1).cpu()
         self.positions += flat.numel()
         counts = torch.bincount(exit_index(flat, self.n_heads), minlength=self.n_heads + 1)
         for k in range(self.n_heads):
             self.per_head[k] += int(counts[k])
-        self.layer_equivalents += float((counts.double() * policy.exit_costs()).sum())
+        self.layer_equivalents += float((counts.double() * costs).sum())
 
     def add_generation(self, stats) -> None:
         """Add one engine generation (`pipeline.engine.GenerationStats`): its tokens, exits and compute."""
@@ -282,7 +205,9 @@ class _Totals:
 def evaluate_tokens(
     model: nn.Module,
     blocks: torch.Tensor,
+    heads: EarlyExitHeads,
     policy: ExitPolicy,
+    cost: CostModel | None = None,
     fills: Sequence[str] = FILL_POLICIES,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
@@ -296,8 +221,11 @@ def evaluate_tokens(
     if unknown:
         raise ValueError(f"unknown KV fill policies {unknown}; choose from {FILL_POLICIES}")
     device = torch.device(device)
-    n_heads = len(policy.heads)
-    costs, depths = policy.exit_costs().numpy(), policy.depths().numpy()
+    num_layers = num_layers_of(model)
+    cost = cost or default_cost(model)
+    full_cost = num_layers + cost.head
+    n_heads = policy.n_heads
+    costs, depth = exit_costs(policy, num_layers, cost).numpy(), depths(policy, num_layers).numpy()
     exact = [f for f in fills if f != "copy"]
     totals = {f: _Totals(n_heads) for f in fills}
     full_argmax_all = []
@@ -307,7 +235,9 @@ def evaluate_tokens(
         full_argmax_all.append(out.logits[:, :-1].argmax(-1).cpu())
         if not exact:
             continue
-        logits, exit_head = cascade_logits(out.hidden_states, out.logits, policy)
+        logits, exit_head = policy.cascade(
+            heads, head_inputs_of(out.hidden_states, policy.layers), out.logits
+        )
         index = exit_index(exit_head, n_heads).cpu().numpy()
         for row in range(len(batch)):
             for fill in exact:
@@ -315,18 +245,20 @@ def evaluate_tokens(
                 t.score(logits[row, :-1], out.logits[row, :-1].argmax(-1), batch[row, 1:])
                 t.positions += index.shape[1]
                 t.exits += np.bincount(index[row], minlength=n_heads + 1)[:n_heads]
-                block_rows, kv_rows = fill_costs(depths[index[row]], policy.num_layers, fill)
-                heads_cost = float(costs[index[row]].sum() - depths[index[row]].sum())
-                t.cost += block_rows + heads_cost + policy.cost.kv_only * kv_rows
+                block_rows, kv_rows = fill_costs(depth[index[row]], num_layers, fill)
+                heads_cost = float(costs[index[row]].sum() - depth[index[row]].sum())
+                t.cost += block_rows + heads_cost + cost.kv_only * kv_rows
     if "copy" in fills:
-        _evaluate_copy(model, blocks, policy, torch.cat(full_argmax_all), totals["copy"], device)
-    return {fill: totals[fill].result(fill, policy.full_cost) for fill in fills}
+        _evaluate_copy(model, blocks, heads, policy, cost, torch.cat(full_argmax_all), totals["copy"], device)
+    return {fill: totals[fill].result(fill, full_cost) for fill in fills}
 
 
 def _evaluate_copy(
     model: nn.Module,
     blocks: torch.Tensor,
+    heads: EarlyExitHeads,
     policy: ExitPolicy,
+    cost: CostModel,
     full_argmax: torch.Tensor,
     totals: _Totals,
     device: torch.device,
@@ -347,8 +279,8 @@ def _evaluate_copy(
         device,
     )
     adapter.rope_table(seq_len)
-    head_at = {layer: k for k, layer in enumerate(policy.heads.layers)}
-    head_dtype = next(policy.heads.parameters()).dtype
+    head_at = {layer: k for k, layer in enumerate(policy.layers)}
+    head_dtype = next(heads.parameters()).dtype
     n_layers = adapter.num_layers
     for row, tokens in enumerate(blocks.to(device)):
         row_logits = []
@@ -364,20 +296,20 @@ def _evaluate_copy(
                     continue
                 head_input = hidden[0].to(head_dtype)
                 if policy.thresholds[k] is not None:
-                    head_logits = policy.heads(k, head_input)
-                    totals.cost += policy.cost.head
+                    head_logits = heads(k, head_input)
+                    totals.cost += cost.head
                     values = policy.head_values(k, head_logits, head_input, prev_head_input)
                     if bool(policy.confident(k, values)[0]):
                         logits, exited = head_logits[0], k
                         # The exit state stands in for the skipped blocks' inputs (CALM).
                         for j in range(i + 1, n_layers):
                             adapter.kv_only(j, hidden, cache, start=p)
-                        totals.cost += policy.cost.kv_only * (n_layers - 1 - i)
+                        totals.cost += cost.kv_only * (n_layers - 1 - i)
                         break
                 prev_head_input = head_input
             if exited == FULL:
                 logits = adapter.logits(hidden)[0, 0]
-                totals.cost += policy.cost.head
+                totals.cost += cost.head
             else:
                 totals.exits[exited] += 1
             totals.positions += 1

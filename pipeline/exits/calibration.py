@@ -69,6 +69,7 @@ from scipy.special import xlogy
 from scipy.stats import binom
 
 from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.policy import FULL, ExitPolicy
 from pipeline.exits.separation import finite_pairs
 from pipeline.orchestration.validation import check_eps as check_eps_config
 
@@ -394,7 +395,11 @@ class ExitThresholds:
     def metric_fn(self) -> ConfidenceMetric:
         return get_metric(self.metric)
 
-    def for_eps(self, method: str, eps: float | str) -> list[float | None]:
+    def for_eps(self, method: str, eps: float | str) -> ExitPolicy:
+        """The exit policy of one (method, ε): these heads, their thresholds at ε, this metric."""
+        return ExitPolicy(tuple(self.layers), tuple(self._row(method, eps)), self.metric)
+
+    def _row(self, method: str, eps: float | str) -> list[float | None]:
         if method not in self.thresholds:
             raise KeyError(f"no thresholds for method {method!r}; available: {self.methods}")
         key = eps_key(eps)
@@ -481,28 +486,19 @@ class PolicyOutcome(NamedTuple):
         return 1.0 - (1.0 - self.accuracy) * self.total_coverage
 
 
-def apply_exit_policy(
-    metric_values: np.ndarray,
-    correct: np.ndarray,
-    thresholds: Sequence[float | None],
-    lower_is_confident: bool,
-) -> PolicyOutcome:
-    """Run the cascade exit policy on precomputed per-head metric values [n, n_heads] and correctness."""
+def apply_exit_policy(metric_values: np.ndarray, correct: np.ndarray, policy: ExitPolicy) -> PolicyOutcome:
+    """Run the cascade exit policy (`policy.decide`) on precomputed per-head metric values [n, n_heads] and
+    correctness [n, n_heads]."""
     values = np.asarray(metric_values, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
-    if values.ndim != 2 or values.shape != correct.shape or values.shape[1] != len(thresholds):
+    if values.ndim != 2 or values.shape != correct.shape or values.shape[1] != policy.n_heads:
         raise ValueError(
-            f"need values and correct of shape [n, {len(thresholds)}]; got {values.shape}, {correct.shape}"
+            f"need values and correct of shape [n, {policy.n_heads}]; got {values.shape}, {correct.shape}"
         )
-    # None -> a threshold no value can meet; NaN values compare False either way.
-    thr = np.array([np.nan if t is None else t for t in thresholds], dtype=np.float64)
-    confident = values <= thr if lower_is_confident else values >= thr
-    exits = confident.any(axis=1)
-    first = confident.argmax(axis=1)
-    exit_head = np.where(exits, first, -1)
-    n = len(values)
-    accuracy = float(correct[np.flatnonzero(exits), first[exits]].mean()) if exits.any() else float("nan")
-    coverage = np.bincount(first[exits], minlength=len(thresholds)) / max(n, 1)
+    exit_head = policy.decide(values)
+    exited = np.flatnonzero(exit_head != FULL)
+    accuracy = float(correct[exited, exit_head[exited]].mean()) if exited.size else float("nan")
+    coverage = np.bincount(exit_head[exited], minlength=policy.n_heads) / max(len(values), 1)
     return PolicyOutcome(exit_head, accuracy, coverage)
 
 
@@ -511,9 +507,7 @@ def evaluate_thresholds(values: np.ndarray, correct: np.ndarray, thresholds: Exi
     rows = []
     for method in thresholds.methods:
         for e in thresholds.eps:
-            out = apply_exit_policy(
-                values, correct, thresholds.for_eps(method, e), thresholds.lower_is_confident
-            )
+            out = apply_exit_policy(values, correct, thresholds.for_eps(method, e))
             row = {
                 "method": method,
                 "eps": e,

@@ -85,8 +85,8 @@ def run(ctx: StageContext) -> StageOutput:
     for method in thresholds.methods:
         for eps in thresholds.eps:
             thr = thresholds.for_eps(method, eps)
-            out = apply_exit_policy(test_values, test_correct, thr, thresholds.lower_is_confident)
-            for head, (t, frac) in enumerate(zip(thr, out.coverage, strict=True)):
+            out = apply_exit_policy(test_values, test_correct, thr)
+            for head, (t, frac) in enumerate(zip(thr.thresholds, out.coverage, strict=True)):
                 rows.append(
                     row(
                         "threshold",

@@ -463,7 +463,7 @@ def run(ctx: StageContext) -> StageOutput:
     generate, greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
     early = (
         [
-            Setting("early_exit", eps=e, strategy=EarlyExit(by_eps[e], metric=metric, fill=fill))
+            Setting("early_exit", eps=e, strategy=EarlyExit(by_eps[e], fill=fill))
             for e in eps_list
         ]
         if use_ee
@@ -473,7 +473,7 @@ def run(ctx: StageContext) -> StageOutput:
         "layerskip", head=best.head, draft_len=best.draft_len, strategy=LayerSkip(best.head, best.draft_len)
     )
     dssd = [
-        Setting("dssd", eps=e, strategy=DSSD(by_eps[e], metric=metric, max_draft=max_draft)) for e in eps_list
+        Setting("dssd", eps=e, strategy=DSSD(by_eps[e], max_draft=max_draft)) for e in eps_list
     ]
     bounds = []
     for i, prompt in enumerate(test):

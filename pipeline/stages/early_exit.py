@@ -163,9 +163,10 @@ def run(ctx: StageContext) -> StageOutput:
 
     from pipeline.data.tokens import make_text_source, token_blocks
     from pipeline.evaluation.lm_eval_adapter import EarlyExitLM
-    from pipeline.evaluation.token_eval import ExitPolicy, evaluate_tokens
+    from pipeline.evaluation.token_eval import evaluate_tokens
     from pipeline.exits.calibration import ExitThresholds
     from pipeline.exits.heads import EarlyExitHeads
+    from pipeline.exits.policy import ExitPolicy
     from pipeline.models.backbone import load_from_stage_output
 
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
@@ -179,7 +180,6 @@ def run(ctx: StageContext) -> StageOutput:
         model,
         tokenizer,
         heads,
-        metric=thresholds.metric,
         batch_size=int(ev.batch_size),
         generation=str(ev.generation),
         fill=str(ev.fill),
@@ -231,22 +231,22 @@ def run(ctx: StageContext) -> StageOutput:
         )
         fills = [str(f) for f in ev.token_eval.fills]
         batch = int(ev.token_eval.batch_size)
-        full = ExitPolicy.disabled(heads, lm.policy.num_layers, lm.policy.cost, thresholds.metric)
-        base = evaluate_tokens(model, blocks, full, fills=["lazy"], batch_size=batch, device=ctx.device)[
-            "lazy"
-        ]
+        full = ExitPolicy.disabled(heads.layers, thresholds.metric)
+        base = evaluate_tokens(
+            model, blocks, heads, full, lm.cost, fills=["lazy"], batch_size=batch, device=ctx.device
+        )["lazy"]
         rows += [
             row("ppl", base.ppl, method="full"),
             row("agreement", 1.0, method="full"),
             row("layer_equiv_per_token", base.layer_equivalents_per_token, method="full"),
         ]
         for method, eps in settings[1:]:
-            policy = ExitPolicy(
-                heads, thresholds.for_eps(method, eps), thresholds.metric, full.num_layers, full.cost
-            )
+            policy = thresholds.for_eps(method, eps)
             log.info("token-level %s ε=%s: %d tokens, fills %s", method, eps, blocks.numel(), fills)
             rows += _token_rows(
-                evaluate_tokens(model, blocks, policy, fills=fills, batch_size=batch, device=ctx.device),
+                evaluate_tokens(
+                    model, blocks, heads, policy, lm.cost, fills=fills, batch_size=batch, device=ctx.device
+                ),
                 method,
                 eps,
             )

@@ -1,0 +1,206 @@
+"""The exit policy: at which head a token leaves the stack (docs/design.md §7).
+
+`ExitPolicy` is the one place the exit decision is written. It owns
+- the head layers (block index of each head, in depth order),
+- one threshold per head: a float (exit when the head's confidence metric is on the confident side of it,
+  inclusive), `None` (the head is disabled: never evaluated, never exits) or `ALWAYS` (the head exits every
+  token it sees without a confidence test: LayerSkip's fixed exit),
+- the confidence metric, by name (`metric`), with the metric object at `metric_fn`.
+
+A token exits at the *first* head, in depth order, that decides to exit; otherwise the full model decides.
+
+Two faces of the same decision:
+- vectorised: `decide(values)` over stored per-head metric values [n, n_heads] (calibration, metrics) and
+  `cascade(heads, head_inputs, final_logits)` over hidden states of one full forward (token-level
+  evaluation, the lm-eval adapter);
+- per token: `exits(k, logits, hidden, prev_hidden)`, which the engine's step calls at head k's block.
+Both go through `head_values` and `confident`, so they agree token for token on the same hidden states.
+
+Saturation at head 0. The `saturation` metric compares a head's input with the previous head's input; head 0
+has no previous head (the stored shards do not hold the embedding output), so its value there is NaN and
+head 0 never exits on saturation — in calibration, in the token-level evaluation and in the engine alike.
+NaN compares False on either side of a threshold, so an undefined value never exits.
+
+Room for a gate. A later cheap signal deciding whether a head is evaluated at all plugs in where
+`evaluated_heads` is read (the engine) and where `cascade` picks the pending positions of a head; the
+decision after evaluation stays `exits` / `decide`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.exits.confidence import ConfidenceMetric, get_metric
+
+ALWAYS = "always"  # threshold of a head that exits every token it sees, without a confidence test
+FULL = -1  # exit head of a token the full model decides
+
+Threshold = float | str | None
+
+
+def _check_threshold(k: int, t: Threshold) -> Threshold:
+    if t is None or t == ALWAYS:
+        return t
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
+        raise ValueError(f"threshold of head {k} is {t!r}: expected a number, None or {ALWAYS!r}")
+    return float(t)
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Head layers, one threshold per head and the confidence metric (see the module docstring)."""
+
+    layers: tuple[int, ...]
+    thresholds: tuple[Threshold, ...]
+    metric: str = "entropy"
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.layers)
+        if len(self.thresholds) != len(layers):
+            raise ValueError(
+                f"{len(self.thresholds)} thresholds for {len(layers)} heads "
+                f"(one per head, None disables a head)"
+            )
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"head layers must be strictly increasing, got {list(layers)}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(
+            self, "thresholds", tuple(_check_threshold(k, t) for k, t in enumerate(self.thresholds))
+        )
+        get_metric(self.metric)  # an unknown name fails here, not at the first token
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def disabled(cls, layers: Sequence[int], metric: str = "entropy") -> ExitPolicy:
+        """The full model: every head disabled."""
+        return cls(tuple(layers), (None,) * len(layers), metric)
+
+    @classmethod
+    def fixed_head(cls, layers: Sequence[int], head: int) -> ExitPolicy:
+        """Every token exits at `head` without a confidence test (LayerSkip's drafter)."""
+        if not 0 <= head < len(layers):
+            raise ValueError(f"head index {head} out of range: {len(layers)} heads")
+        return cls(tuple(layers), tuple(ALWAYS if k == head else None for k in range(len(layers))))
+
+    def with_thresholds(self, thresholds: Sequence[Threshold]) -> ExitPolicy:
+        """The same heads and metric with other thresholds."""
+        return replace(self, thresholds=tuple(thresholds))
+
+    # -- what the policy is ---------------------------------------------------------------------------------------
+
+    @property
+    def metric_fn(self) -> ConfidenceMetric:
+        return get_metric(self.metric)
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.layers)
+
+    @property
+    def enabled(self) -> list[int]:
+        """Heads that may exit (threshold not None), in depth order."""
+        return [k for k, t in enumerate(self.thresholds) if t is not None]
+
+    @cached_property
+    def evaluated_heads(self) -> dict[int, int]:
+        """Block index -> head index of every head a token evaluates when it reaches that block."""
+        return {self.layers[k]: k for k in self.enabled}
+
+    def describe(self) -> dict:
+        return {"metric": self.metric, "layers": list(self.layers), "thresholds": list(self.thresholds)}
+
+    # -- the decision -------------------------------------------------------------------------------------------
+
+    def head_values(
+        self,
+        k: int,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        prev_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Metric values of head k for tokens [..., vocab] of `logits`. `hidden` is head k's input and
+        `prev_hidden` head k-1's input (both only read by hidden-state metrics); NaN at head 0 for those."""
+        metric = self.metric_fn
+        if not metric.needs_hidden:
+            return metric(logits)
+        if k == 0:
+            return torch.full(logits.shape[:-1], math.nan, device=logits.device)
+        return metric(logits, hidden, prev_hidden)
+
+    def confident(self, k: int, values):
+        """Vectorised exit test of head k on metric values (torch or numpy): a boolean array of their shape."""
+        threshold = self.thresholds[k]
+        if threshold is None or threshold == ALWAYS:
+            fill = threshold == ALWAYS
+            if isinstance(values, torch.Tensor):
+                return torch.full_like(values, fill, dtype=torch.bool)
+            return np.full(np.shape(values), fill, dtype=bool)
+        # NaN compares False on either side, so an undefined metric value never exits.
+        return self.metric_fn.is_confident(values, threshold)
+
+    def exits(
+        self,
+        k: int,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        prev_hidden: torch.Tensor | None = None,
+    ) -> bool:
+        """Per-token form (the engine's step): does the one token of `logits` [..., 1, vocab] exit at head k?"""
+        threshold = self.thresholds[k]
+        if threshold is None or threshold == ALWAYS:
+            return threshold == ALWAYS
+        value = self.head_values(k, logits, hidden, prev_hidden).reshape(-1)[0].item()
+        return bool(self.metric_fn.is_confident(value, threshold))
+
+    def decide(self, values: np.ndarray) -> np.ndarray:
+        """Vectorised over stored metric values [n, n_heads]: the exit head of every token (FULL = -1)."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != self.n_heads:
+            raise ValueError(f"need metric values of shape [n, {self.n_heads}], got {values.shape}")
+        confident = np.stack([self.confident(k, values[:, k]) for k in range(self.n_heads)], axis=1)
+        return np.where(confident.any(axis=1), confident.argmax(axis=1), FULL)
+
+    @torch.no_grad()
+    def cascade(
+        self, heads: nn.Module, head_inputs: Sequence[torch.Tensor], final_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised over hidden states: the policy's logits for every position, and its exit head (FULL = -1).
+
+        `head_inputs[k]` holds head k's input for every position ([..., d], the residual after block
+        `layers[k]`); `heads(k, hidden)` gives head k's logits. With no enabled head `final_logits` is
+        returned as is (same tensor), so scoring is bit-identical to the full model. A head is evaluated only
+        on positions no shallower head has taken.
+        """
+        exit_head = torch.full(final_logits.shape[:-1], FULL, dtype=torch.long, device=final_logits.device)
+        if not self.enabled:
+            return final_logits, exit_head
+        out = final_logits.clone()
+        pending = torch.ones_like(exit_head, dtype=torch.bool)
+        head_dtype = next(heads.parameters()).dtype
+        for k in self.enabled:
+            where = pending.nonzero(as_tuple=True)
+            if not where[0].numel():
+                break
+            hidden = head_inputs[k][where].to(head_dtype)
+            prev = head_inputs[k - 1][where].to(head_dtype) if k > 0 else None
+            logits = heads(k, hidden)
+            take = self.confident(k, self.head_values(k, logits, hidden, prev))
+            chosen = tuple(index[take] for index in where)
+            out[chosen] = logits[take].to(out.dtype)
+            exit_head[chosen] = k
+            pending[chosen] = False
+        return out, exit_head
+
+
+def head_inputs_of(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:
+    """Each head's input from a Hugging Face `output_hidden_states` tuple (entry l + 1 = residual after l)."""
+    return [hidden_states[layer + 1] for layer in layers]
