@@ -5,7 +5,10 @@ Layout of one split, e.g. `<extract dir>/train/`:
                      block `layers[h]`; the last slot is the final post-norm hidden state (teacher logits are
                      `lm_head(final)`, recomputed when needed, never stored).
   tokens_00000.npy   int32 [n_tokens]: the input token at each position.
-  index.json         shard list with token counts and sha256 checksums.
+  index.json         shard list with token counts, and each file's size and sha256.
+
+Each shard is hashed once, as its bytes are written (`pipeline/data/checksums.py`); the stage store's
+completion record reuses those digests instead of reading the shards back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.exits.heads import file_sha256
+from pipeline.data.checksums import file_sha256, save_npy
 
 INDEX_FILE = "index.json"
 STORE_DTYPE = np.float16
@@ -62,17 +65,15 @@ class ShardWriter:
         tokens = np.concatenate(self._tokens)
         k = len(self.shards)
         hidden_file, tokens_file = f"hidden_{k:05d}.npy", f"tokens_{k:05d}.npy"
-        np.save(self.directory / hidden_file, hidden[:n])
-        np.save(self.directory / tokens_file, tokens[:n])
+        hidden_sha, hidden_bytes = save_npy(self.directory / hidden_file, hidden[:n])
+        tokens_sha, tokens_bytes = save_npy(self.directory / tokens_file, tokens[:n])
         self.shards.append(
             {
                 "hidden": hidden_file,
                 "tokens": tokens_file,
                 "n_tokens": int(n),
-                "sha256": {
-                    hidden_file: file_sha256(self.directory / hidden_file),
-                    tokens_file: file_sha256(self.directory / tokens_file),
-                },
+                "sha256": {hidden_file: hidden_sha, tokens_file: tokens_sha},
+                "bytes": {hidden_file: hidden_bytes, tokens_file: tokens_bytes},
             }
         )
         self._hidden, self._tokens = [hidden[n:]], [tokens[n:]]
@@ -129,14 +130,22 @@ class ShardReader:
         return int(self.offsets[-1])
 
     def verify_checksums(self) -> None:
+        """Re-read every shard and compare it with the size and sha256 recorded when it was written."""
         for shard in self.index["shards"]:
             for name, expected in shard["sha256"].items():
                 path = self.directory / name
-                if not path.is_file() or file_sha256(path) != expected:
-                    raise ShardCorruptError(
-                        f"shard {path} is missing or does not match its checksum (truncated or altered); "
-                        "recompute the extraction with force=true (or force=[extract])"
-                    )
+                size = shard.get("bytes", {}).get(name)  # indexes written before sizes were recorded lack it
+                if not path.is_file():
+                    problem = "is missing"
+                elif size is not None and path.stat().st_size != size:
+                    problem = f"has {path.stat().st_size} bytes, expected {size} (truncated?)"
+                elif file_sha256(path) != expected:
+                    problem = "does not match its checksum (altered or corrupt)"
+                else:
+                    continue
+                raise ShardCorruptError(
+                    f"shard {path} {problem}; recompute the extraction with force=true (or force=[extract])"
+                )
 
     def get(self, token_indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows at global token indices: (head hidden [n, n_heads, d], final hidden [n, d], tokens [n]),

@@ -7,7 +7,18 @@
 A finished output is published by renaming the partial directory into place *after* its completion record
 is written, so a crash at any moment leaves either nothing or a `.partial` directory — never something that
 looks finished. The completion record holds the config, upstream keys, versions, git revision, timings,
-metrics and a sha256 of every file, which `verify` checks before a stage's output is used.
+metrics and the size, mtime and sha256 of every file, which `verify` checks before a stage's output is used.
+
+Checksums cost a full read of every file, and an extraction holds ~92 GB of shards at Pythia scale (1.5–3 min
+per pass). So each file is hashed once: shards as their bytes are written (pipeline/data/checksums.py), every
+other file when the output is published. On reuse, `verify` then checks
+  - every file: present, and exactly the recorded size (catches truncation and partial copies);
+  - files under LARGE_FILE_BYTES (heads, thresholds, tables, indexes: small): the full sha256;
+  - large files (shards): the full sha256 only when the modification time differs from the record (a rewrite,
+    a copy without preserved times) — otherwise size and mtime are trusted.
+The trade-off: a same-size, in-place change of a large file that also restores its mtime passes the reuse
+check. An explicit `verify(..., full=True)`, or `python -m pipeline.orchestration.store <cache dir>`,
+re-hashes everything.
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pipeline.exits.heads import file_sha256
+from pipeline.data.checksums import file_sha256, recorded_sha256
 
 log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS.json"
+# Files at least this large are re-hashed on reuse only when their size or mtime changed (see above).
+LARGE_FILE_BYTES = 64 * 2**20
 KEY_LENGTH = 12
 TRACKED_PACKAGES = (
     "torch",
@@ -91,15 +104,40 @@ def git_revision() -> str | None:
 
 
 def checksum_tree(directory: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `directory` (relative paths), except the completion record."""
+    """sha256, size and mtime of every file under `directory` (relative paths), except the completion record.
+    A file whose sha256 was computed while this process wrote it (shards) is not read again."""
     sums = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != SUCCESS_FILE:
+            stat = path.stat()
             sums[path.relative_to(directory).as_posix()] = {
-                "sha256": file_sha256(path),
-                "bytes": path.stat().st_size,
+                "sha256": recorded_sha256(path) or file_sha256(path),
+                "bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
             }
     return sums
+
+
+def file_problems(
+    directory: Path, files: dict[str, dict[str, Any]], full: bool
+) -> Iterator[tuple[Path, str]]:
+    """(path, what is wrong) for each file that does not match its completion-record entry; see the module
+    docstring for which files are re-hashed when `full` is false."""
+    for rel, expected in files.items():
+        path = directory / rel
+        if not path.is_file():
+            yield path, "is missing"
+            continue
+        stat = path.stat()
+        if stat.st_size != expected["bytes"]:
+            yield path, f"has {stat.st_size} bytes, expected {expected['bytes']} (truncated?)"
+            continue
+        # Records written before mtimes were recorded have none: their large files are re-hashed.
+        unchanged = stat.st_mtime_ns == expected.get("mtime_ns")
+        if (full or stat.st_size < LARGE_FILE_BYTES or not unchanged) and file_sha256(path) != expected[
+            "sha256"
+        ]:
+            yield path, "does not match its checksum (altered or corrupt)"
 
 
 @dataclass
@@ -124,23 +162,15 @@ class StageStore:
             )
         return json.loads(path.read_text())
 
-    def verify(self, stage: str, model: str, key: str, full: bool = True) -> None:
-        """Check every file against the completion record: sizes always, sha256 when `full`."""
+    def verify(self, stage: str, model: str, key: str, full: bool = False) -> None:
+        """Check every file against the completion record: presence and size always, the sha256 of small
+        files and of large files whose mtime changed; the sha256 of every file when `full`."""
         directory = self.entry(stage, model, key)
         record = self.record(stage, model, key)
-        for rel, expected in record.get("files", {}).items():
-            path = directory / rel
-            problem = None
-            if not path.is_file():
-                problem = "is missing"
-            elif path.stat().st_size != expected["bytes"]:
-                problem = f"has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-            elif full and file_sha256(path) != expected["sha256"]:
-                problem = "does not match its checksum (altered or corrupt)"
-            if problem:
-                raise StageOutputError(
-                    f"{path} {problem}. Recompute the {stage} stage with force=[{stage}] (its output is in {directory})"
-                )
+        for path, problem in file_problems(directory, record.get("files", {}), full):
+            raise StageOutputError(
+                f"{path} {problem}. Recompute the {stage} stage with force=[{stage}] (its output is in {directory})"
+            )
 
     @contextmanager
     def lock(self, stage: str, model: str, key: str) -> Iterator[None]:
@@ -192,3 +222,39 @@ class StageStore:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             partial.rename(final)
+
+
+def verify_tree(root: str | Path, full: bool = True) -> list[str]:
+    """Check every finished output under a cache root (`<root>/<stage>/<model>/<key>/`); one line per file
+    that is missing, resized or altered (every file re-hashed when `full`)."""
+    problems = []
+    for record_path in sorted(Path(root).glob(f"*/*/*/{SUCCESS_FILE}")):
+        files = json.loads(record_path.read_text()).get("files", {})
+        problems += [f"{path} {problem}" for path, problem in file_problems(record_path.parent, files, full)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.orchestration.store",
+        description="Re-hash every file of every finished stage output under a cache directory "
+        "(outputs/cache by default) and list the ones that do not match their completion record.",
+    )
+    parser.add_argument("cache", nargs="?", default="outputs/cache")
+    parser.add_argument(
+        "--quick", action="store_true", help="the reuse check only (sizes, mtimes, small files)"
+    )
+    args = parser.parse_args(argv)
+    problems = verify_tree(args.cache, full=not args.quick)
+    for line in problems:
+        print(line)
+    n_outputs = len(list(Path(args.cache).glob(f"*/*/*/{SUCCESS_FILE}")))
+    print(f"{n_outputs} finished outputs checked, {len(problems)} problem(s)", file=sys.stderr)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
