@@ -1,4 +1,5 @@
-"""The `decoding` stage: config checks, the oracle drafter, and the rows of a micro pipeline run."""
+"""The `decoding` stage: config checks, the rows of a micro pipeline run, and the benchmark on its outputs
+(the harness itself: tests/test_decoding_harness.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .micro import compose_micro
 
 
 def _validate(tmp_path, *overrides):
-    decoding.validate(compose_micro(tmp_path / "out", *overrides))
+    decoding.STAGE.validate(compose_micro(tmp_path / "out", *overrides))
 
 
 def test_micro_config_is_valid(tmp_path):
@@ -40,25 +41,6 @@ def test_micro_config_is_valid(tmp_path):
 def test_validate_rejects(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _validate(tmp_path, *overrides)
-
-
-@pytest.mark.parametrize(
-    "earliest, max_draft, expected",
-    [
-        ([None, 0, 1, None, 2, None], 16, (3, 2)),  # runs [0,1] and [2], each ended by a full-model token
-        ([0, 0, 0, 0, 0, 0, 0], 2, (4, 2)),  # capped at 2 drafts; the last token is never drafted
-        ([None, None, None], 4, (0, 0)),
-        ([1], 4, (0, 0)),  # the first token comes from the prompt's pass
-    ],
-)
-def test_oracle_speculation(earliest, max_draft, expected):
-    assert decoding.oracle_speculation(earliest, max_draft) == expected
-
-
-def test_check_identical_raises_on_mismatch():
-    decoding.check_identical([1, 2, 3], [1, 2, 3], "dssd", "greedy", "test", 0)
-    with pytest.raises(decoding.LosslessnessError, match="position 1"):
-        decoding.check_identical([1, 2, 3], [1, 5, 3], "dssd eps=0.8", "greedy", "test", 0)
 
 
 # --- on the micro pipeline ---------------------------------------------------------------------------------------
@@ -177,13 +159,14 @@ def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
 
 
 def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
+    """The benchmark finds the micro run's entries through the store and runs the shared harness on them."""
     from benchmarks.decoding_speed import find_pipeline_outputs, main
 
     root, _, _ = micro_run
-    found = find_pipeline_outputs(root, "tiny")
-    record = __import__("json").loads((found["calibrate"] / "_SUCCESS.json").read_text())
-    assert found["heads"].name == record["upstream"]["heads"]
-    assert found["backbone"].name == record["upstream"]["backbone"]
+    outputs = find_pipeline_outputs(root, "tiny")
+    upstream = outputs.record("calibrate")["upstream"]
+    assert outputs.keys["heads"] == upstream["heads"] and outputs.keys["backbone"] == upstream["backbone"]
+    assert outputs.keys["extract"] == upstream["extract"]
     frame = main(
         [
             "--from-outputs",

@@ -1,0 +1,350 @@
+"""The decoding harness: every decoding method on the same prompts, timed interleaved, lossless by check.
+
+Used by the `decoding` stage and by benchmarks/decoding_speed.py::
+
+    plan = DecodingPlan(max_new_tokens=64, policies={0.8: policy}, layerskip_d=[1, 2, 4], max_draft=16)
+    report = run_decoding(engine, model, prompts, tune_prompts, plan, progress=True)
+    report.rows(), report.summary_table(), report.per_prompt_table(), report.speed_table(label)
+
+Each prompt decodes `max_new_tokens` tokens (EOS stops generation only when `plan.eos_token_id` is given, so
+that by default every method produces the same number of tokens and speeds compare per token).
+
+1. Tuning prompts: transformers `generate(do_sample=False)` (the reference), our engine's greedy, and the
+   LayerSkip grid, every head × d in `layerskip_d`. The tuned setting is the one with the fewest
+   layer-equivalents per generated token (= most tokens per unit of verification + drafting compute, the
+   quantity LayerSkip's own sweep optimises, measured without wall-clock noise on a shared machine); ties go
+   to more accepted tokens per verification, then the shallower head and the shorter draft.
+   `layerskip_select="tokens_per_s"` selects by measured speed instead. This phase also warms up every code
+   path before anything reported is timed.
+2. Test prompts, interleaved per prompt (load changes hit every method alike): `generate`, `greedy`,
+   `early_exit` per ε and fill (lossy, optional), the tuned `layerskip`, `dssd` per ε, generators outside the
+   engine (e.g. transformers' assistant_early_exit), and the oracle bound (greedy with every head probed: the
+   earliest head that agrees with the full model, per token).
+3. Losslessness: on every prompt (tuning and test) greedy must equal `generate`, and every LayerSkip / DSSD
+   output and the oracle probe's tokens must equal it too, token for token. A mismatch raises
+   `LosslessnessError`. Generators outside the engine are compared, not enforced (`identical_to_greedy`).
+
+Timing: each run is repeated `repeats` times (after `warmup` untimed runs) back to back; a prompt's wall time
+is the median of its repeats, a setting's tokens/s is its tokens over the sum of those medians.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Strategy
+from pipeline.evaluation.decoding_report import DecodingReport, LayerSkipTuning, Setting, TestRun
+
+log = logging.getLogger(__name__)
+
+SELECT_CRITERIA = ("layer_equiv_per_token", "tokens_per_s")
+PROMPT_SPLITS = {"test": "test", "tune": "validation"}  # reported prompts and LayerSkip tuning prompts
+
+
+class LosslessnessError(RuntimeError):
+    """A lossless decoding strategy produced tokens different from greedy decoding of the full model."""
+
+
+class ExternalMethod(NamedTuple):
+    """A generator outside the engine, timed like `generate`: fn(prompt) -> new tokens."""
+
+    method: str
+    note: str
+    generate: Callable[[torch.Tensor], list[int]]
+
+
+@dataclass
+class DecodingPlan:
+    """What to run. `policies`: ε -> exit policy (`ExitThresholds.for_eps`), for early exit and DSSD; an empty
+    `early_exit_fills` skips early exit. `external(tuned)` returns generators outside the engine, built once
+    LayerSkip is tuned (they may reuse its head and draft length)."""
+
+    max_new_tokens: int
+    policies: dict[float, Any]
+    layerskip_d: Sequence[int]
+    max_draft: int = 16
+    layerskip_select: str = SELECT_CRITERIA[0]
+    early_exit_fills: Sequence[str] = ("lazy",)
+    repeats: int = 1
+    warmup: int = 0
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    oracle: bool = True
+    external: Callable[[Setting], Sequence[ExternalMethod]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layerskip_select not in SELECT_CRITERIA:
+            raise ValueError(f"layerskip_select={self.layerskip_select!r}; choose one of {SELECT_CRITERIA}")
+        if not self.layerskip_d:
+            raise ValueError("layerskip_d must list at least one draft length")
+
+
+def hf_greedy(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    **generation: Any,
+) -> list[int]:
+    """transformers' greedy `generate` with an explicit GenerationConfig: the reference. EOS stops it only when
+    `eos_token_id` is given, whatever the model's own generation_config says. `generation` adds options, e.g.
+    assistant_early_exit=k."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_beams=1,
+        **generation,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            prompt.view(1, -1),
+            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device),
+            generation_config=config,
+        )
+    return out[0, prompt.numel() :].tolist()
+
+
+def check_identical(
+    reference: list[int], tokens: list[int], what: str, against: str, split: str, index: int
+) -> None:
+    """Raise `LosslessnessError` naming the first differing position unless `tokens == reference`."""
+    if tokens == reference:
+        return
+    first = next(
+        (i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b),
+        min(len(reference), len(tokens)),
+    )
+    raise LosslessnessError(
+        f"{what} is not lossless: on {split} prompt {index} its {len(tokens)} tokens differ from {against}'s "
+        f"{len(reference)} tokens at position {first} ({tokens[first : first + 5]} vs {reference[first : first + 5]}). "
+        "DSSD/LayerSkip/greedy must reproduce greedy decoding of the full model exactly; this is a bug in the "
+        "engine or a numerically unstable model (try model.dtype=float32)."
+    )
+
+
+class TimedRunner:
+    """Runs settings on prompts: `warmup` untimed then `repeats` timed runs per call (median wall time), and
+    one per-prompt record per call (`records`, the `per_prompt` table)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        engine: Engine,
+        plan: DecodingPlan,
+        on_run: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.model, self.engine, self.plan, self.on_run = model, engine, plan, on_run
+        self.records: list[dict] = []
+
+    def _once(self, setting: Setting, prompt: torch.Tensor) -> tuple[list[int], Any, float]:
+        plan = self.plan
+        if isinstance(setting.strategy, Strategy):
+            result = self.engine.generate(prompt, setting.strategy, plan.max_new_tokens, plan.eos_token_id)
+            result.stats.check()
+            return result.tokens, result.stats, result.stats.wall_time_s
+        started = time.perf_counter()
+        if setting.strategy is None:
+            tokens = hf_greedy(self.model, prompt, plan.max_new_tokens, plan.eos_token_id, plan.pad_token_id)
+        else:
+            tokens = setting.strategy(prompt)
+        return tokens, None, time.perf_counter() - started
+
+    def run(self, setting: Setting, prompt: torch.Tensor, split: str, index: int) -> list[int]:
+        for _ in range(self.plan.warmup):
+            self._once(setting, prompt)
+        walls, tokens, stats = [], [], None
+        for _ in range(self.plan.repeats):
+            tokens, stats, wall = self._once(setting, prompt)
+            walls.append(wall)
+        setting.tokens.append(tokens)
+        setting.repeat_walls.append(walls)
+        setting.wall.append(statistics.median(walls))
+        if stats is not None:
+            setting.stats.append(stats)
+        self._record(split, index, setting)
+        self.on_run()
+        return tokens
+
+    def _record(self, split: str, index: int, setting: Setting) -> None:
+        stats = setting.stats[-1].as_dict() if isinstance(setting.strategy, Strategy) else {}
+        n_tokens, wall = len(setting.tokens[-1]), setting.wall[-1]
+        self.records.append(
+            {
+                "split": split,
+                "prompt": index,
+                "method": setting.method,
+                "eps": setting.eps,
+                "head": setting.head,
+                "draft_len": setting.draft_len,
+                "setting": setting.label,
+                "n_tokens": n_tokens,
+                "wall_s": wall,
+                "tokens_per_s": n_tokens / wall if wall else math.nan,
+                **{
+                    k: v
+                    for k, v in stats.items()
+                    if k not in ("strategy", "wall_time_s", "tokens_per_second")
+                },
+            }
+        )
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+def run_decoding(
+    engine: Engine,
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    tune_prompts: Sequence[torch.Tensor],
+    plan: DecodingPlan,
+    progress: bool = False,
+) -> DecodingReport:
+    """Tune LayerSkip on `tune_prompts`, then run every setting on `prompts` (module docstring)."""
+    from tqdm.auto import tqdm
+
+    n_heads = len(engine.head_layers)
+    grid_size = n_heads * len(plan.layerskip_d)
+    with tqdm(
+        total=len(tune_prompts) * (2 + grid_size), desc="decoding", unit="gen", disable=not progress
+    ) as bar:
+        runner = TimedRunner(model, engine, plan, on_run=lambda: bar.update(1))
+        tuning = tune_layerskip(runner, tune_prompts, n_heads)
+        log.info(
+            "LayerSkip tuned on %d prompts by %s: head %d (block %d), d=%d",
+            len(tune_prompts),
+            tuning.criterion,
+            tuning.best.head,
+            engine.head_layers[tuning.best.head],
+            tuning.best.draft_len,
+        )
+        test = _test_settings(plan, tuning.best)
+        per_prompt = 2 + len(test.early_exit) + 1 + len(test.dssd) + len(test.external) + int(plan.oracle)
+        bar.total += len(prompts) * per_prompt
+        bar.refresh()
+        for i, prompt in enumerate(prompts):
+            bound = decode_test_prompt(runner, test, prompt, i)
+            if bound is not None:
+                test.bounds.append(bound)
+                bar.update(1)
+    return DecodingReport(
+        head_layers=list(engine.head_layers),
+        max_draft=plan.max_draft,
+        tuning=tuning,
+        test=test,
+        per_prompt=runner.records,
+    )
+
+
+def select_layerskip(grid: Sequence[Setting], criterion: str = SELECT_CRITERIA[0]) -> Setting:
+    """The grid's best setting by `criterion` (fewest layer-equivalents per token, or most tokens/s); ties go
+    to more accepted tokens per verification, then the shallower head and the shorter draft."""
+
+    def score(s: Setting) -> tuple:
+        summary = s.summary()
+        apv = summary.get("accepted_per_verification", math.nan)
+        apv = -apv if not math.isnan(apv) else 0.0
+        if criterion == "tokens_per_s":
+            return (-summary["tokens_per_s"], apv, s.head, s.draft_len)
+        return (summary["layer_equiv_per_token"], apv, s.head, s.draft_len)
+
+    return min(grid, key=score)
+
+
+def tune_layerskip(runner: TimedRunner, prompts: Sequence[torch.Tensor], n_heads: int) -> LayerSkipTuning:
+    """Phase 1: the reference, greedy and every LayerSkip (head, d) on the tuning prompts, all checked."""
+    plan = runner.plan
+    generate, greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
+    grid = [
+        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
+        for k in range(n_heads)
+        for d in plan.layerskip_d
+    ]
+    for i, prompt in enumerate(prompts):
+        ref = runner.run(generate, prompt, "tune", i)
+        tokens = runner.run(greedy, prompt, "tune", i)
+        check_identical(ref, tokens, "greedy (engine)", "transformers generate", "tuning", i)
+        for setting in grid:
+            check_identical(ref, runner.run(setting, prompt, "tune", i), setting.label, "greedy", "tuning", i)
+    best = select_layerskip(grid, plan.layerskip_select)
+    return LayerSkipTuning(generate, greedy, grid, best, plan.layerskip_select)
+
+
+def _test_settings(plan: DecodingPlan, tuned: Setting) -> TestRun:
+    several_fills = len(plan.early_exit_fills) > 1
+    early_exit = [
+        Setting(
+            "early_exit",
+            eps=eps,
+            strategy=EarlyExit(policy, fill=fill),
+            note=f"fill={fill}" if several_fills else None,
+        )
+        for eps, policy in plan.policies.items()
+        for fill in plan.early_exit_fills
+    ]
+    layerskip = Setting(
+        "layerskip",
+        head=tuned.head,
+        draft_len=tuned.draft_len,
+        strategy=LayerSkip(tuned.head, tuned.draft_len),
+    )
+    dssd = [
+        Setting("dssd", eps=eps, strategy=DSSD(policy, max_draft=plan.max_draft))
+        for eps, policy in plan.policies.items()
+    ]
+    external = [
+        Setting(m.method, strategy=m.generate, note=m.note)
+        for m in (plan.external(tuned) if plan.external else ())
+    ]
+    return TestRun(
+        Setting("generate"), Setting("greedy", strategy=Greedy()), early_exit, layerskip, dssd, external, []
+    )
+
+
+def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor, index: int) -> Any:
+    """Phase 2 on one prompt: every setting in turn, lossless ones checked; returns the oracle bound (None
+    without the oracle)."""
+    ref = runner.run(test.generate, prompt, "test", index)
+    tokens = runner.run(test.greedy, prompt, "test", index)
+    check_identical(ref, tokens, "greedy (engine)", "transformers generate", "test", index)
+    for setting in test.early_exit:
+        runner.run(setting, prompt, "test", index)
+    for setting in (test.layerskip, *test.dssd):
+        check_identical(
+            ref, runner.run(setting, prompt, "test", index), setting.label, "greedy", "test", index
+        )
+    for setting in test.external:
+        runner.run(setting, prompt, "test", index)
+    if not runner.plan.oracle:
+        return None
+    bound = runner.engine.oracle_bound(prompt, runner.plan.max_new_tokens, runner.plan.eos_token_id)
+    check_identical(ref, bound.tokens, "oracle probe (greedy)", "greedy", "test", index)
+    return bound
+
+
+def prompt_windows(
+    source: Any, tokenizer: Any, n_prompts: int, n_tune_prompts: int, prompt_len: int, key_prefix: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reported prompts (test split) and the disjoint tuning prompts (validation split): consecutive
+    windows of `prompt_len` tokens. `key_prefix` names the config keys in a budget error."""
+    from pipeline.data.tokens import token_blocks
+
+    out = []
+    for name, n in (("n_prompts", n_prompts), ("n_tune_prompts", n_tune_prompts)):
+        split = PROMPT_SPLITS["test" if name == "n_prompts" else "tune"]
+        budget_key = f"{key_prefix}{name} × {key_prefix}prompt_len" if key_prefix else None
+        out.append(token_blocks(source, tokenizer, split, n * prompt_len, prompt_len, budget_key=budget_key))
+    return out[0], out[1]

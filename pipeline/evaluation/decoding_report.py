@@ -1,0 +1,394 @@
+"""What a decoding run measured, and its tables: result rows, the summary, the per-prompt table, the speed table.
+
+`pipeline.evaluation.decoding_harness` runs the settings and fills a `DecodingReport`; this module turns it into
+tables. Counters are summed over prompts before any ratio is taken.
+
+Result rows (pipeline/orchestration/results.py):
+  method generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
+      tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token,
+      tokens_per_full_pass, identical (1 = every prompt identical to greedy `generate`; lossless methods only),
+      acceptance_rate, accepted_per_verification, drafted_per_token (speculative methods);
+      early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
+  method early_exit|dssd|layerskip, head i: exit_frac (early exit) / draft_frac (drafts by head i per token).
+  method layerskip: draft_head, draft_len (the tuned setting).
+  method layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
+  method oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound),
+      cascade_layer_equiv_per_token (also paying each shallower head), exit_frac (head all and per head),
+      acceptance_rate (1 by construction) and accepted_per_verification of an oracle drafter under the same
+      `max_draft` cap (drafts exactly the tokens some head gets right), identical.
+  method dssd_vs_layerskip, eps e: acceptance_ratio, accepted_per_verification_ratio (DSSD / tuned LayerSkip),
+      layer_equiv_ratio, speed_ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipeline.orchestration.results import row
+
+log = logging.getLogger(__name__)
+
+SPECULATIVE = ("layerskip", "layerskip_grid", "dssd")
+METHOD_COLUMN = "method"  # the results column that names a decoding row's method
+SUMMARY_METRICS = (
+    "tokens_per_s",
+    "speedup_vs_generate",
+    "layer_equiv_per_token",
+    "acceptance_rate",
+    "accepted_per_verification",
+    "identical",
+    "agreement",
+)
+
+
+@dataclass
+class Setting:
+    """One method/setting and what it did on a set of prompts (one entry per prompt in each list).
+
+    `strategy` is an engine `Strategy`, a function prompt -> new tokens (a generator outside the engine, timed
+    like `generate`), or None for transformers' `generate` (the reference). `note` is appended to the label.
+    `repeat_walls[p]` holds every timed repeat on prompt p; `wall[p]` is their median."""
+
+    method: str
+    eps: float | None = None
+    head: int | None = None
+    draft_len: int | None = None
+    strategy: Any = None
+    note: str | None = None
+    tokens: list[list[int]] = field(default_factory=list)
+    stats: list[Any] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    repeat_walls: list[list[float]] = field(default_factory=list)
+
+    @property
+    def detail(self) -> str:
+        """The label without the method: "eps=0.8", "head=1 d=2", ..."""
+        parts = []
+        if self.eps is not None:
+            parts.append(f"eps={self.eps:g}")
+        if self.head is not None:
+            parts.append(f"head={self.head}")
+        if self.draft_len is not None:
+            parts.append(f"d={self.draft_len}")
+        if self.note:
+            parts.append(self.note)
+        return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.detail}".strip()
+
+    def total(self, key: str) -> float:
+        return sum(getattr(s, key) for s in self.stats)
+
+    @property
+    def generated(self) -> int:
+        return sum(map(len, self.tokens))
+
+    @property
+    def tokens_per_s(self) -> float:
+        wall = sum(self.wall)
+        return self.generated / wall if wall > 0 else math.nan
+
+    def tokens_per_s_by_repeat(self) -> list[float]:
+        """Tokens/s of each repeat over all prompts (repeat r of every prompt)."""
+        n = min(map(len, self.repeat_walls), default=0)
+        walls = [sum(w[r] for w in self.repeat_walls) for r in range(n)]
+        return [self.generated / w if w > 0 else math.nan for w in walls]
+
+    def summary(self) -> dict[str, float]:
+        out = {"tokens_per_s": self.tokens_per_s}
+        if not self.stats:
+            return out
+        gen = self.total("generated")
+        drafted, accepted = self.total("drafted"), self.total("accepted")
+        verifications = self.total("verifications")
+        passes = self.total("full_passes") + self.total("prefill_tokens")
+        out["layer_equiv_per_token"] = self.total("layer_equivalents") / gen if gen else math.nan
+        out["tokens_per_full_pass"] = gen / passes if passes else math.nan
+        if self.method in SPECULATIVE:
+            out["acceptance_rate"] = accepted / drafted if drafted else math.nan
+            out["accepted_per_verification"] = accepted / verifications if verifications else math.nan
+            out["drafted_per_token"] = drafted / gen if gen else math.nan
+        return out
+
+    def per_head(self, key: str) -> list[float]:
+        gen = self.total("generated")
+        n = len(self.stats[0].exits_per_head) if self.stats else 0
+        return [sum(getattr(s, key)[k] for s in self.stats) / gen if gen else math.nan for k in range(n)]
+
+
+@dataclass
+class LayerSkipTuning:
+    """The tuning prompts: the reference, the engine's greedy, every LayerSkip (head, d) and the chosen one."""
+
+    generate: Setting
+    greedy: Setting
+    grid: list[Setting]
+    best: Setting
+    criterion: str
+
+
+@dataclass
+class TestRun:
+    """The reported prompts: every setting, interleaved per prompt, and the oracle probe per prompt."""
+
+    generate: Setting
+    greedy: Setting
+    early_exit: list[Setting]
+    layerskip: Setting
+    dssd: list[Setting]
+    external: list[Setting]
+    bounds: list[Any]  # pipeline.engine.OracleBound per prompt (empty without the oracle)
+
+
+@dataclass
+class DecodingReport:
+    head_layers: list[int]
+    max_draft: int
+    tuning: LayerSkipTuning
+    test: TestRun
+    per_prompt: list[dict]
+
+    def rows(self) -> list[dict]:
+        """Every result row (module docstring)."""
+        test, tuning = self.test, self.tuning
+        out: list[dict] = []
+        for setting in (test.generate, test.greedy, *test.early_exit, test.layerskip, *test.dssd):
+            out += setting_rows(setting, test.generate.tokens_per_s, test.generate.tokens)
+        out += [
+            _row("draft_head", tuning.best.head, method="layerskip"),
+            _row("draft_len", tuning.best.draft_len, method="layerskip"),
+        ]
+        for setting in tuning.grid:
+            layer = self.head_layers[setting.head]
+            for r in setting_rows(
+                setting,
+                tuning.generate.tokens_per_s,
+                tuning.generate.tokens,
+                layer=layer,
+                draft_len=setting.draft_len,
+            ):
+                if r["head"] is None:  # per-head draft fractions of a one-head drafter carry no information
+                    r["head"] = setting.head
+                    out.append(r)
+        out += ratio_rows(test.dssd, test.layerskip)
+        out += oracle_rows(test.bounds, self.max_draft, len(self.head_layers))
+        return out
+
+    def summary_table(self) -> pd.DataFrame:
+        return summary_table(self.rows())
+
+    def per_prompt_table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.per_prompt)
+
+    def metrics(self) -> dict[str, Any]:
+        """The stage's headline numbers (tracker summary and completion record)."""
+        test = self.test
+        out: dict[str, Any] = {
+            "layerskip_head": self.tuning.best.head,
+            "layerskip_draft_len": self.tuning.best.draft_len,
+            "greedy_speedup_vs_generate": test.greedy.tokens_per_s / test.generate.tokens_per_s,
+            "test_prompts": len(test.generate.tokens),
+            "tune_prompts": len(self.tuning.generate.tokens),
+            "identical": True,
+        }
+        for r in self.rows():
+            if r[METHOD_COLUMN] == "dssd_vs_layerskip" and r["metric"] in (
+                "acceptance_ratio",
+                "accepted_per_verification_ratio",
+            ):
+                out[f"{r['metric']}@{r['eps']:g}"] = r["value"]
+            if r[METHOD_COLUMN] == "dssd" and r["metric"] == "speedup_vs_generate":
+                out[f"dssd_speedup@{r['eps']:g}"] = r["value"]
+        return out
+
+    def speed_table(self, label: str = "") -> pd.DataFrame:
+        """The benchmark's view: one line per test setting with tokens/s (median, min, max over repeats), its
+        ratio to `generate` in the same repeat (median), compute and acceptance, and the oracle bound."""
+        test = self.test
+        settings = [test.generate, test.greedy, *test.early_exit, test.layerskip, *test.dssd, *test.external]
+        lines = [speed_line(s, test.generate, label) for s in settings]
+        if test.bounds:
+            n_tok = sum(len(b.oracle_cost) for b in test.bounds)
+            lines.append(
+                {
+                    "model": label,
+                    "method": "oracle_bound",
+                    "setting": "earliest agreeing head",
+                    "layer_eq_per_token": sum(sum(b.oracle_cost) for b in test.bounds) / n_tok,
+                    "exit_fraction": sum(sum(b.exits_per_head()) for b in test.bounds) / n_tok,
+                    "identical_to_greedy": [b.tokens for b in test.bounds] == test.generate.tokens,
+                }
+            )
+        return pd.DataFrame(lines)
+
+
+# --- rows ----------------------------------------------------------------------------------------------------------
+
+
+def _row(metric: str, value: float, method: str, **labels: Any) -> dict[str, Any]:
+    return row(metric, value, **{METHOD_COLUMN: method}, **labels)
+
+
+def setting_rows(
+    setting: Setting, generate_tps: float, reference: list[list[int]], **extra: Any
+) -> list[dict]:
+    """The rows of one setting; `reference` is `generate`'s tokens on the same prompts."""
+    common = {"method": setting.method, "eps": setting.eps, **extra}  # `method` is _row's argument
+    out = []
+    summary = setting.summary()
+    summary["speedup_vs_generate"] = summary["tokens_per_s"] / generate_tps if generate_tps > 0 else math.nan
+    for metric, value in summary.items():
+        if not (isinstance(value, float) and math.isnan(value)):
+            out.append(_row(metric, value, **common))
+    if setting.method == "early_exit":
+        same = sum(
+            a == b
+            for ref, toks in zip(reference, setting.tokens, strict=True)
+            for a, b in zip(ref, toks, strict=False)
+        )
+        out.append(_row("agreement", same / sum(map(len, reference)), **common))
+        out += [
+            _row("exit_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("exits_per_head"))
+        ]
+    else:
+        # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist.
+        out.append(_row("identical", float(setting.tokens == reference), **common))
+    if setting.method in SPECULATIVE:
+        out += [
+            _row("draft_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("drafts_per_head"))
+        ]
+    return out
+
+
+RATIOS = {  # row name: the summary metric compared, DSSD / tuned LayerSkip
+    "acceptance_ratio": "acceptance_rate",
+    "accepted_per_verification_ratio": "accepted_per_verification",
+    "layer_equiv_ratio": "layer_equiv_per_token",
+    "speed_ratio": "tokens_per_s",
+}
+
+
+def ratio_rows(dssd: list[Setting], layerskip: Setting) -> list[dict]:
+    """One row per ratio and ε (NaN when undefined, e.g. DSSD drafted nothing at this ε)."""
+    out = []
+    ls = layerskip.summary()
+    for setting in dssd:
+        ds = setting.summary()
+        for name, key in RATIOS.items():
+            a, b = ds.get(key, math.nan), ls.get(key, math.nan)
+            out.append(_row(name, a / b if b > 0 else math.nan, method="dssd_vs_layerskip", eps=setting.eps))
+        if not setting.total("drafted"):
+            log.warning(
+                "DSSD at ε=%g drafted nothing on the test prompts (no head is confident at this ε): it ran "
+                "as greedy decoding; its acceptance ratios are undefined (NaN)",
+                setting.eps,
+            )
+    return out
+
+
+def oracle_speculation(earliest: list[int | None], max_draft: int) -> tuple[int, int]:
+    """An oracle drafter under DSSD's rules: it drafts a token exactly when some head gets it right, stops
+    at the first token no head gets right (that token comes from the verifying pass) or at `max_draft`
+    drafts. Returns (accepted drafts, verifications). The first token (from the prompt's pass) is never
+    drafted."""
+    accepted = verifications = 0
+    i, n = 1, len(earliest)
+    while i < n:
+        cap = min(max_draft, n - i - 1)
+        run = 0
+        while run < cap and earliest[i + run] is not None:
+            run += 1
+        if run:
+            accepted += run
+            verifications += 1
+        i += run + 1
+    return accepted, verifications
+
+
+def oracle_rows(bounds: list[Any], max_draft: int, n_heads: int) -> list[dict]:
+    """The oracle's rows from one `OracleBound` per prompt (none without bounds)."""
+    if not bounds:
+        return []
+    n_tok = sum(len(b.oracle_cost) for b in bounds)
+    accepted = verifications = 0
+    per_head = [0] * n_heads
+    for b in bounds:
+        a, v = oracle_speculation(b.earliest_head, max_draft)
+        accepted, verifications = accepted + a, verifications + v
+        per_head = [x + y for x, y in zip(per_head, b.exits_per_head(), strict=True)]
+    out = [
+        _row("layer_equiv_per_token", sum(sum(b.oracle_cost) for b in bounds) / n_tok, method="oracle"),
+        _row(
+            "cascade_layer_equiv_per_token", sum(sum(b.cascade_cost) for b in bounds) / n_tok, method="oracle"
+        ),
+        _row("exit_frac", sum(per_head) / n_tok, method="oracle", head="all"),
+        _row("acceptance_rate", 1.0, method="oracle"),
+        _row("identical", 1.0, method="oracle"),
+    ]
+    out += [_row("exit_frac", c / n_tok, method="oracle", head=k) for k, c in enumerate(per_head)]
+    if verifications:
+        out.append(_row("accepted_per_verification", accepted / verifications, method="oracle"))
+    return out
+
+
+# --- tables ----------------------------------------------------------------------------------------------------------
+
+
+def summary_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per method/ε (tuned LayerSkip and oracle included, grid excluded) with the main metrics and,
+    on DSSD lines, the ratios to the tuned LayerSkip."""
+    lines: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["head"] is not None or r[METHOD_COLUMN] == "layerskip_grid":
+            continue
+        if r[METHOD_COLUMN] == "dssd_vs_layerskip":
+            lines.setdefault(("dssd", r["eps"]), {})[r["metric"]] = r["value"]
+        elif r["metric"] in SUMMARY_METRICS:
+            lines.setdefault((r[METHOD_COLUMN], r["eps"]), {})[r["metric"]] = r["value"]
+    columns = [*SUMMARY_METRICS, "acceptance_ratio", "accepted_per_verification_ratio"]
+    return pd.DataFrame(
+        [
+            {"method": m, "eps": math.nan if e is None else e, **{c: v.get(c, math.nan) for c in columns}}
+            for (m, e), v in lines.items()
+        ],
+        columns=["method", "eps", *columns],
+    )
+
+
+DEFAULT_DETAIL = {"generate": "transformers", "greedy": "engine"}
+
+
+def speed_line(setting: Setting, generate: Setting, label: str) -> dict[str, Any]:
+    """One line of the speed table: per-repeat speeds and ratios to `generate` in the same repeat."""
+    speeds = setting.tokens_per_s_by_repeat()
+    ratios = [s / g for s, g in zip(speeds, generate.tokens_per_s_by_repeat(), strict=True)]
+    line: dict[str, Any] = {
+        "model": label,
+        "method": setting.method,
+        "setting": setting.detail or DEFAULT_DETAIL.get(setting.method, ""),
+        "tokens_per_s": statistics.median(speeds),
+        "tok_s_min": min(speeds),
+        "tok_s_max": max(speeds),
+        "ratio_vs_generate": statistics.median(ratios),
+        "identical_to_greedy": setting.tokens == generate.tokens,
+    }
+    if setting.stats:
+        summary = setting.summary()
+        gen = setting.total("generated")
+        line.update(
+            {
+                "layer_eq_per_token": summary["layer_equiv_per_token"],
+                "acceptance": summary.get("acceptance_rate", math.nan),
+                "accepted_per_verification": summary.get("accepted_per_verification", math.nan),
+                "exit_fraction": setting.total("exited") / gen if gen else math.nan,
+            }
+        )
+    return line
