@@ -40,7 +40,7 @@ class DecodeSession:
         engine: Engine,
         prompt: torch.Tensor,
         max_new_tokens: int,
-        eos_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
         strategy_name: str,
         extra_capacity: int = 0,
     ):
@@ -48,7 +48,11 @@ class DecodeSession:
         self.adapter: BackboneAdapter = engine.adapter
         self.prompt_len = int(prompt.numel())
         self.max_new_tokens = max_new_tokens
-        self.eos_token_id = eos_token_id
+        # Generation configs hold one stop token or a list of them; generation stops after any of them.
+        if eos_token_id is None:
+            eos_token_id = []
+        ids = eos_token_id if isinstance(eos_token_id, Sequence) else [eos_token_id]
+        self.eos_token_ids = frozenset(int(token) for token in ids)
         capacity = self.prompt_len + max_new_tokens + extra_capacity + 2
         self.cache = engine._cache_for(capacity)
         self.ids = torch.empty(capacity, dtype=torch.long, device=self.adapter.device)
@@ -75,7 +79,7 @@ class DecodeSession:
         self.out.append(token)
         self.stats.generated += 1
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
-        if len(self.out) >= self.max_new_tokens or token == self.eos_token_id:
+        if len(self.out) >= self.max_new_tokens or token in self.eos_token_ids:
             self.done = True
         return not self.done
 
@@ -241,7 +245,7 @@ class Engine:
         self,
         input_ids,
         max_new_tokens: int,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         strategy_name: str = "",
         extra_capacity: int = 0,
     ) -> DecodeSession:
@@ -256,7 +260,7 @@ class Engine:
         input_ids: torch.Tensor | Sequence[int],
         strategy,
         max_new_tokens: int,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> GenerationResult:
         """Decode up to `max_new_tokens` tokens after `input_ids` with `strategy` (see `strategies`)."""
         strategy.validate(self)
@@ -271,7 +275,10 @@ class Engine:
 
     @torch.inference_mode()
     def oracle_bound(
-        self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> OracleBound:
         """Greedy generation with every head probed: per token, the earliest head that agrees with the full
         model, and what exiting there would have cost."""

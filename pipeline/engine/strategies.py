@@ -120,7 +120,7 @@ class _Speculative(Strategy):
 
     def run(self, session: DecodeSession, first_token: int) -> None:
         policy = self._policy(session.engine)
-        stats, eos = session.stats, session.eos_token_id
+        stats, eos = session.stats, session.eos_token_ids
         position, token = session.prompt_len, first_token
         while True:
             base = position
@@ -129,7 +129,7 @@ class _Speculative(Strategy):
             # The verification pass always yields one more token, so never draft past the output budget.
             cap = min(self.max_draft, session.remaining - 1)
             while True:
-                forced = len(drafts) >= cap or (drafts and drafts[-1] == eos)
+                forced = len(drafts) >= cap or (drafts and drafts[-1] in eos)
                 result = session.step(position, token, None if forced else policy, verify_from=base)
                 if result.head is None:
                     break
