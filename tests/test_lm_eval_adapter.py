@@ -189,34 +189,36 @@ def test_generation_early_exit_records_exits(tiny):
     assert stats.compute_fraction < 1.0
 
 
-def stage_config(**evaluate):
+def stage_config(**early_exit):
     from omegaconf import OmegaConf
+
+    from pipeline.config import typed_group
 
     cfg = OmegaConf.create(
         {
             "model": OmegaConf.load("conf/model/tiny.yaml"),
             "data": OmegaConf.load("conf/data/local_text.yaml"),
-            "evaluate": OmegaConf.load("conf/evaluate/default.yaml"),
-            "calibrate": OmegaConf.load("conf/calibrate/default.yaml"),
+            "early_exit": typed_group("early_exit", {}),
+            "calibrate": typed_group("calibrate", {}),
             "seed": 0,
         }
     )
-    for key, value in evaluate.items():
-        OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
+    for key, value in early_exit.items():
+        OmegaConf.update(cfg, f"early_exit.{key}", value, merge=False)
     return cfg
 
 
 def test_stage_validate_rejects_bad_eps_and_methods():
     from pipeline.orchestration.validation import ConfigError
-    from pipeline.stages.early_exit import validate
+    from pipeline.stages.early_exit import STAGE
 
-    validate(stage_config())
+    STAGE.validate(stage_config())
     with pytest.raises(ConfigError, match="outside"):
-        validate(stage_config(eps=[1.5]))
+        STAGE.validate(stage_config(eps=[1.5]))
     with pytest.raises(ConfigError, match="not calibrated"):
-        validate(stage_config(eps=[0.77]))
+        STAGE.validate(stage_config(eps=[0.77]))
     with pytest.raises(ConfigError, match="not calibrated"):
-        validate(stage_config(methods=["bogus"]))
+        STAGE.validate(stage_config(methods=["bogus"]))
 
 
 def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):

@@ -84,7 +84,7 @@ def test_rerun_reuses_everything_in_seconds(micro_run):
 
 
 def test_changing_one_stage_config_recomputes_only_that_stage(micro_copy):
-    runner = Runner(compose_micro(micro_copy, "calibrate.rc_points=11"))  # read by the metrics stage only
+    runner = Runner(compose_micro(micro_copy, "metrics.rc_points=11"))  # read by the metrics stage only
     runner.run()
     assert runner.status["metrics"] == "computed"
     assert all(status == "reused" for name, status in runner.status.items() if name != "metrics")

@@ -285,7 +285,12 @@ INVALID = [
     "calibrate.metric=bogus",
     "heads.init=xavier",
     "decoding.max_draft=0",
-    "evaluate.eps=[0.123]",
+    "early_exit.eps=[0.123]",
+    "evaluate.eps=[0.8]",  # renamed to early_exit (issue 13)
+    "calibrate.rc_points=11",  # moved to metrics (issue 13)
+    "metrics.metrics=[bogus]",
+    "extract.batch_size=0",
+    "decoding.n_prompts=abc",
     "device=tpu",
     "model=nope",
     "trainer=nope",
@@ -309,10 +314,19 @@ def test_random_invalid_overrides_give_clear_errors_and_no_outputs(tmp_path):
         assert not list(root.rglob(SUCCESS_FILE))
 
 
-@pytest.mark.parametrize("override", ["calibrate.eps=[1.5]", "device=tpu", "heads.head_type=foo"])
-def test_invalid_override_on_the_command_line_has_no_traceback(tmp_path, override):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("calibrate.eps=[1.5]", "outside"),
+        ("device=tpu", "tpu"),
+        ("heads.head_type=foo", "heads.head_type=foo: choose one of"),
+        ("evaluate.limit=8", "renamed to `early_exit` (issue 13): use early_exit.limit=8"),
+        ("metrics.bogus=1", "metrics.bogus"),
+    ],
+)
+def test_invalid_override_on_the_command_line_has_no_traceback(tmp_path, override, message):
     result = run_micro(tmp_path / "out", override)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "Traceback" not in output and "Error" in output, output
+    assert "Traceback" not in output and message in output, output  # Hydra's own errors or `ConfigError: ...`
     assert not list((tmp_path / "out").rglob(SUCCESS_FILE))

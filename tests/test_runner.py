@@ -25,7 +25,7 @@ def _stage(name, upstream=(), fail=None):
         (ctx.out_dir / "out.txt").write_text(str(ctx.cfg[name].value))
         return StageOutput(rows=[row("value", ctx.cfg[name].value)], metrics={"value": ctx.cfg[name].value})
 
-    return Stage(name=name, upstream=upstream, key_config=lambda cfg: {name: cfg[name]}, run=run)
+    return Stage(name=name, upstream=upstream, run=run, group=name)  # a group without a schema: keyed whole
 
 
 def make_cfg(tmp_path, **overrides):
@@ -129,7 +129,7 @@ def test_concurrent_runs_compute_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         return original(ctx)
 
-    stages = {"a": Stage("a", (), slow.key_config, slow_run)}
+    stages = {"a": Stage("a", (), slow_run, group="a")}
     monkeypatch.setattr(runner_mod, "available_stages", lambda: stages)
     threads = [threading.Thread(target=lambda: Runner(make_cfg(tmp_path)).run()) for _ in range(2)]
     for t in threads:

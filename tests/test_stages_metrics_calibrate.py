@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.config import typed_group
 from pipeline.data.shards import ShardWriter
 from pipeline.exits.calibration import ExitThresholds
 from pipeline.exits.heads import EarlyExitHeads
@@ -25,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [0, 1, 2]
 
 
-def make_cfg(**calibrate_overrides):
-    calibrate = OmegaConf.load(ROOT / "conf" / "calibrate" / "default.yaml")
-    calibrate.batch_tokens = 100
-    for key, value in calibrate_overrides.items():
-        OmegaConf.update(calibrate, key, value)
-    return OmegaConf.create(
-        {"model": {"name": "tiny-test", "dtype": "float32"}, "seed": 0, "calibrate": calibrate}
-    )
+def make_cfg(calibrate=None, metrics=None):
+    """The two stages' groups at their schema defaults (pipeline/config), with dotted-key overrides."""
+    groups = {}
+    for group, overrides in (("calibrate", calibrate), ("metrics", metrics)):
+        groups[group] = typed_group(group, {"batch_tokens": 100})
+        for key, value in (overrides or {}).items():
+            OmegaConf.update(groups[group], key, value)
+    return OmegaConf.create({"model": {"name": "tiny-test", "dtype": "float32"}, "seed": 0, **groups})
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +71,27 @@ def context(cfg, upstream, out_dir: Path) -> StageContext:
 
 def test_metrics_stage(upstream, tmp_path):
     cfg = make_cfg()
-    metrics_stage.validate(cfg)
+    metrics_stage.STAGE.validate(cfg)
     out = metrics_stage.run(context(cfg, upstream, tmp_path / "metrics"))
     tokens, aucs, curves = out.tables["token_metrics"], out.tables["auroc"], out.tables["risk_coverage"]
     assert len(tokens) == 512 * len(LAYERS)
-    assert (
-        set(aucs["metric"]) == set(cfg.calibrate.metrics) and aucs.groupby("head")["best"].sum().eq(1).all()
-    )
-    assert len(curves) == len(LAYERS) * len(cfg.calibrate.metrics) * cfg.calibrate.rc_points
+    assert set(aucs["metric"]) == set(cfg.metrics.metrics) and aucs.groupby("head")["best"].sum().eq(1).all()
+    assert len(curves) == len(LAYERS) * len(cfg.metrics.metrics) * cfg.metrics.rc_points
     auroc_rows = [r for r in out.rows if r["metric"] == "auroc"]
     assert len(auroc_rows) == len(aucs) and {r["head"] for r in auroc_rows} == {0, 1, 2}
     assert all(isinstance(out.metrics[f"best_metric/head{h}"], str) for h in range(len(LAYERS)))
 
 
 def test_metrics_stage_token_budget(upstream, tmp_path):
-    out = metrics_stage.run(context(make_cfg(max_tokens=100, metrics=["entropy"]), upstream, tmp_path / "m"))
+    out = metrics_stage.run(
+        context(make_cfg(metrics={"max_tokens": 100, "metrics": ["entropy"]}), upstream, tmp_path / "m")
+    )
     assert out.tables["token_metrics"]["token"].nunique() == 100
 
 
 def test_calibrate_stage(upstream, tmp_path):
-    cfg = make_cfg(eps=[0.6, 0.9, 1.0])
-    calibrate_stage.validate(cfg)
+    cfg = make_cfg(calibrate={"eps": [0.6, 0.9, 1.0]})
+    calibrate_stage.STAGE.validate(cfg)
     out_dir = tmp_path / "calibrate"
     out = calibrate_stage.run(context(cfg, upstream, out_dir))
     thresholds = ExitThresholds.load(out_dir / calibrate_stage.THRESHOLDS_FILE)
@@ -115,19 +116,21 @@ def test_calibrate_stage(upstream, tmp_path):
     "override, message",
     [
         ({"eps": [0.9, 1.5]}, "outside"),
-        ({"delta": 0.0}, "δ"),
-        ({"metric": "perplexity"}, "unknown metric"),
+        ({"delta": 0.0}, "calibrate.delta"),
+        ({"metric": "perplexity"}, "calibrate.metric=perplexity: choose one of"),
         ({"methods": ["conformal"]}, "methods"),
         ({"ltt.grid_fraction": 1.0}, "grid_fraction"),
     ],
 )
 def test_calibrate_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        calibrate_stage.validate(make_cfg(**override))
+        calibrate_stage.STAGE.validate(make_cfg(calibrate=override))
 
 
 def test_keys_ignore_batch_size():
-    a, b = make_cfg(), make_cfg(batch_tokens=7)
-    assert calibrate_stage.key_config(a) == calibrate_stage.key_config(b)
-    assert metrics_stage.key_config(a) == metrics_stage.key_config(b)
-    assert calibrate_stage.key_config(a) != calibrate_stage.key_config(make_cfg(delta=0.1))
+    a, b = make_cfg(), make_cfg(calibrate={"batch_tokens": 7}, metrics={"batch_tokens": 7})
+    assert calibrate_stage.STAGE.key_config(a) == calibrate_stage.STAGE.key_config(b)
+    assert metrics_stage.STAGE.key_config(a) == metrics_stage.STAGE.key_config(b)
+    assert calibrate_stage.STAGE.key_config(a) != calibrate_stage.STAGE.key_config(
+        make_cfg(calibrate={"delta": 0.1})
+    )

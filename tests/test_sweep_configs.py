@@ -76,9 +76,9 @@ def test_full_sweep_loops_live_inside_jobs_not_on_sweep_axes():
     master = _compose(["+experiment=full_sweep"], hydra=True)
     assert set(master.hydra.sweeper.params) == {"model", "seed"}
     cfg = _job_config("full_sweep", ["model=pythia-410m", "seed=0"])
-    assert len(cfg.calibrate.eps) > 1 and len(cfg.calibrate.metrics) > 1
+    assert len(cfg.calibrate.eps) > 1 and len(cfg.metrics.metrics) > 1
     assert len(cfg.decoding.layerskip_d) > 1
-    assert cfg.evaluate.tasks == "pythia" and len(cfg.evaluate.pythia) == 8  # the zero-shot suite
+    assert cfg.early_exit.tasks == "pythia" and len(cfg.early_exit.pythia) == 8  # the zero-shot suite
 
 
 @pytest.mark.parametrize("model", PYTHIA)
@@ -115,7 +115,7 @@ def test_full_sweep_jobs_plan_and_pass_stage_checks(model):
     runner = Runner(cfg, group="test")
     assert runner.requested == list(runner.known) and set(runner.keys) == set(runner.known)
     for name, stage in runner.known.items():
-        if stage.validate is not None and name not in ("backbone", "extract"):
+        if name not in ("backbone", "extract"):
             stage.validate(cfg)
 
 

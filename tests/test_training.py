@@ -16,7 +16,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import OmegaConf
 
 from lightning_modules.heads_module import NonFiniteLossError
 from pipeline.data.shards import ShardReader
@@ -290,7 +289,6 @@ def test_ddp_two_cpu_processes_on_gloo_equals_one_process_with_twice_the_batch(t
 
 def _stage_cfg(**heads_overrides):
     cfg = _compose("trainer=cpu", "logger=none")
-    OmegaConf.set_struct(cfg, False)  # lets a test add an unknown heads key
     cfg.model.head_layers = HEAD_LAYERS
     cfg.model.source, cfg.model.revision, cfg.model.dtype = "tiny-test", None, "float32"
     cfg.data.budgets.train = 4096
@@ -313,7 +311,7 @@ def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
     )
     (extract_dir / "meta.json").write_text(json.dumps({"layers": HEAD_LAYERS}))
     cfg = _stage_cfg()
-    heads_stage.validate(cfg)
+    heads_stage.STAGE.validate(cfg)
     out_dir = tmp_path / "heads.partial"
     out_dir.mkdir()
     ctx = StageContext(
@@ -338,21 +336,24 @@ def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
 
 
 def test_heads_stage_key_and_validation():
+    from hydra.errors import ConfigCompositionException
+
     from pipeline.orchestration.validation import ConfigError
     from pipeline.stages import heads as heads_stage
 
-    base = heads_stage.key_config(_stage_cfg())
-    assert base == heads_stage.key_config(_stage_cfg(num_workers=3, eval_batch_tokens=64))
-    assert base != heads_stage.key_config(_stage_cfg(lr=1e-3))
+    base = heads_stage.STAGE.key_config(_stage_cfg())
+    assert base == heads_stage.STAGE.key_config(_stage_cfg(num_workers=3, eval_batch_tokens=64))
+    assert base != heads_stage.STAGE.key_config(_stage_cfg(lr=1e-3))
     ddp = _stage_cfg()
     ddp.trainer.devices = 2
-    assert heads_stage.key_config(ddp)["world_size"] == 2  # global batch doubles: other weights
+    assert heads_stage.STAGE.key_config(ddp)["world_size"] == 2  # global batch doubles: other weights
     assert heads_stage.stage_trainer_cfg(_compose("trainer=ddp").trainer)["strategy"] == "ddp_spawn"
     for override, message in [
         ({"head_type": "conv"}, "head_type"),
         ({"lr": 0.0}, "lr"),
         ({"val_tokens": 4000}, "exceed"),
-        ({"learning_rate": 1.0}, "unknown"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            heads_stage.validate(_stage_cfg(**override))
+            heads_stage.STAGE.validate(_stage_cfg(**override))
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):  # the schema has no such key
+        _compose("heads.learning_rate=1.0")

@@ -47,23 +47,6 @@ _RESERVED_TRAINER_KEYS = {
 }
 # conf/trainer keys that are not Trainer arguments.
 _NON_TRAINER_KEYS = {"float32_matmul_precision"}
-_HEADS_DEFAULTS: dict[str, Any] = {
-    "head_type": "linear",
-    "init": "unembedding",
-    "mlp_ratio": 1.0,
-    "lr": 1e-4,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "warmup_steps": 50,
-    "min_lr_ratio": 0.0,
-    "batch_tokens": 1024,
-    "max_steps": 1500,
-    "val_tokens": 8192,
-    "val_every_n_steps": 250,
-    "checkpoint_every_n_steps": None,
-    "num_workers": 0,
-    "eval_batch_tokens": 4096,
-}
 
 
 def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -81,12 +64,11 @@ def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def heads_settings(heads_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """heads_cfg with defaults filled in; unknown keys are rejected (a typo would otherwise be ignored)."""
-    given = _plain(heads_cfg)
-    unknown = set(given) - set(_HEADS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown heads config keys {sorted(unknown)}; known: {sorted(_HEADS_DEFAULTS)}")
-    return {**_HEADS_DEFAULTS, **given}
+    """heads_cfg with the schema's defaults filled in (pipeline/config/stages.py, HeadsConfig); unknown keys
+    are rejected (a typo would otherwise be ignored)."""
+    from pipeline.config import group_values
+
+    return group_values("heads", _plain(heads_cfg))
 
 
 class ThroughputMonitor(Callback):

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import pipeline.stages as stages_pkg
+from pipeline.config import check_renamed
 from pipeline.models.backbone import resolve_device
 from pipeline.orchestration.results import RESULTS_FILE, print_table, read_results, to_frame
 from pipeline.orchestration.store import StageStore, stage_key
@@ -78,8 +79,9 @@ def forced_stages(cfg: DictConfig, requested: list[str], known: dict[str, Stage]
 
 
 def plan_keys(cfg: DictConfig, known: dict[str, Stage]) -> tuple[dict[str, str], dict[str, object]]:
-    """Each stage's cache key, and the plain config subtree it hashes (kept for the completion record, so
-    `key_config` — which may fingerprint a whole corpus — runs once per stage)."""
+    """Each stage's cache key, and the plain config it hashes: `Stage.key_config`, the one rule (its group
+    minus volatile fields, plus its key facts), kept for the completion record so it runs once per stage
+    (a key fact may fingerprint a whole corpus)."""
     keys: dict[str, str] = {}
     key_configs: dict[str, object] = {}
     for name, stage in known.items():
@@ -102,6 +104,7 @@ class Runner:
     def __init__(self, cfg: DictConfig, group: str = "local"):
         self.cfg = cfg
         self.group = group
+        check_renamed(cfg)  # an old key (evaluate.*) fails with its new name, before anything reads it
         validate_config(cfg)  # before anything reads the config (keys, device)
         check_device(str(cfg.device), available=True)
         self.known = available_stages()

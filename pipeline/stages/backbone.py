@@ -25,7 +25,9 @@ from pipeline.stages.base import Stage, StageContext, StageOutput
 log = logging.getLogger(__name__)
 
 
-def key_config(cfg: DictConfig) -> dict:
+def key_facts(cfg: DictConfig) -> dict:
+    """The backbone has no group of its own: its output is defined by these facts of the model group (and,
+    for the tiny model, the corpus it pretrains on); not by head_layers or dtype, which only later stages use."""
     model = cfg.model
     key = {"source": model.source, "revision": model.revision}
     if model.source == "tiny":
@@ -36,7 +38,7 @@ def key_config(cfg: DictConfig) -> dict:
     return key
 
 
-def validate(cfg: DictConfig) -> None:
+def check_loadable(cfg: DictConfig) -> None:
     """A hub model that is neither cached nor reachable fails here, before any other stage starts."""
     if cfg.model.source != "tiny":
         require_loadable(str(cfg.model.source), cfg.model.revision)
@@ -89,4 +91,4 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(rows=rows, metrics={**metrics, **record})
 
 
-STAGE = Stage(name="backbone", upstream=(), key_config=key_config, run=run, validate=validate)
+STAGE = Stage(name="backbone", upstream=(), run=run, key_facts=key_facts, checks=check_loadable)

@@ -1,20 +1,25 @@
 """The stage interface. One module per stage under `pipeline/stages/`, each thin: it reads its inputs, calls
-the core library (pipeline/*.py, lightning_modules/), writes files into `ctx.out_dir` and returns result rows.
+the core library (pipeline/*/, lightning_modules/), writes files into `ctx.out_dir` and returns result rows.
 
 A stage module defines one `Stage` object named `STAGE`:
 
     STAGE = Stage(
         name="calibrate",
-        upstream=("backbone", "extract", "heads"),       # stages whose finished outputs it reads
-        key_config=lambda cfg: {"calibrate": cfg.calibrate},   # the config subtree that defines its output
-        run=run,                                         # run(ctx: StageContext) -> StageOutput
+        upstream=("backbone", "extract", "heads"),  # stages whose finished outputs it reads
+        run=run,                                    # run(ctx: StageContext) -> StageOutput
+        group="calibrate",                          # its config group (schema: pipeline/config/stages.py)
+        key_facts=seed_fact,                        # what else defines its output (seed, model/data facts)
     )
 
-The runner (pipeline/orchestration/runner.py) hashes `key_config(cfg)` together with the upstream stages' keys, reuses a
-finished output when one exists, and otherwise calls `run` with `ctx.out_dir` pointing at a fresh temporary
-directory that is renamed into place only after `run` returns. So a stage never needs to clean up after a
-crash, and must write *only* into `ctx.out_dir`. Volatile settings (device, log level, progress bars) must
-not appear in `key_config`.
+Cache key, one rule for every stage (`Stage.key_config`): the stage's group, resolved, minus the fields its
+schema marks volatile, plus its `key_facts`. The runner (pipeline/orchestration/runner.py) hashes that with
+the upstream stages' keys, reuses a finished output when one exists, and otherwise calls `run` with
+`ctx.out_dir` pointing at a fresh temporary directory that is renamed into place only after `run` returns.
+So a stage never needs to clean up after a crash, and must write *only* into `ctx.out_dir`.
+
+Checks (`Stage.validate`, run before any stage starts, so bad input fails in seconds): the group's schema
+(every field's range, and `check(cfg)` against other groups), then the stage's own `checks` for what a schema
+cannot see (disk space, network).
 
 Result rows are long-format dicts with the keys of `pipeline.orchestration.results.COLUMNS`
 (model, stage, method, eps, head, metric, value); `model` and `stage` are filled in by the runner.
@@ -31,6 +36,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from pipeline.config import SCHEMAS, group_key, group_settings
 from pipeline.orchestration.tracking import Tracker
 
 
@@ -58,14 +64,37 @@ class StageOutput:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
+def seed_fact(cfg: DictConfig) -> dict[str, Any]:
+    """The run's seed: part of the key of every stage whose output depends on it."""
+    return {"seed": int(cfg.seed)}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     upstream: tuple[str, ...]
-    key_config: Callable[[DictConfig], Any]
     run: Callable[[StageContext], StageOutput]
-    # Checks that need no heavy work, run before any stage starts (bad input fails in seconds).
-    validate: Callable[[DictConfig], None] | None = None
+    # The config group the stage reads (named after the stage); None for a stage keyed by facts only.
+    group: str | None = None
+    # What else defines the output, beyond the group: the seed, model and data facts (a corpus fingerprint).
+    key_facts: Callable[[DictConfig], dict[str, Any]] | None = None
+    # Checks beyond the group's schema that need no heavy work (disk space, a reachable hub).
+    checks: Callable[[DictConfig], None] | None = None
     # A resumable stage finds its previous `.partial` work directory intact after a crash (e.g. training
     # checkpoints); others always start from an empty directory.
     resumable: bool = False
+
+    def key_config(self, cfg: DictConfig) -> dict[str, Any]:
+        """What defines this stage's output (the one cache-key rule, pipeline/config/groups.py)."""
+        key: dict[str, Any] = {}
+        if self.group is not None:
+            key[self.group] = group_key(cfg, self.group)
+        if self.key_facts is not None:
+            key.update(self.key_facts(cfg))
+        return key
+
+    def validate(self, cfg: DictConfig) -> None:
+        if self.group is not None and self.group in SCHEMAS:
+            group_settings(cfg, self.group)
+        if self.checks is not None:
+            self.checks(cfg)

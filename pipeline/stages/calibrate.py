@@ -8,52 +8,15 @@ import math
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from pipeline.exits.calibration import METHODS, apply_exit_policy, calibrate, check_delta, evaluate_thresholds
-from pipeline.exits.confidence import METRICS
+from pipeline.exits.calibration import apply_exit_policy, calibrate, evaluate_thresholds
 from pipeline.exits.token_metrics import wide
 from pipeline.orchestration.results import row
-from pipeline.orchestration.validation import ConfigError, check_eps
-from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 from pipeline.stages.metrics import load_backbone_and_heads, split_metrics
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"
-
-
-def key_config(cfg: DictConfig) -> dict:
-    c = cfg.calibrate
-    return {
-        "metric": str(c.metric),
-        "methods": list(c.methods),
-        "eps": [float(e) for e in c.eps],
-        "delta": float(c.delta),
-        "cascade": bool(c.cascade),
-        "ltt": dict(c.ltt),
-        "max_tokens": c.max_tokens,
-        "seed": int(cfg.seed),
-    }
-
-
-def validate(cfg: DictConfig) -> None:
-    c = cfg.calibrate
-    check_eps(list(c.eps), "calibrate.eps")
-    try:
-        check_delta(c.delta)
-    except ValueError as err:
-        raise ConfigError(f"calibrate.delta: {err}") from None
-    if c.metric not in METRICS:
-        raise ConfigError(f"calibrate.metric: unknown metric {c.metric!r}; available: {sorted(METRICS)}")
-    unknown = [m for m in c.methods if m not in METHODS]
-    if unknown or not c.methods:
-        raise ConfigError(
-            f"calibrate.methods: {list(c.methods)} must be a non-empty subset of {list(METHODS)}"
-        )
-    if not 0.0 < float(c.ltt.grid_fraction) < 1.0:
-        raise ConfigError(f"calibrate.ltt.grid_fraction must lie in (0, 1), got {c.ltt.grid_fraction}")
-    if int(c.ltt.grid_points) < 1:
-        raise ConfigError(f"calibrate.ltt.grid_points must be >= 1, got {c.ltt.grid_points}")
 
 
 @torch.no_grad()
@@ -61,8 +24,8 @@ def run(ctx: StageContext) -> StageOutput:
     c = ctx.cfg.calibrate
     metric = str(c.metric)
     backbone, heads = load_backbone_and_heads(ctx)
-    val = split_metrics(ctx, backbone, heads, "validation", [metric])
-    test = split_metrics(ctx, backbone, heads, "test", [metric])
+    val = split_metrics(ctx, backbone, heads, "validation", [metric], c)
+    test = split_metrics(ctx, backbone, heads, "test", [metric], c)
     layers = [int(x) for x in val.groupby("head")["layer"].first().sort_index()]
     thresholds = calibrate(
         wide(val, metric),
@@ -123,7 +86,7 @@ def run(ctx: StageContext) -> StageOutput:
 STAGE = Stage(
     name="calibrate",
     upstream=("backbone", "extract", "heads"),
-    key_config=key_config,
     run=run,
-    validate=validate,
+    group="calibrate",
+    key_facts=seed_fact,
 )

@@ -2,7 +2,7 @@
 
 For the full model and every (calibration method, ε), the configured lm-eval tasks run through `EarlyExitLM`
 (pipeline/evaluation/lm_eval_adapter.py); then the same policies are evaluated token by token on the test split under each
-KV fill policy (pipeline/evaluation/token_eval.py). `evaluate.tasks=offline` uses tasks built from the held-out split
+KV fill policy (pipeline/evaluation/token_eval.py). `early_exit.tasks=offline` uses tasks built from the held-out split
 (pipeline/evaluation/offline_tasks.py), so the default run needs no network.
 
 Rows (pipeline/orchestration/results.py):
@@ -26,80 +26,42 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration.results import row
-from pipeline.orchestration.validation import ConfigError, check_eps
-from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.orchestration.validation import ConfigError
+from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"
 TASKS_DIR = "offline_tasks"
 LM_EVAL_DIR = "lm_eval"
-VOLATILE = ("batch_size",)
 
 
 # --- config -----------------------------------------------------------------------------------------------------
 
 
 def task_names(cfg: DictConfig) -> list[str] | None:
-    """The configured lm-eval task names; None means the offline tasks (built at run time)."""
-    tasks = cfg.evaluate.tasks
-    if isinstance(tasks, str):
-        if tasks == "offline":
-            return None
-        if tasks == "pythia":
-            return [str(t) for t in cfg.evaluate.pythia]
-        return [tasks]
-    if isinstance(tasks, ListConfig | list | tuple) and tasks:
-        return [str(t) for t in tasks]
-    raise ConfigError(
-        f"evaluate.tasks must be 'offline', 'pythia' or a non-empty list of task names, got {tasks!r}"
-    )
+    """The configured lm-eval task names; None means the offline tasks (built at run time). The schema
+    (pipeline/config/stages.py) has checked the form of `early_exit.tasks`."""
+    tasks = cfg.early_exit.tasks
+    if tasks == "offline":
+        return None
+    if tasks == "pythia":
+        return [str(t) for t in cfg.early_exit.pythia]
+    return [str(t) for t in tasks]
 
 
-def key_config(cfg: DictConfig) -> dict:
-    evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
-    for key in VOLATILE:
-        evaluate.pop(key, None)
-        evaluate.get("token_eval", {}).pop(key, None)
-    return {"evaluate": evaluate, "seed": int(cfg.seed)}
-
-
-def validate(cfg: DictConfig) -> None:
-    from pipeline.evaluation.lm_eval_adapter import GENERATION_STRATEGIES
-    from pipeline.evaluation.token_eval import FILL_POLICIES
-    from pipeline.exits.calibration import eps_key
-
-    ev = cfg.evaluate
-    eps = check_eps(list(ev.eps), "evaluate.eps")
-    calibrated = {eps_key(e) for e in cfg.calibrate.eps}
-    missing = [e for e in eps if eps_key(e) not in calibrated]
-    if missing:
-        raise ConfigError(
-            f"evaluate.eps {missing} are not calibrated (calibrate.eps={list(cfg.calibrate.eps)}); "
-            "add them to calibrate.eps or drop them"
-        )
-    unknown = [m for m in ev.methods if m not in cfg.calibrate.methods]
-    if unknown:
-        raise ConfigError(
-            f"evaluate.methods {unknown} are not calibrated (calibrate.methods={list(cfg.calibrate.methods)})"
-        )
-    bad_fills = [f for f in ev.token_eval.fills if f not in FILL_POLICIES]
-    if bad_fills or ev.fill not in FILL_POLICIES:
-        raise ConfigError(f"evaluate fill policies must be among {list(FILL_POLICIES)}")
-    if ev.generation not in GENERATION_STRATEGIES:
-        raise ConfigError(
-            f"evaluate.generation={ev.generation!r}; choose one of {list(GENERATION_STRATEGIES)}"
-        )
+def check_tasks_reachable(cfg: DictConfig) -> None:
+    """lm-eval's own tasks download their datasets: fail now, not after the other stages, without a hub."""
     names = task_names(cfg)
     if names is not None and os.environ.get("HF_DATASETS_OFFLINE") != "1":
         from pipeline.models.backbone import hub_reachable
 
         if not hub_reachable():
             raise ConfigError(
-                f"evaluate.tasks {names} download their datasets from the Hugging Face hub, which is "
-                "unreachable; use evaluate.tasks=offline, or HF_DATASETS_OFFLINE=1 if they are cached"
+                f"early_exit.tasks {names} download their datasets from the Hugging Face hub, which is "
+                "unreachable; use early_exit.tasks=offline, or HF_DATASETS_OFFLINE=1 if they are cached"
             )
 
 
@@ -113,7 +75,7 @@ def _prepare_tasks(cfg: DictConfig, out_dir: Path):
     names = task_names(cfg)
     if names is not None:
         return names, task_manager(None, include_defaults=True)
-    settings = OfflineTaskSettings.from_config(OmegaConf.to_container(cfg.evaluate.offline, resolve=True))
+    settings = OfflineTaskSettings.from_config(OmegaConf.to_container(cfg.early_exit.offline, resolve=True))
     counts = write_offline_tasks(out_dir / TASKS_DIR, make_text_source(cfg.data), settings)
     log.info("offline tasks from the %s split: %s", settings.split, counts)
     return list(counts), task_manager(out_dir / TASKS_DIR)
@@ -169,7 +131,7 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.exits.policy import ExitPolicy
     from pipeline.models.backbone import load_from_stage_output
 
-    cfg, ev = ctx.cfg, ctx.cfg.evaluate
+    cfg, ev = ctx.cfg, ctx.cfg.early_exit
     model, tokenizer = load_from_stage_output(
         ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device
     )
@@ -227,7 +189,7 @@ def run(ctx: StageContext) -> StageOutput:
             "test",
             n_tokens,
             int(cfg.data.seq_len),
-            budget_key="evaluate.token_eval.n_tokens",
+            budget_key="early_exit.token_eval.n_tokens",
         )
         fills = [str(f) for f in ev.token_eval.fills]
         batch = int(ev.token_eval.batch_size)
@@ -281,7 +243,8 @@ def accuracy_compute_table(rows: list[dict]) -> pd.DataFrame:
 STAGE = Stage(
     name="early_exit",
     upstream=("backbone", "extract", "heads", "calibrate"),
-    key_config=key_config,
     run=run,
-    validate=validate,
+    group="early_exit",
+    key_facts=seed_fact,
+    checks=check_tasks_reachable,
 )

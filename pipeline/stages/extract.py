@@ -28,7 +28,9 @@ class DiskSpaceError(ConfigError):
     """Not enough free disk for the extraction estimate."""
 
 
-def key_config(cfg: DictConfig) -> dict:
+def key_facts(cfg: DictConfig) -> dict:
+    """Beyond the `extract` group (whose settings are all volatile): the model and data facts that define the
+    stored hidden states."""
     from pipeline.data.tokens import make_text_source
 
     data = cfg.data
@@ -92,7 +94,7 @@ def extract_split(
     return n_tokens
 
 
-def validate(cfg: DictConfig) -> None:
+def check_inputs(cfg: DictConfig) -> None:
     """Cheap checks before any heavy work: disk space for the estimate, and (offline corpus) whether each
     split can possibly hold its token budget (a token is at least one byte of text)."""
     from pipeline.data.tokens import make_text_source
@@ -201,4 +203,6 @@ def read_meta(extract_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-STAGE = Stage(name="extract", upstream=("backbone",), key_config=key_config, run=run, validate=validate)
+STAGE = Stage(
+    name="extract", upstream=("backbone",), run=run, group="extract", key_facts=key_facts, checks=check_inputs
+)

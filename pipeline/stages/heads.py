@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.exits.heads import HEAD_TYPES, INITS
-from pipeline.exits.training import CHECKPOINT_DIR, heads_settings, train_heads
+from pipeline.config.stages import world_size
+from pipeline.exits.training import CHECKPOINT_DIR, train_heads
 from pipeline.models.backbone import load_from_stage_output
 from pipeline.orchestration.results import row
 from pipeline.orchestration.validation import ConfigError
@@ -26,62 +26,19 @@ from pipeline.stages.base import Stage, StageContext, StageOutput
 from pipeline.stages.extract import read_meta
 
 log = logging.getLogger(__name__)
-# heads-config keys that do not change the trained heads (throughput and evaluation batching only).
-_VOLATILE_HEADS_KEYS = ("num_workers", "eval_batch_tokens")
 METHODS = ("trained", "logit_lens")
 
 
-def _world_size(trainer_cfg: DictConfig) -> int | str:
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
-    if isinstance(devices, int):
-        return devices * nodes
-    return str(devices)  # "auto" or a device list: not resolvable before the run, keyed as written
-
-
-def key_config(cfg: DictConfig) -> dict[str, Any]:
-    heads = {k: v for k, v in heads_settings(cfg.heads).items() if k not in _VOLATILE_HEADS_KEYS}
+def key_facts(cfg: DictConfig) -> dict[str, Any]:
+    """Beyond the `heads` group: the seed and what of conf/trainer changes the weights — numerics and the
+    global batch (heads.batch_tokens is per data-parallel process) — not where training runs."""
     trainer = cfg.trainer
     return {
-        "heads": heads,
         "seed": int(cfg.seed),
-        # Not the whole trainer config (where it runs is volatile), but what changes the weights: numerics
-        # and the global batch (batch_tokens is per data-parallel process).
         "precision": str(trainer.get("precision", "32-true")),
-        "world_size": _world_size(trainer),
+        "world_size": world_size(trainer),
         "accumulate_grad_batches": int(trainer.get("accumulate_grad_batches", 1) or 1),
     }
-
-
-def validate(cfg: DictConfig) -> None:
-    try:
-        h = heads_settings(cfg.heads)
-    except ValueError as err:
-        raise ConfigError(f"heads: {err}") from err
-    if h["head_type"] not in HEAD_TYPES:
-        raise ConfigError(
-            f"heads.head_type={h['head_type']!r}: choose one of {HEAD_TYPES} (heads=linear|mlp)"
-        )
-    if h["init"] not in INITS:
-        raise ConfigError(f"heads.init={h['init']!r}: choose one of {INITS}")
-    for key in ("lr", "batch_tokens", "max_steps", "val_tokens", "val_every_n_steps", "eval_batch_tokens"):
-        if not float(h[key]) > 0:
-            raise ConfigError(f"heads.{key} must be positive, got {h[key]}")
-    if int(h["warmup_steps"]) < 0 or not 0.0 <= float(h["min_lr_ratio"]) <= 1.0:
-        raise ConfigError("heads.warmup_steps must be >= 0 and heads.min_lr_ratio in [0, 1]")
-    budget = OmegaConf.select(cfg, "data.budgets.train", default=None)
-    if budget is not None:
-        world = _world_size(cfg.trainer)
-        per_step = int(h["batch_tokens"]) * (world if isinstance(world, int) else 1)
-        if int(h["val_tokens"]) + per_step > int(budget):
-            raise ConfigError(
-                f"heads.val_tokens ({h['val_tokens']}) + one global batch ({per_step}) exceed the extracted "
-                f"train tokens (data.budgets.train={budget}): lower them or extract more"
-            )
-    reserved = {"max_steps", "max_epochs", "val_check_interval", "callbacks", "logger"} & set(cfg.trainer)
-    if reserved:
-        raise ConfigError(
-            f"trainer.{sorted(reserved)} are set from conf/heads by the heads stage; remove them"
-        )
 
 
 def stage_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
@@ -159,8 +116,8 @@ def run(ctx: StageContext) -> StageOutput:
 STAGE = Stage(
     name="heads",
     upstream=("backbone", "extract"),
-    key_config=key_config,
     run=run,
-    validate=validate,
+    group="heads",
+    key_facts=key_facts,
     resumable=True,
 )

@@ -13,34 +13,15 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.shards import ShardReader
-from pipeline.exits.confidence import METRICS, get_metric
+from pipeline.exits.confidence import get_metric
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.separation import sample_risk_coverage
 from pipeline.exits.token_metrics import auroc_table, best_metric_per_head, compute_token_metrics
 from pipeline.models.backbone import load_from_stage_output, unembedding_of
 from pipeline.orchestration.results import row
-from pipeline.orchestration.validation import ConfigError
-from pipeline.stages.base import Stage, StageContext, StageOutput
+from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 
 log = logging.getLogger(__name__)
-
-
-def key_config(cfg: DictConfig) -> dict:
-    c = cfg.calibrate
-    return {
-        "metrics": list(c.metrics),
-        "max_tokens": c.max_tokens,
-        "rc_points": int(c.rc_points),
-        "seed": int(cfg.seed),
-    }
-
-
-def validate(cfg: DictConfig) -> None:
-    unknown = [m for m in cfg.calibrate.metrics if m not in METRICS]
-    if unknown:
-        raise ConfigError(f"calibrate.metrics: unknown metric(s) {unknown}; available: {sorted(METRICS)}")
-    if cfg.calibrate.max_tokens is not None and int(cfg.calibrate.max_tokens) <= 0:
-        raise ConfigError(f"calibrate.max_tokens must be positive or null, got {cfg.calibrate.max_tokens}")
 
 
 def token_subset(n_tokens: int, max_tokens: int | None, seed: int) -> np.ndarray:
@@ -59,12 +40,18 @@ def load_backbone_and_heads(ctx: StageContext) -> tuple[torch.nn.Module, EarlyEx
 
 
 def split_metrics(
-    ctx: StageContext, backbone: torch.nn.Module, heads: EarlyExitHeads, split: str, metrics: list[str]
+    ctx: StageContext,
+    backbone: torch.nn.Module,
+    heads: EarlyExitHeads,
+    split: str,
+    metrics: list[str],
+    group: DictConfig,
 ) -> pd.DataFrame:
-    """The per-(token, head) table of one extracted split (shared with the calibrate stage)."""
+    """The per-(token, head) table of one extracted split (shared with the calibrate stage). `group` is the
+    calling stage's config group: its `max_tokens` and `batch_tokens` apply."""
     cfg = ctx.cfg
     reader = ShardReader(Path(ctx.inputs["extract"]) / split)
-    max_tokens = cfg.calibrate.max_tokens
+    max_tokens = group.max_tokens
     indices = token_subset(len(reader), None if max_tokens is None else int(max_tokens), int(cfg.seed))
     log.info("%s: %d tokens x %d heads, metrics %s", split, len(indices), len(heads), metrics)
     return compute_token_metrics(
@@ -73,7 +60,7 @@ def split_metrics(
         unembedding_of(backbone),
         metrics,
         indices=indices,
-        batch_size=int(cfg.calibrate.batch_tokens),
+        batch_size=int(group.batch_tokens),
         device=ctx.device,
     )
 
@@ -102,11 +89,12 @@ def risk_coverage_table(table: pd.DataFrame, metrics: list[str], n_points: int) 
 
 @torch.no_grad()
 def run(ctx: StageContext) -> StageOutput:
-    metrics = [str(m) for m in ctx.cfg.calibrate.metrics]
+    settings = ctx.cfg.metrics
+    metrics = [str(m) for m in settings.metrics]
     backbone, heads = load_backbone_and_heads(ctx)
-    table = split_metrics(ctx, backbone, heads, "validation", metrics)
+    table = split_metrics(ctx, backbone, heads, "validation", metrics, settings)
     aucs = auroc_table(table, metrics)
-    curves = risk_coverage_table(table, metrics, int(ctx.cfg.calibrate.rc_points))
+    curves = risk_coverage_table(table, metrics, int(settings.rc_points))
     winners = best_metric_per_head(aucs)
     for rec in winners.itertuples(index=False):
         log.info("head %d (layer %d): best metric %s, AUROC %.3f", rec.head, rec.layer, rec.metric, rec.auroc)
@@ -127,9 +115,5 @@ def run(ctx: StageContext) -> StageOutput:
 
 
 STAGE = Stage(
-    name="metrics",
-    upstream=("backbone", "extract", "heads"),
-    key_config=key_config,
-    run=run,
-    validate=validate,
+    name="metrics", upstream=("backbone", "extract", "heads"), run=run, group="metrics", key_facts=seed_fact
 )
