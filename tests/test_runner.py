@@ -137,3 +137,49 @@ def test_concurrent_runs_compute_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert CALLS == ["a"]
+
+
+# --- the one cache-key rule on the real stages ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_keys(tmp_path_factory):
+    from pipeline.orchestration.runner import available_stages, plan_keys
+
+    from .micro import compose_micro
+
+    stages = available_stages()
+    return stages, plan_keys(compose_micro(tmp_path_factory.mktemp("keys")), stages)[0]
+
+
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        # Volatile settings (schema metadata) leave every key alone.
+        ("extract.batch_size=3", set()),
+        ("extract.shard_tokens=1024", set()),
+        ("heads.num_workers=2", set()),
+        ("metrics.batch_tokens=64", set()),
+        ("calibrate.batch_tokens=64", set()),
+        ("early_exit.batch_size=2", set()),
+        ("early_exit.token_eval.batch_size=2", set()),
+        ("device=cpu", set()),
+        # Any other setting changes its stage's key and those downstream of it, and no other.
+        ("metrics.rc_points=11", {"metrics"}),
+        ("decoding.repeats=2", {"decoding"}),
+        ("early_exit.token_eval.n_tokens=128", {"early_exit"}),
+        ("calibrate.ltt.grid_points=50", {"calibrate", "early_exit", "decoding"}),
+        ("heads.lr=0.001", {"heads", "metrics", "calibrate", "early_exit", "decoding"}),
+        ("seed=1", {"heads", "metrics", "calibrate", "early_exit", "decoding"}),
+    ],
+)
+def test_one_key_rule_for_every_stage(micro_keys, tmp_path, override, changed):
+    from pipeline.orchestration.runner import plan_keys
+
+    from .micro import compose_micro
+
+    stages, base = micro_keys
+    keys, configs = plan_keys(compose_micro(tmp_path, override), stages)
+    assert {name for name in stages if keys[name] != base[name]} == changed
+    assert configs["calibrate"]["calibrate"]["eps"] == [0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
+    assert "batch_tokens" not in configs["calibrate"]["calibrate"]  # volatile: not hashed, not recorded
