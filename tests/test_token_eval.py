@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from pipeline.engine.stats import CostModel
-from pipeline.evaluation.token_eval import evaluate_tokens, fill_costs
+from pipeline.evaluation.token_eval import evaluate_tokens
 from pipeline.exits.confidence import get_metric
+from pipeline.exits.cost import CostModel
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy, head_inputs_of
 from tests.conftest import tiny_gpt_neox
@@ -33,23 +32,6 @@ def policy(thresholds) -> ExitPolicy:
 
 def cascade_logits(hidden_states, final_logits, heads, policy):
     return policy.cascade(heads, head_inputs_of(hidden_states, policy.layers), final_logits)
-
-
-def test_fill_costs_by_hand():
-    depths = np.array([4, 1, 1, 4])
-    # lazy: each of the 4 blocks runs every position up to the last deep token.
-    assert fill_costs(depths, 4, "lazy") == (16, 0)
-    # copy: own blocks only (10), K/V written for the skipped ones (3 + 3).
-    assert fill_costs(depths, 4, "copy") == (10, 6)
-    # recompute: no cache, position p reruns positions 0..p through its own depth.
-    assert fill_costs(depths, 4, "recompute") == (1 * 4 + 2 * 1 + 3 * 1 + 4 * 4, 0)
-    full = np.full(5, 4)
-    assert {fill_costs(full, 4, f)[0] for f in ("lazy", "copy")} == {20}
-    assert fill_costs(full, 4, "recompute")[0] == 4 * (1 + 2 + 3 + 4 + 5)
-    # Nothing after the last shallow tokens is ever filled lazily.
-    assert fill_costs(np.array([4, 2, 2]), 4, "lazy") == (3 + 3 + 1 + 1, 0)
-    with pytest.raises(ValueError, match="fill policy"):
-        fill_costs(depths, 4, "magic")
 
 
 def test_cascade_takes_the_first_confident_head(setup):

@@ -11,8 +11,9 @@ from torch import nn
 
 from pipeline.engine.adapters import BackboneAdapter, adapter_for
 from pipeline.engine.cache import JaggedKVCache
-from pipeline.engine.stats import CostModel, GenerationStats, OracleBound
-from pipeline.exits.policy import ExitPolicy
+from pipeline.engine.stats import GenerationStats, OracleBound
+from pipeline.exits.cost import CostModel
+from pipeline.exits.policy import FULL, ExitPolicy
 
 
 @dataclass
@@ -20,12 +21,22 @@ class StepResult:
     head: int | None  # the head the token exited at, or None when it reached the final layer
     token: int  # that head's argmax, or the full model's argmax for this position
     final_tokens: list[int] | None = None  # full model's argmax for every row verified in this pass
+    logits: torch.Tensor | None = None  # [vocab] logits this position's token was taken from
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int]  # the new tokens only (prompt excluded)
     stats: GenerationStats
+
+
+@dataclass
+class TeacherForced:
+    """A strategy run over given tokens: per position, the logits its next token would be taken from."""
+
+    logits: torch.Tensor  # [T, vocab]
+    exit_head: torch.Tensor  # [T] long: the head position t exited at, FULL (-1) for the full model
+    stats: GenerationStats  # every position counted as a produced token
 
 
 class DecodeSession:
@@ -72,13 +83,17 @@ class DecodeSession:
 
     # -- output ----------------------------------------------------------------------------------------------
 
+    def count(self, kind: str) -> None:
+        """Count one produced token of the given accounting kind (see `GenerationStats`)."""
+        self.stats.generated += 1
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+
     def emit(self, token: int, kind: str) -> bool:
         """Append a generated token of the given accounting kind; return False once generation must stop."""
         if self.done:
             return False
         self.out.append(token)
-        self.stats.generated += 1
-        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        self.count(kind)
         if len(self.out) >= self.max_new_tokens or token in self.eos_token_ids:
             self.done = True
         return not self.done
@@ -106,7 +121,9 @@ class DecodeSession:
             probe.append(probe_row)
         self.stats.prefill_block_rows += (n - 1) * adapter.num_layers
         self.stats.block_rows += adapter.num_layers
+        self.stats.block_calls += adapter.num_layers
         self.stats.lm_head_rows += 1
+        self.stats.lm_head_calls += 1
         return int(adapter.logits(cache.hidden[:, n - 1 : n]).argmax(-1).view(-1)[0])
 
     def step(
@@ -145,6 +162,7 @@ class DecodeSession:
             cache.hidden[:, start:end] = out
             lengths[i] = end
             stats.block_rows += end - start
+            stats.block_calls += 1
             if probe is not None and i in head_index:
                 probe_row.append(self._head_token(head_index[i], out[:, -1:]))
             if i in exit_at:
@@ -153,7 +171,8 @@ class DecodeSession:
                 logits = self.engine.heads(head, hidden.to(self.engine.head_dtype))
                 stats.head_evals += 1
                 if policy.exits(head, logits, hidden, prev_head_input):
-                    return StepResult(head, int(logits.argmax(-1).view(-1)[0]))
+                    row = logits.reshape(-1, logits.shape[-1])[-1]
+                    return StepResult(head, int(row.argmax()), logits=row)
             if keep_prev and i in head_index:
                 prev_head_input = out[:, -1:]
         if probe is not None:
@@ -161,8 +180,9 @@ class DecodeSession:
         first = position if verify_from is None else verify_from
         logits = adapter.logits(cache.hidden[:, first:end])
         stats.lm_head_rows += end - first
+        stats.lm_head_calls += 1
         tokens = logits.argmax(-1).view(-1).tolist()
-        return StepResult(None, tokens[-1], tokens)
+        return StepResult(None, tokens[-1], tokens, logits[0, -1])
 
     def _head_token(self, head: int, hidden: torch.Tensor) -> int:
         self.stats.head_evals += 1
@@ -182,6 +202,7 @@ class DecodeSession:
             self.adapter.kv_only(j, hidden, cache, position)
             cache.lengths[j] = position + 1
             self.stats.kv_only_rows += 1
+            self.stats.kv_only_calls += 1
 
     def reset_for_recompute(self, position: int) -> None:
         """Drop every cached K/V so that the next step recomputes the whole prefix [0, position] through the
@@ -274,6 +295,23 @@ class Engine:
         return GenerationResult(sess.out, sess.stats)
 
     @torch.inference_mode()
+    def teacher_force(self, input_ids: torch.Tensor | Sequence[int], strategy) -> TeacherForced:
+        """Run an `EarlyExit` strategy over the given tokens instead of its own predictions: position p
+        consumes token p whatever was predicted at p - 1 (token-level evaluation). There is no prefill:
+        every position, the first included, goes through the strategy's exit policy and KV fill."""
+        strategy.validate(self)
+        ids = self._prompt(input_ids)
+        sess = self.session(ids, max_new_tokens=0, strategy_name=strategy.name)
+        sess.cache.reset()
+        logits, exits = [], []
+        for position, token in enumerate(ids.tolist()):
+            result = strategy.advance(sess, position, token)
+            sess.count("full_tokens" if result.head is None else "exited")
+            logits.append(result.logits)
+            exits.append(FULL if result.head is None else result.head)
+        return TeacherForced(torch.stack(logits), torch.tensor(exits, dtype=torch.long), sess.stats)
+
+    @torch.inference_mode()
     def oracle_bound(
         self,
         input_ids: torch.Tensor | Sequence[int],
@@ -296,21 +334,12 @@ class Engine:
         earliest: list[int | None] = []
         for token, row in zip(sess.out, probes, strict=True):
             earliest.append(next((k for k, t in enumerate(row) if t == token), None))
-        L, head = self.num_layers, self.cost.head
-        n_heads = len(self.head_layers)
-        oracle, cascade = [], []
-        for k in earliest:
-            if k is None:
-                oracle.append(L + head)
-                cascade.append(L + (n_heads + 1) * head)
-            else:
-                oracle.append(self.head_layers[k] + 1 + head)
-                cascade.append(self.head_layers[k] + 1 + (k + 1) * head)
+        oracle, cascade = self.cost.oracle_costs(earliest, self.head_layers, self.num_layers)
         return OracleBound(
             tokens=list(sess.out),
             earliest_head=earliest,
             head_layers=list(self.head_layers),
             oracle_cost=oracle,
             cascade_cost=cascade,
-            full_cost=L + head,
+            full_cost=self.cost.full_token(self.num_layers),
         )

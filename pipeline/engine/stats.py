@@ -1,38 +1,21 @@
-"""Per-generation statistics and the compute cost model (DESIGN.md §2).
+"""Per-generation statistics (docs/design.md §2).
 
-Compute is counted in *layer-equivalents*: one block run on one position = 1. A vocabulary projection (an
-early-exit head, or the model's own unembedding) on one position costs `head` block units, by default
-d·V / (12·d²) — 8 blocks for Pythia-70m, 1.6 for 2.8b — so a drafter that evaluates heads often is not
-made to look free. Writing K/V for a skipped layer (the `copy` fill policy) costs `kv_only` units.
+Compute is priced by the one cost model, `pipeline/exits/cost.py`, in two measures: FLOP layer-equivalents
+from row counters (`block_rows`, `head_evals`, `lm_head_rows`, `kv_only_rows`) and latency-equivalents from
+call counters (`block_calls`, `head_evals` — a head always runs on one row —, `lm_head_calls`,
+`kv_only_calls`): a call over k rows costs one call.
 
 Prefill attribution: the prompt's rows are counted apart (`prefill_block_rows`), except its last row, which
-produces the first generated token and is counted like any decoding step, so that greedy decoding costs
-exactly L + head layer-equivalents per generated token.
+produces the first generated token and is counted like any decoding step; the prefill's block and
+unembedding calls are counted as that step's calls. So greedy decoding costs exactly L + head per generated
+token in both measures.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass(frozen=True)
-class CostModel:
-    """Costs in block units (one block on one position = 1)."""
-
-    head: float
-    kv_only: float = 0.25
-
-    @classmethod
-    def default(cls, d_model: int, vocab_size: int, kv_only: float = 0.25) -> CostModel:
-        """The design's default: a vocab projection costs d·V / (12·d²) blocks."""
-        return cls(head=d_model * vocab_size / (12 * d_model**2), kv_only=kv_only)
-
-    @classmethod
-    def from_adapter(cls, adapter) -> CostModel:
-        """Multiply-add counts read off the model's weights: heads d·V and K/V projections relative to the
-        block's linear layers (exact for any block shape, e.g. GQA or a wide MLP)."""
-        block = adapter.block_macs()
-        return cls(head=adapter.d_model * adapter.vocab_size / block, kv_only=adapter.kv_only_macs() / block)
+from pipeline.exits.cost import CostModel
 
 
 @dataclass
@@ -70,6 +53,9 @@ class GenerationStats:
     lm_head_rows: int = 0
     kv_only_rows: int = 0
     prefill_block_rows: int = 0
+    block_calls: int = 0
+    lm_head_calls: int = 0
+    kv_only_calls: int = 0
     wall_time_s: float = 0.0
 
     # -- derived ----------------------------------------------------------------------------------------------
@@ -92,15 +78,25 @@ class GenerationStats:
 
     @property
     def layer_equivalents(self) -> float:
-        return (
-            self.block_rows
-            + self.cost.head * (self.head_evals + self.lm_head_rows)
-            + self.cost.kv_only * self.kv_only_rows
+        """FLOP layer-equivalents: rows through blocks, heads, unembedding and K/V-only projections."""
+        return self.cost.layer_equivalents(
+            self.block_rows, self.head_evals + self.lm_head_rows, self.kv_only_rows
         )
 
     @property
     def layer_equivalents_per_token(self) -> float:
         return self.layer_equivalents / self.generated if self.generated else float("nan")
+
+    @property
+    def latency_equivalents(self) -> float:
+        """Latency-equivalents: block, head, unembedding and K/V-only calls, whatever their number of rows."""
+        return self.cost.layer_equivalents(
+            self.block_calls, self.head_evals + self.lm_head_calls, self.kv_only_calls
+        )
+
+    @property
+    def latency_equivalents_per_token(self) -> float:
+        return self.latency_equivalents / self.generated if self.generated else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
@@ -121,6 +117,8 @@ class GenerationStats:
         assert sum(self.drafts_per_head) == self.drafted
         assert sum(self.exits_per_head) == self.exited
         assert self.corrections + self.bonus <= self.verifications <= self.full_passes
+        assert self.block_calls <= self.block_rows and self.lm_head_calls <= self.lm_head_rows
+        assert self.kv_only_calls <= self.kv_only_rows
 
     def as_dict(self) -> dict:
         """Flat record with the derived metrics, for results tables."""
@@ -133,6 +131,8 @@ class GenerationStats:
             "tokens_per_full_pass",
             "layer_equivalents",
             "layer_equivalents_per_token",
+            "latency_equivalents",
+            "latency_equivalents_per_token",
             "tokens_per_second",
         ):
             out[name] = getattr(self, name)

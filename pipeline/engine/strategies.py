@@ -7,10 +7,9 @@ the engine's step does the compute and the counting.
 
 from __future__ import annotations
 
-from pipeline.engine.engine import DecodeSession, Engine
+from pipeline.engine.engine import DecodeSession, Engine, StepResult
+from pipeline.exits.cost import FILL_POLICIES
 from pipeline.exits.policy import ExitPolicy
-
-FILL_POLICIES = ("lazy", "copy", "recompute")
 
 
 class Strategy:
@@ -87,25 +86,27 @@ class EarlyExit(Strategy):
             "thresholds": list(self.policy.thresholds),
         }
 
+    def advance(self, session: DecodeSession, position: int, token: int) -> StepResult:
+        """One early-exit step of `token` at `position`, its KV fill and its exit counted; the caller counts
+        the produced token (as `exited` when `result.head` is set, else `full_tokens`)."""
+        if self.fill == "recompute":
+            session.reset_for_recompute(position)
+        result = session.step(position, token, self.policy)
+        if result.head is None:
+            session.stats.full_passes += 1
+        else:
+            session.stats.exits_per_head[result.head] += 1
+            if self.fill == "copy":
+                session.copy_fill(position, session.engine.head_layers[result.head])
+        return result
+
     def run(self, session: DecodeSession, first_token: int) -> None:
-        engine, policy = session.engine, self.policy
-        stats = session.stats
         position, token = session.prompt_len, first_token
         while True:
-            if self.fill == "recompute":
-                session.reset_for_recompute(position)
-            result = session.step(position, token, policy)
-            if result.head is None:
-                stats.full_passes += 1
-                kind = "full_tokens"
-            else:
-                stats.exits_per_head[result.head] += 1
-                kind = "exited"
-                if self.fill == "copy":
-                    session.copy_fill(position, engine.head_layers[result.head])
+            result = self.advance(session, position, token)
             token = result.token
             position += 1
-            if not session.emit(token, kind):
+            if not session.emit(token, "full_tokens" if result.head is None else "exited"):
                 return
 
 

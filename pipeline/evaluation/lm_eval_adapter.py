@@ -29,9 +29,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
-from pipeline.engine.stats import CostModel
-from pipeline.engine.strategies import FILL_POLICIES
-from pipeline.evaluation.token_eval import ExitCounts, default_cost, exit_costs
+from pipeline.evaluation.token_eval import ExitCounts
+from pipeline.exits.cost import FILL_POLICIES, CostModel
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy, head_inputs_of
 from pipeline.models.backbone import num_layers_of
@@ -73,7 +72,7 @@ class EarlyExitLM(HFLM):
         self.max_draft = max_draft
         self._decoder = None  # the decoding engine, built on first generation request
         self.num_layers = num_layers_of(model)
-        self.cost = cost or default_cost(model)
+        self.cost = cost or CostModel.for_model(model)
         self.set_policy(policy)
         self.exit_stats: dict[str, ExitCounts] = {}
         self._task = _NO_TASK
@@ -94,7 +93,7 @@ class EarlyExitLM(HFLM):
                 f"the heads are at blocks {layers}"
             )
         self.policy = policy
-        self._exit_costs = exit_costs(policy, self.num_layers, self.cost)
+        self._exit_costs = self.cost.exit_costs(policy, self.num_layers)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -102,7 +101,7 @@ class EarlyExitLM(HFLM):
 
     def _counts(self) -> ExitCounts:
         if self._task not in self.exit_stats:
-            self.exit_stats[self._task] = ExitCounts(len(self.heads), self.num_layers + self.cost.head)
+            self.exit_stats[self._task] = ExitCounts(len(self.heads), self.cost.full_token(self.num_layers))
         return self.exit_stats[self._task]
 
     # -- per-task bookkeeping: lm-eval batches all tasks' requests together; split them by task ------------------

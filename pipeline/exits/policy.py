@@ -127,14 +127,8 @@ class ExitPolicy:
         hidden: torch.Tensor | None = None,
         prev_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Metric values of head k for tokens [..., vocab] of `logits`. `hidden` is head k's input and
-        `prev_hidden` head k-1's input (both only read by hidden-state metrics); NaN at head 0 for those."""
-        metric = self.metric_fn
-        if not metric.needs_hidden:
-            return metric(logits)
-        if k == 0:
-            return torch.full(logits.shape[:-1], math.nan, device=logits.device)
-        return metric(logits, hidden, prev_hidden)
+        """This policy's metric at head k (see `head_metric_values`)."""
+        return head_metric_values(self.metric_fn, k, logits, hidden, prev_hidden)
 
     def confident(self, k: int, values):
         """Vectorised exit test of head k on metric values (torch or numpy): a boolean array of their shape."""
@@ -199,6 +193,23 @@ class ExitPolicy:
             exit_head[chosen] = k
             pending[chosen] = False
         return out, exit_head
+
+
+def head_metric_values(
+    metric: ConfidenceMetric,
+    k: int,
+    logits: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    prev_hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Metric values of head k for the tokens of `logits` [..., vocab]. `hidden` is head k's input and
+    `prev_hidden` head k-1's input (read only by hidden-state metrics, which are NaN at head 0: see the module
+    docstring). The one definition of a head's metric value, for calibration data and decisions alike."""
+    if not metric.needs_hidden:
+        return metric(logits)
+    if k == 0:
+        return torch.full(logits.shape[:-1], math.nan, device=logits.device)
+    return metric(logits, hidden, prev_hidden)
 
 
 def head_inputs_of(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:

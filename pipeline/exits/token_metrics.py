@@ -11,6 +11,7 @@ The table is "long": one row per (token, head), columns
 
 Saturation (cosine between this head's input and the previous head's input) has no previous head at head 0:
 the shards do not hold the embedding output, so it is NaN there (and NaN never exits, never counts in AUROC).
+Metric values come from `pipeline.exits.policy.head_metric_values`, the definition the exit policy uses.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from pipeline.data.shards import ShardReader
 from pipeline.exits.confidence import get_metric
 from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.policy import head_metric_values
 from pipeline.exits.separation import aurc, auroc
 from pipeline.models.backbone import unembedding_of
 
@@ -63,15 +65,9 @@ def compute_token_metrics(
         for k in range(n_heads):
             logits = heads(k, head_hidden[:, k])
             correct[rows, k] = (logits.argmax(-1) == teacher).cpu().numpy()
+            prev = head_hidden[:, k - 1] if k > 0 else None
             for m in metric_objs:
-                if m.needs_hidden:
-                    value = (
-                        m(logits, head_hidden[:, k], head_hidden[:, k - 1])
-                        if k > 0
-                        else torch.full((len(logits),), float("nan"))
-                    )
-                else:
-                    value = m(logits)
+                value = head_metric_values(m, k, logits, head_hidden[:, k], prev)
                 values[m.name][rows, k] = value.float().cpu().numpy()
     # Head-major layout: all tokens of head 0, then head 1, ... (what `wide` relies on being cheap).
     table = pd.DataFrame(
