@@ -130,7 +130,7 @@ class ExitPolicy:
         """This policy's metric at head k (see `head_metric_values`)."""
         return head_metric_values(self.metric_fn, k, logits, hidden, prev_hidden)
 
-    def confident(self, k: int, values):
+    def confident(self, k: int, values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Vectorised exit test of head k on metric values (torch or numpy): a boolean array of their shape."""
         threshold = self.thresholds[k]
         if threshold is None or threshold == ALWAYS:
