@@ -1,14 +1,15 @@
 """Decoding speed: transformers' greedy `generate` vs our engine's greedy, early exit, LayerSkip and DSSD.
 
-A thin command line over the decoding harness (pipeline/evaluation/decoding_harness.py), the one the pipeline's
-`decoding` stage runs: the same settings, interleaved per prompt (load changes hit every method alike), the
-same losslessness check and LayerSkip tuning. Printed per model: tokens/s (median over repeats of each
-repeat's tokens/s over all prompts, with min and max), its ratio to `generate` in the same repeat (median),
-layer-equivalents per generated token, acceptance rate, accepted drafts per verification, and whether the
-output is identical to greedy `generate` on every prompt; then the oracle bound.
+A thin command line over the decoding harness (pipeline/evaluation/decoding_harness.py), the one the
+pipeline's `decoding` stage runs: the same settings, interleaved per prompt (load changes hit every method
+alike), the same losslessness check and LayerSkip tuning. Printed per model: tokens/s (median over repeats of
+each repeat's tokens/s over all prompts, with min and max), its ratio to `generate` in the same repeat
+(median), layer- and latency-equivalents per generated token, acceptance rate, accepted drafts per
+verification, and whether the output is identical to greedy `generate` on every prompt; then the oracle
+bound.
 
 Usage:
-    python benchmarks/decoding_speed.py                       # the default run's own outputs (outputs/cache, tiny)
+    python benchmarks/decoding_speed.py                  # the default run's own outputs (outputs/cache, tiny)
     python benchmarks/decoding_speed.py --from-outputs outputs/ --model tiny --eps 0.8 0.9
     python benchmarks/decoding_speed.py --model-dir M --heads-dir H --thresholds T.json [--eps 0.8 0.9]
     python benchmarks/decoding_speed.py --shapes tiny pythia-70m pythia-160m   # random weights, real shapes
@@ -27,7 +28,8 @@ and the same draft length. It is shown only for Llama: on GPT-NeoX (Pythia) tran
 silently runs the FULL model (its layer loop ignores `num_hidden_layers`, docs/design.md §6), so a row there
 would look lossless and merely slow. The Llama model scales its token embeddings (×10) so that the residual
 stream, and hence the early exits, stay close to the final layer's prediction: random weights otherwise give
-early exits that almost never agree with the full model, and every speculative method would only pay for drafts.
+early exits that almost never agree with the full model, and every speculative method would only pay for
+drafts.
 
 Random-weight models get logit-lens heads (each head = the model's own final norm + unembedding): on random
 weights the residual stream barely changes across blocks, so these heads often agree with the full model —
@@ -69,6 +71,7 @@ from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy
 from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of
 from pipeline.orchestration.store import StageStore
+from pipeline.stages.calibrate import THRESHOLDS_FILE
 
 SHAPES = {  # (layers, d_model, attention heads, vocab): Pythia's real shapes, plus a tiny one
     "tiny": (4, 64, 4, 256),
@@ -77,7 +80,6 @@ SHAPES = {  # (layers, d_model, attention heads, vocab): Pythia's real shapes, p
     "pythia-410m": (24, 1024, 16, 50304),
 }
 DEFAULT_EPS = (0.6, 0.8, 0.9, 0.95)
-THRESHOLDS_FILE = "thresholds.json"  # the calibrate stage's output (pipeline/stages/calibrate.py)
 
 
 def random_model(shape: str, seed: int = 0) -> torch.nn.Module:
@@ -119,7 +121,7 @@ def _default_text() -> str:
     return inspect.getsource(textwrap)
 
 
-# -- on-the-fly calibration (models without a calibrate stage output) -------------------------------------------
+# -- on-the-fly calibration (models without a calibrate stage output) ----------------------------------------
 
 
 @torch.inference_mode()
@@ -156,7 +158,7 @@ def calibrate_on_the_fly(
     return {e: table.for_eps("empirical", e) for e in eps}
 
 
-# -- what to benchmark -----------------------------------------------------------------------------------------
+# -- what to benchmark ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -258,7 +260,7 @@ def targets_from_args(args: argparse.Namespace) -> list[Target]:
     return [pipeline_target(args)]
 
 
-# -- running ------------------------------------------------------------------------------------------------------
+# -- running -------------------------------------------------------------------------------------------------
 
 
 def plan_from_args(
@@ -292,7 +294,7 @@ def benchmark_target(target: Target, args: argparse.Namespace) -> pd.DataFrame:
     return report.speed_table(target.label)
 
 
-# -- Llama: transformers' assistant_early_exit next to our LayerSkip ---------------------------------------------
+# -- Llama: transformers' assistant_early_exit next to our LayerSkip -----------------------------------------
 
 LLAMA_SHAPES = {  # (layers, d_model, attention heads, KV heads, vocab)
     "llama-tiny": (8, 256, 8, 4, 4096),
@@ -369,7 +371,7 @@ def llama_assistant_benchmark(shape: str, args: argparse.Namespace) -> pd.DataFr
     return report.speed_table(f"{shape} (random weights, embeddings ×{args.llama_embed_scale:g})")
 
 
-# -- main -------------------------------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------------------------------------
 
 GPT_NEOX_NOTE = (
     "note: transformers' assistant_early_exit is shown only for Llama: on GPT-NeoX (Pythia) it "

@@ -1,5 +1,5 @@
-"""The decoding harness on hand-built inputs and a tiny random model: oracle speculation, the losslessness check,
-LayerSkip selection, per-repeat speeds, a whole run, and finding stage outputs in the store."""
+"""The decoding harness on hand-built inputs and a tiny random model: oracle speculation, the losslessness
+check, LayerSkip selection, per-repeat speeds, a whole run, and finding stage outputs in the store."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def _stats(generated: int, layer_equivalents: float, accepted: int = 0, verifica
     return SimpleNamespace(
         generated=generated,
         layer_equivalents=layer_equivalents,
+        latency_equivalents=layer_equivalents,
         drafted=accepted,
         accepted=accepted,
         verifications=verifications,
@@ -107,7 +108,7 @@ def test_speeds_per_repeat_and_ratios_to_generate():
     assert line["identical_to_greedy"] and line["setting"] == "engine"
 
 
-# --- a whole run on a tiny random model --------------------------------------------------------------------------
+# --- a whole run on a tiny random model ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,10 @@ def _policies(engine):
 
 def test_run_decoding_rows_tables_and_external_methods(tiny):
     model, engine, prompts = tiny
-    external = lambda tuned: [ExternalMethod("reference_again", "hf", lambda p: hf_greedy(model, p, 5))]  # noqa: E731
+
+    def external(tuned: Setting) -> list[ExternalMethod]:
+        return [ExternalMethod("reference_again", "hf", lambda p: hf_greedy(model, p, 5))]
+
     plan = DecodingPlan(
         max_new_tokens=5,
         policies=_policies(engine),
@@ -148,6 +152,10 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     assert {"dssd_vs_layerskip"} <= methods
     dssd = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "dssd" and r["head"] is None}
     assert dssd["drafted_per_token"] > 0 and 0 < dssd["acceptance_rate"] < 1
+    # Both cost measures: equal for greedy (one row per call); a verification over k rows is one call.
+    greedy = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "greedy"}
+    assert greedy["latency_equiv_per_token"] == pytest.approx(greedy["layer_equiv_per_token"])
+    assert dssd["latency_equiv_per_token"] < dssd["layer_equiv_per_token"]
     identical = [r for r in rows if r["metric"] == "identical"]
     assert identical and all(r["value"] == 1.0 for r in identical)
     assert (
@@ -190,7 +198,7 @@ def test_run_decoding_raises_when_a_lossless_method_changes_a_token(tiny, monkey
         run_decoding(engine, model, prompts[:1], prompts[1:2], plan)
 
 
-# --- finding stage outputs ---------------------------------------------------------------------------------------
+# --- finding stage outputs ----------------------------------------------------------------------------------
 
 
 def _finish(store: StageStore, stage: str, key: str, upstream: dict[str, str]) -> None:

@@ -43,7 +43,7 @@ def test_validate_rejects(tmp_path, overrides, message):
         _validate(tmp_path, *overrides)
 
 
-# --- on the micro pipeline ---------------------------------------------------------------------------------------
+# --- on the micro pipeline ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_per_prompt_table(micro_run):
 
 
 def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
-    """A DSSD that changes one token must stop the stage with LosslessnessError and leave no finished output."""
+    """A DSSD that changes one token stops the stage with LosslessnessError and leaves no finished output."""
     from pipeline.engine import DSSD, Engine
     from pipeline.orchestration.runner import Runner
     from pipeline.orchestration.store import SUCCESS_FILE
@@ -155,7 +155,7 @@ def test_a_lossy_dssd_is_an_error_not_a_footnote(micro_copy, monkeypatch):
     assert not list((micro_copy / "cache" / "decoding").rglob(SUCCESS_FILE))
 
 
-# --- benchmarks/decoding_speed.py on the pipeline's own outputs ---------------------------------------------------
+# --- benchmarks/decoding_speed.py on the pipeline's own outputs ---------------------------------------------
 
 
 def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):

@@ -95,9 +95,9 @@ def hf_greedy(
     pad_token_id: int = 0,
     **generation: Any,
 ) -> list[int]:
-    """transformers' greedy `generate` with an explicit GenerationConfig: the reference. EOS stops it only when
-    `eos_token_id` is given, whatever the model's own generation_config says. `generation` adds options, e.g.
-    assistant_early_exit=k."""
+    """transformers' greedy `generate` with an explicit GenerationConfig: the reference. EOS stops it only
+    when `eos_token_id` is given, whatever the model's own generation_config says. `generation` adds
+    options, e.g. assistant_early_exit=k."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -129,9 +129,10 @@ def check_identical(
     )
     raise LosslessnessError(
         f"{what} is not lossless: on {split} prompt {index} its {len(tokens)} tokens differ from {against}'s "
-        f"{len(reference)} tokens at position {first} ({tokens[first : first + 5]} vs {reference[first : first + 5]}). "
-        "DSSD/LayerSkip/greedy must reproduce greedy decoding of the full model exactly; this is a bug in the "
-        "engine or a numerically unstable model (try model.dtype=float32)."
+        f"{len(reference)} tokens at position {first} "
+        f"({tokens[first : first + 5]} vs {reference[first : first + 5]}). DSSD/LayerSkip/greedy must "
+        "reproduce greedy decoding of the full model exactly; this is a bug in the engine or a numerically "
+        "unstable model (try model.dtype=float32)."
     )
 
 
@@ -202,7 +203,7 @@ class TimedRunner:
         )
 
 
-# --- the run -------------------------------------------------------------------------------------------------------
+# --- the run ------------------------------------------------------------------------------------------------
 
 
 def run_decoding(

@@ -1,23 +1,24 @@
-"""What a decoding run measured, and its tables: result rows, the summary, the per-prompt table, the speed table.
+"""What a decoding run measured, and its tables: result rows, summary, per-prompt table, speed table.
 
-`pipeline.evaluation.decoding_harness` runs the settings and fills a `DecodingReport`; this module turns it into
-tables. Counters are summed over prompts before any ratio is taken.
+`pipeline.evaluation.decoding_harness` runs the settings and fills a `DecodingReport`; this module turns it
+into tables. Counters are summed over prompts before any ratio is taken.
 
 Result rows (pipeline/orchestration/results.py):
   method generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
-      tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token,
-      tokens_per_full_pass, identical (1 = every prompt identical to greedy `generate`; lossless methods only),
-      acceptance_rate, accepted_per_verification, drafted_per_token (speculative methods);
+      tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
+      (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
+      identical (1 = every prompt identical to greedy `generate`; lossless methods only), acceptance_rate,
+      accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
   method early_exit|dssd|layerskip, head i: exit_frac (early exit) / draft_frac (drafts by head i per token).
   method layerskip: draft_head, draft_len (the tuned setting).
   method layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
-  method oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound),
-      cascade_layer_equiv_per_token (also paying each shallower head), exit_frac (head all and per head),
-      acceptance_rate (1 by construction) and accepted_per_verification of an oracle drafter under the same
-      `max_draft` cap (drafts exactly the tokens some head gets right), identical.
-  method dssd_vs_layerskip, eps e: acceptance_ratio, accepted_per_verification_ratio (DSSD / tuned LayerSkip),
-      layer_equiv_ratio, speed_ratio.
+  method oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
+      latency_equiv_per_token (the same figure: every call is one row), cascade_layer_equiv_per_token (also
+      paying each shallower head), exit_frac (head all and per head), acceptance_rate (1 by construction) and
+      accepted_per_verification of an oracle drafter under the same `max_draft` cap, identical.
+  method dssd_vs_layerskip, eps e: DSSD / tuned LayerSkip: acceptance_ratio, accepted_per_verification_ratio,
+      layer_equiv_ratio, latency_equiv_ratio, speed_ratio.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SUMMARY_METRICS = (
     "tokens_per_s",
     "speedup_vs_generate",
     "layer_equiv_per_token",
+    "latency_equiv_per_token",
     "acceptance_rate",
     "accepted_per_verification",
     "identical",
@@ -111,6 +113,7 @@ class Setting:
         verifications = self.total("verifications")
         passes = self.total("full_passes") + self.total("prefill_tokens")
         out["layer_equiv_per_token"] = self.total("layer_equivalents") / gen if gen else math.nan
+        out["latency_equiv_per_token"] = self.total("latency_equivalents") / gen if gen else math.nan
         out["tokens_per_full_pass"] = gen / passes if passes else math.nan
         if self.method in SPECULATIVE:
             out["acceptance_rate"] = accepted / drafted if drafted else math.nan
@@ -126,7 +129,7 @@ class Setting:
 
 @dataclass
 class LayerSkipTuning:
-    """The tuning prompts: the reference, the engine's greedy, every LayerSkip (head, d) and the chosen one."""
+    """The tuning prompts: the reference, the engine's greedy, every LayerSkip (head, d), the chosen one."""
 
     generate: Setting
     greedy: Setting
@@ -223,6 +226,7 @@ class DecodingReport:
                     "method": "oracle_bound",
                     "setting": "earliest agreeing head",
                     "layer_eq_per_token": sum(sum(b.oracle_cost) for b in test.bounds) / n_tok,
+                    "latency_eq_per_token": sum(sum(b.oracle_cost) for b in test.bounds) / n_tok,
                     "exit_fraction": sum(sum(b.exits_per_head()) for b in test.bounds) / n_tok,
                     "identical_to_greedy": [b.tokens for b in test.bounds] == test.generate.tokens,
                 }
@@ -230,7 +234,7 @@ class DecodingReport:
         return pd.DataFrame(lines)
 
 
-# --- rows ----------------------------------------------------------------------------------------------------------
+# --- rows ---------------------------------------------------------------------------------------------------
 
 
 def _row(metric: str, value: float, method: str, **labels: Any) -> dict[str, Any]:
@@ -272,6 +276,7 @@ RATIOS = {  # row name: the summary metric compared, DSSD / tuned LayerSkip
     "acceptance_ratio": "acceptance_rate",
     "accepted_per_verification_ratio": "accepted_per_verification",
     "layer_equiv_ratio": "layer_equiv_per_token",
+    "latency_equiv_ratio": "latency_equiv_per_token",
     "speed_ratio": "tokens_per_s",
 }
 
@@ -324,8 +329,10 @@ def oracle_rows(bounds: list[Any], max_draft: int, n_heads: int) -> list[dict]:
         a, v = oracle_speculation(b.earliest_head, max_draft)
         accepted, verifications = accepted + a, verifications + v
         per_head = [x + y for x, y in zip(per_head, b.exits_per_head(), strict=True)]
+    oracle_cost = sum(sum(b.oracle_cost) for b in bounds) / n_tok
     out = [
-        _row("layer_equiv_per_token", sum(sum(b.oracle_cost) for b in bounds) / n_tok, method="oracle"),
+        _row("layer_equiv_per_token", oracle_cost, method="oracle"),
+        _row("latency_equiv_per_token", oracle_cost, method="oracle"),  # every call is one row
         _row(
             "cascade_layer_equiv_per_token", sum(sum(b.cascade_cost) for b in bounds) / n_tok, method="oracle"
         ),
@@ -339,7 +346,7 @@ def oracle_rows(bounds: list[Any], max_draft: int, n_heads: int) -> list[dict]:
     return out
 
 
-# --- tables ----------------------------------------------------------------------------------------------------------
+# --- tables -------------------------------------------------------------------------------------------------
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
@@ -386,6 +393,7 @@ def speed_line(setting: Setting, generate: Setting, label: str) -> dict[str, Any
         line.update(
             {
                 "layer_eq_per_token": summary["layer_equiv_per_token"],
+                "latency_eq_per_token": summary["latency_equiv_per_token"],
                 "acceptance": summary.get("acceptance_rate", math.nan),
                 "accepted_per_verification": summary.get("accepted_per_verification", math.nan),
                 "exit_fraction": setting.total("exited") / gen if gen else math.nan,

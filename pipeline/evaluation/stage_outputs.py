@@ -1,9 +1,9 @@
 """Finding a model's finished stage outputs in the stage store, for tools outside the runner (benchmarks).
 
 The runner knows its entries' keys from the config it composed; a tool pointed at an outputs directory does
-not. `latest_outputs` picks the newest finished `calibrate` entry of a model and the backbone, heads and extract
-entries it was computed from (its recorded upstream keys), so the pieces always belong together. Read-only:
-entries are read through `StageStore` (records, checksums) and never written.
+not. `latest_outputs` picks the newest finished `calibrate` entry of a model and the backbone, heads and
+extract entries it was computed from (its recorded upstream keys), so the pieces always belong together.
+Read-only: entries are read through `StageStore` (records, checksums) and never written.
 """
 
 from __future__ import annotations
