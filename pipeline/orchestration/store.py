@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="the reuse check only (sizes, mtimes, small files)"
     )
     args = parser.parse_args(argv)
+    if not Path(args.cache).is_dir():
+        parser.error(
+            f"{args.cache} is not a directory (the cache is <paths.root>/cache, outputs/cache by default)"
+        )
     problems = verify_tree(args.cache, full=not args.quick)
     for line in problems:
         print(line)
