@@ -1,7 +1,7 @@
 """Loading the results tables of a run or a sweep, and small selectors over the long results table.
 
-The notebooks and `python -m analysis` read only what the pipeline writes (see pipeline/orchestration/results.py for the row
-vocabulary):
+The notebooks and `python -m analysis` read only what the pipeline writes; the row format (columns, label
+vocabulary, normalisation) is pipeline/orchestration/results.py, which needs pandas only:
 
 - a **run directory** holds `results.csv` and `tables/<stage>/<name>.parquet`;
 - a **sweep directory** holds `summary.parquet` / `summary.csv` (the same long table, concatenated over jobs,
@@ -14,7 +14,6 @@ A directory with neither (e.g. a Hydra multirun whose end-callback did not run) 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -24,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.orchestration.results import COLUMNS, RESULTS_FILE, normalize
+
 log = logging.getLogger("analysis")
 
-RESULTS_FILE = (
-    "results.csv"  # mirrors pipeline.orchestration.results.RESULTS_FILE (not imported: the analysis
-)
-SUMMARY_FILES = ("summary.parquet", "summary.csv")  # package must not need torch or the pipeline's deps)
+SUMMARY_FILES = ("summary.parquet", "summary.csv")
 TOKEN_TABLE = Path("tables") / "metrics" / "token_metrics.parquet"
-COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
 
 
 @dataclass
@@ -45,39 +42,6 @@ class Results:
     @property
     def models(self) -> list[str]:
         return model_order(self.frame, extra=self.token_tables)
-
-
-def _norm_head(value: object) -> object:
-    """Heads arrive as ints, floats ('1.0' after a CSV/parquet round trip with NaNs), strings or 'all'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return pd.NA
-    text = str(value).strip()
-    if text in ("", "nan", "<NA>", "None"):
-        return pd.NA
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return str(int(number)) if number.is_integer() else text
-
-
-def normalize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Coerce a results table to one schema whatever file it came from: string method/head, float eps/value."""
-    frame = frame.copy()
-    for column in COLUMNS:
-        if column not in frame:
-            frame[column] = pd.NA
-    frame["model"] = frame["model"].astype("string")
-    frame["stage"] = frame["stage"].astype("string")
-    frame["method"] = frame["method"].astype("string").fillna("")
-    frame["metric"] = frame["metric"].astype("string")
-    frame["head"] = frame["head"].map(_norm_head).astype("string")
-    frame["eps"] = pd.to_numeric(frame["eps"], errors="coerce")
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
-    for column in ("layer", "draft_len"):
-        if column in frame:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    return frame.reset_index(drop=True)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -149,22 +113,35 @@ def load(path: str | Path) -> Results:
     return Results(normalize(frame), load_token_tables(path), path)
 
 
+Wanted = str | Iterable[str] | None
+
+
 def select(
     frame: pd.DataFrame,
-    stage: str | None = None,
-    method: str | Iterable[str] | None = None,
-    metric: str | Iterable[str] | None = None,
-    model: str | None = None,
-    head: str | Iterable[str] | None = None,
+    stage: Wanted = None,
+    metric: Wanted = None,
+    model: Wanted = None,
+    head: Wanted = None,
+    *,
+    setting: Wanted = None,
+    split: Wanted = None,
+    confidence: Wanted = None,
+    calibration: Wanted = None,
+    fill: Wanted = None,
 ) -> pd.DataFrame:
-    """Rows matching every given field (a string or a collection of accepted values)."""
+    """Rows matching every given column (a string or a collection of accepted values); the label columns
+    (setting, split, confidence, calibration, fill) are described in pipeline/orchestration/results.py."""
     mask = pd.Series(True, index=frame.index)
     for column, wanted in (
         ("stage", stage),
-        ("method", method),
         ("metric", metric),
         ("model", model),
         ("head", head),
+        ("setting", setting),
+        ("split", split),
+        ("confidence", confidence),
+        ("calibration", calibration),
+        ("fill", fill),
     ):
         if wanted is None:
             continue

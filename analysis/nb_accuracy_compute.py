@@ -17,9 +17,10 @@
 # layer-equivalents, head evaluations included). Token-level agreement vs layer-equivalents per token
 # compares the KV-cache strategies (jagged cache with lazy fill, state copy, prefix recompute).
 #
-# Needs: the `early_exit` stage's `acc/<task>`, `acc_stderr/<task>`, `compute_frac/<task>` rows (method
-# `full` and each calibration method per ε) and its token-level `agreement` / `layer_equiv_per_token` rows;
-# for the size plot also `decoding` rows and the `backbone` stage's `n_params`.
+# Needs: the `early_exit` stage's `acc/<task>`, `acc_stderr/<task>`, `compute_frac/<task>` rows (setting
+# `full`, and setting `early_exit` per calibration method and ε) and its token-level `agreement` /
+# `layer_equiv_per_token` rows (one per KV `fill`); for the size plot also `decoding` rows and the `backbone`
+# stage's `n_params`.
 
 # %% tags=["parameters"]
 # A run directory (results.csv + tables/) or a sweep directory (summary.parquet/csv); "" = the latest run
@@ -59,7 +60,10 @@ if not bench.empty:
     )
     display(
         bench.pivot_table(
-            index=["model", "task", "method", "eps"], columns="what", values="value", dropna=False
+            index=["model", "task", "setting", "calibration", "eps"],
+            columns="what",
+            values="value",
+            dropna=False,
         )
         .dropna(how="all")
         .round(3)

@@ -53,6 +53,6 @@ show(res, figures_dir, ["exit_distribution"])
 # %%
 policy = select(res.frame, stage="calibrate", metric=["accuracy", "coverage"], head="all")
 if not policy.empty:
-    table = policy.pivot_table(index=["model", "eps"], columns=["metric", "method"], values="value")
+    table = policy.pivot_table(index=["model", "eps"], columns=["metric", "calibration"], values="value")
     display(Markdown("Realized accuracy below ε marks a calibration that did not hold on the test split."))
     display(table.round(3))

@@ -58,9 +58,9 @@ decoding = select(res.frame, stage="decoding")
 summary = []
 for model in res.models:
     rows = decoding[decoding["model"] == model]
-    for method in ("greedy", "early_exit", "layerskip", "dssd", "oracle"):
-        if method in set(rows["method"]):
-            point, eps = decoding_point(rows, method)
-            summary.append({"model": model, "method": method, "eps": eps, **point.to_dict()})
+    for setting in ("greedy", "early_exit", "layerskip", "dssd", "oracle"):
+        if setting in set(rows["setting"]):
+            point, eps = decoding_point(rows, setting)
+            summary.append({"model": model, "setting": setting, "eps": eps, **point.to_dict()})
 if summary:
-    display(pd.DataFrame(summary).set_index(["model", "method"]).round(3))
+    display(pd.DataFrame(summary).set_index(["model", "setting"]).round(3))

@@ -17,7 +17,7 @@
 # much of the final prediction is already available at that depth; the logit lens (the backbone's own final
 # norm + unembedding, untrained) is the baseline the trained heads must beat.
 #
-# Needs: the `heads` stage's `agree` and `kl` rows, methods `trained` and `logit_lens` (`layer` column =
+# Needs: the `heads` stage's `agree` and `kl` rows, settings `trained` and `logit_lens` (`layer` column =
 # block index).
 
 # %% tags=["parameters"]
@@ -44,4 +44,6 @@ show(res, figures_dir, ["heads_depth"])
 heads = select(res.frame, stage="heads", metric=["agree", "kl"])
 heads = heads[heads["head"].str.fullmatch(r"\d+").fillna(False)]
 if not heads.empty:
-    display(heads.pivot_table(index=["model", "head"], columns=["metric", "method"], values="value").round(3))
+    display(
+        heads.pivot_table(index=["model", "head"], columns=["metric", "setting"], values="value").round(3)
+    )

@@ -1,5 +1,6 @@
-"""Synthetic results that follow the results vocabulary (pipeline/orchestration/results.py) for two Pythia-like models, so the
-analysis notebooks and figures can be tested before (and independently of) a real pipeline run.
+"""Synthetic results that follow the results vocabulary (pipeline/orchestration/results.py) for two
+Pythia-like models, so the analysis notebooks and figures can be tested before (and independently of) a real
+pipeline run.
 
 The numbers are shaped like the real thing, not random noise: deeper heads agree more with the full model,
 entropy separates correct from incorrect best, thresholds tighten as ε grows, LTT is more conservative than
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# name -> (n_params, num_layers, head blocks), head blocks as in DESIGN.md (linspace rule).
+from pipeline.orchestration.results import COLUMNS
+
+# name -> (n_params, num_layers, head blocks), head blocks by the linspace rule (docs/design.md).
 MODELS = {
     "pythia-70m": (70_426_624, 6, [1, 2, 3, 4]),
     "pythia-160m": (162_322_944, 12, [2, 4, 7, 9]),
@@ -25,7 +28,6 @@ EPS = [0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 TASKS = ["lambada_openai", "piqa"]
 METRICS = ["entropy", "max_prob", "prob_margin", "logit_margin", "saturation"]
 TOKENS_PER_HEAD = 1500
-COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
 
 
 def _auroc(score: np.ndarray, correct: np.ndarray) -> float:
@@ -83,37 +85,36 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
         stage: str,
         metric: str,
         value: float,
-        method: str = "",
         eps: float | None = None,
         head: int | str | None = None,
-        **extra: float,
+        **labels_and_extra: str | float,
     ) -> None:
+        """A row: the label columns (setting, split, confidence, calibration, fill) and extra columns by name."""
         rows.append(
             {
                 "model": model,
                 "stage": stage,
-                "method": method,
                 "eps": eps,
                 "head": head,
                 "metric": metric,
                 "value": float(value),
-                **extra,
             }
+            | labels_and_extra
         )
 
     add("backbone", "n_params", n_params)
-    add("backbone", "val_ppl", 20.0 + rng.random(), method="pretrain")
+    add("backbone", "val_ppl", 20.0 + rng.random(), setting="pretrain")
     for split, n in (("train", 200_000), ("validation", 20_000), ("test", 20_000)):
-        add("extract", "tokens", n, method=split)
-        add("extract", "tokens_per_s", 5e4 * (1 + rng.random()), method=split)
+        add("extract", "tokens", n, split=split)
+        add("extract", "tokens_per_s", 5e4 * (1 + rng.random()), split=split)
     add("extract", "bytes_per_token", 2 * 1024)
 
     for head, block in enumerate(blocks):
         depth = (block + 1) / n_layers
-        add("heads", "agree", 0.35 + 0.55 * depth, method="trained", head=head, layer=block)
-        add("heads", "kl", 2.5 * (1 - depth) + 0.1, method="trained", head=head, layer=block)
-        add("heads", "agree", 0.1 + 0.7 * depth**2, method="logit_lens", head=head, layer=block)
-        add("heads", "kl", 8.0 * (1 - depth) + 0.3, method="logit_lens", head=head, layer=block)
+        add("heads", "agree", 0.35 + 0.55 * depth, setting="trained", head=head, layer=block)
+        add("heads", "kl", 2.5 * (1 - depth) + 0.1, setting="trained", head=head, layer=block)
+        add("heads", "agree", 0.1 + 0.7 * depth**2, setting="logit_lens", head=head, layer=block)
+        add("heads", "kl", 8.0 * (1 - depth) + 0.3, setting="logit_lens", head=head, layer=block)
         on_head = tokens[tokens["head"] == head]
         correct = on_head["correct"].to_numpy()
         for metric in METRICS:
@@ -122,14 +123,15 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
                 "metrics",
                 "auroc",
                 _auroc(-score if metric == "entropy" else score, correct),
-                method=metric,
+                confidence=metric,
                 head=head,
                 layer=block,
             )
-    add("heads", "train_tokens_per_s", 1e5, method="trained")
+    add("heads", "train_tokens_per_s", 1e5, setting="trained")
 
     # Calibration: cascade exit fractions shrink and thresholds tighten as ε grows; LTT is stricter.
     for method, strictness in (("empirical", 1.0), ("ltt", 0.8)):
+        policy = {"calibration": method, "confidence": "entropy"}
         for eps in EPS:
             total = 0.0
             for head, block in enumerate(blocks):
@@ -140,40 +142,47 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
                     if (method == "ltt" and eps >= 0.99 and head == 0)
                     else strictness * 3 * (1 - eps) * depth
                 )
-                add("calibrate", "threshold", threshold, method=method, eps=eps, head=head, layer=block)
-                add("calibrate", "exit_frac", frac, method=method, eps=eps, head=head, layer=block)
+                add("calibrate", "threshold", threshold, eps=eps, head=head, layer=block, **policy)
+                add("calibrate", "exit_frac", frac, eps=eps, head=head, layer=block, **policy)
                 total += frac
-            add("calibrate", "coverage", total, method=method, eps=eps, head="all")
+            add("calibrate", "coverage", total, eps=eps, head="all", **policy)
             add(
                 "calibrate",
                 "accuracy",
                 min(1.0, eps + (0.01 if method == "ltt" else -0.005)),
-                method=method,
                 eps=eps,
                 head="all",
+                **policy,
             )
 
     # Benchmarks: the full model, then each calibration method per ε.
     for task_i, task in enumerate(TASKS):
         full_acc = 0.55 + 0.05 * task_i + 0.02 * np.log10(n_params / 7e7)
-        add("early_exit", f"acc/{task}", full_acc, method="full")
-        add("early_exit", f"acc_stderr/{task}", 0.01, method="full")
-        add("early_exit", f"compute_frac/{task}", 1.0, method="full")
+        add("early_exit", f"acc/{task}", full_acc, setting="full")
+        add("early_exit", f"acc_stderr/{task}", 0.01, setting="full")
+        add("early_exit", f"compute_frac/{task}", 1.0, setting="full")
         for method in ("empirical", "ltt"):
+            policy = {"setting": "early_exit", "calibration": method, "confidence": "entropy"}
             for eps in EPS:
-                add("early_exit", f"acc/{task}", full_acc * (0.8 + 0.2 * eps), method=method, eps=eps)
-                add("early_exit", f"acc_stderr/{task}", 0.01, method=method, eps=eps)
-                add("early_exit", f"compute_frac/{task}", 0.45 + 0.55 * eps, method=method, eps=eps)
+                add("early_exit", f"acc/{task}", full_acc * (0.8 + 0.2 * eps), eps=eps, **policy)
+                add("early_exit", f"acc_stderr/{task}", 0.01, eps=eps, **policy)
+                add("early_exit", f"compute_frac/{task}", 0.45 + 0.55 * eps, eps=eps, **policy)
                 for head in range(len(blocks)):
-                    add("early_exit", f"exit_frac/{task}", (1 - eps) * 0.2, method=method, eps=eps, head=head)
-    # Token level: method = KV-cache fill, the calibration method in the extra `calibration` column.
-    add("early_exit", "agreement", 1.0, method="full")
-    add("early_exit", "ppl", 20.0, method="full")
-    add("early_exit", "layer_equiv_per_token", n_layers + 1, method="full")
+                    add("early_exit", f"exit_frac/{task}", (1 - eps) * 0.2, eps=eps, head=head, **policy)
+    # Token level: one policy per calibration method, evaluated under each KV-cache fill.
+    add("early_exit", "agreement", 1.0, setting="full")
+    add("early_exit", "ppl", 20.0, setting="full")
+    add("early_exit", "layer_equiv_per_token", n_layers + 1, setting="full")
     for calibration, shift in (("empirical", 0.0), ("ltt", 0.3)):
         for fill, overhead in (("lazy", 0.0), ("copy", -0.3), ("recompute", 1.5)):
             for eps in EPS:
-                common = {"method": fill, "eps": eps, "calibration": calibration}
+                common = {
+                    "setting": "early_exit",
+                    "calibration": calibration,
+                    "confidence": "entropy",
+                    "fill": fill,
+                    "eps": eps,
+                }
                 add("early_exit", "agreement", eps - 0.02 * (fill == "copy"), **common)
                 add("early_exit", "ppl", 20 + 10 * (1 - eps), **common)
                 add(
@@ -186,15 +195,15 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
 
     # Decoding: greedy/generate references, DSSD and early exit per ε, tuned LayerSkip, oracle, and the grid.
     def decode(
-        method: str, eps: float | None, speedup: float, acc_rate: float, per_ver: float, layer_equiv: float
+        setting: str, eps: float | None, speedup: float, acc_rate: float, per_ver: float, layer_equiv: float
     ) -> None:
-        add("decoding", "tokens_per_s", 100 * speedup, method=method, eps=eps)
-        add("decoding", "speedup_vs_generate", speedup, method=method, eps=eps)
-        add("decoding", "layer_equiv_per_token", layer_equiv, method=method, eps=eps)
-        add("decoding", "identical", 1.0, method=method, eps=eps)
+        add("decoding", "tokens_per_s", 100 * speedup, setting=setting, eps=eps)
+        add("decoding", "speedup_vs_generate", speedup, setting=setting, eps=eps)
+        add("decoding", "layer_equiv_per_token", layer_equiv, setting=setting, eps=eps)
+        add("decoding", "identical", 1.0, setting=setting, eps=eps)
         if not np.isnan(acc_rate):
-            add("decoding", "acceptance_rate", acc_rate, method=method, eps=eps)
-            add("decoding", "accepted_per_verification", per_ver, method=method, eps=eps)
+            add("decoding", "acceptance_rate", acc_rate, setting=setting, eps=eps)
+            add("decoding", "accepted_per_verification", per_ver, setting=setting, eps=eps)
 
     decode("generate", None, 1.0, np.nan, np.nan, n_layers + 8)
     decode("greedy", None, 1.1, np.nan, np.nan, n_layers + 8)
@@ -214,7 +223,7 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
                     "decoding",
                     metric,
                     value,
-                    method="layerskip_grid",
+                    setting="layerskip_grid",
                     head=head,
                     layer=block,
                     draft_len=draft_len,
@@ -232,12 +241,12 @@ def result_rows(model: str, tokens: pd.DataFrame, rng: np.random.Generator) -> p
             n_layers * (0.6 + 0.3 * eps) + 6,
         )
         decode("early_exit", eps, 1.0 + 0.5 * (1 - eps), np.nan, np.nan, n_layers * (0.5 + 0.5 * eps) + 6)
-        add("decoding", "acceptance_ratio", acc_rate / best_ls[1], method="dssd_vs_layerskip", eps=eps)
+        add("decoding", "acceptance_ratio", acc_rate / best_ls[1], setting="dssd_vs_layerskip", eps=eps)
         add(
             "decoding",
             "accepted_per_verification_ratio",
             per_ver / best_ls[0],
-            method="dssd_vs_layerskip",
+            setting="dssd_vs_layerskip",
             eps=eps,
         )
     decode("oracle", None, 2.0, 1.0, best_ls[0] * 2.2, n_layers * 0.5 + 4)

@@ -23,6 +23,7 @@ import pytest
 from analysis import build_figures, load
 from analysis.notebooks import REPO_ROOT, ensure_kernel, execute, notebook_paths
 from analysis.plots import FIGURES, FORMATS
+from pipeline.orchestration.results import COLUMNS
 from tests.fixtures_results import MODELS, write_run, write_sweep
 
 PER_MODEL = ["confidence_hist", "calibration", "decoding"]
@@ -91,6 +92,18 @@ def notebook_figures(executions: tuple[Path, Path]) -> Path:
 @pytest.fixture(scope="module")
 def cli_figures(executions: tuple[Path, Path]) -> Path:
     return executions[1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipeline/__init__.py imports pipeline.config, whose schema defaults are checked at import time "
+    "against registries that import torch (one_of(_fill_policies) -> pipeline.engine)",
+)
+def test_analysis_and_the_results_format_import_without_torch() -> None:
+    """Notebooks start fast: analysis needs only pandas/matplotlib and the pipeline's results module."""
+    code = "import sys, analysis, analysis.plots; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_notebooks_are_percent_scripts_with_parameters() -> None:
@@ -178,9 +191,7 @@ def test_missing_columns_and_empty_tables(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    pd.DataFrame(columns=["model", "stage", "method", "eps", "head", "metric", "value"]).to_csv(
-        empty / "results.csv", index=False
-    )
+    pd.DataFrame(columns=COLUMNS).to_csv(empty / "results.csv", index=False)
     assert build_figures(load(empty), tmp_path / "fig_empty", strict=True) == []
 
 

@@ -56,7 +56,7 @@ def rows(micro_run):
 
 
 def _values(rows, method, metric, head=None):
-    part = rows[(rows["method"] == method) & (rows["metric"] == metric)]
+    part = rows[(rows["setting"] == method) & (rows["metric"] == metric)]
     part = part[part["head"].isna()] if head is None else part[part["head"] == str(head)]
     return part
 
@@ -84,18 +84,20 @@ def test_rows_for_every_method_and_eps(rows):
 
 def test_everything_lossless_is_identical(rows):
     identical = rows[rows["metric"] == "identical"]
-    assert {"generate", "greedy", "dssd", "layerskip", "layerskip_grid", "oracle"} <= set(identical["method"])
+    assert {"generate", "greedy", "dssd", "layerskip", "layerskip_grid", "oracle"} <= set(
+        identical["setting"]
+    )
     assert (identical["value"] == 1).all()
 
 
 def test_ratios_and_oracle(rows):
-    ratios = rows[rows["method"] == "dssd_vs_layerskip"]
+    ratios = rows[rows["setting"] == "dssd_vs_layerskip"]
     for metric in ("acceptance_ratio", "accepted_per_verification_ratio", "layer_equiv_ratio", "speed_ratio"):
         part = ratios[ratios["metric"] == metric]
         assert set(part["eps"].round(6)) == {0.8, 0.9}, metric
         assert (part["value"].dropna() > 0).all()
     assert ratios[ratios["metric"] == "layer_equiv_ratio"]["value"].notna().all()
-    grid = rows[rows["method"] == "layerskip_grid"]
+    grid = rows[rows["setting"] == "layerskip_grid"]
     assert {"acceptance_rate", "accepted_per_verification", "speedup_vs_generate"} <= set(grid["metric"])
     assert float(_values(rows, "oracle", "acceptance_rate")["value"].iloc[0]) == 1.0
     oracle = float(_values(rows, "oracle", "layer_equiv_per_token")["value"].iloc[0])
@@ -105,7 +107,7 @@ def test_ratios_and_oracle(rows):
 
 
 def test_layerskip_grid_and_tuned_setting(rows):
-    grid = rows[(rows["method"] == "layerskip_grid") & (rows["metric"] == "layer_equiv_per_token")]
+    grid = rows[(rows["setting"] == "layerskip_grid") & (rows["metric"] == "layer_equiv_per_token")]
     assert len(grid) == 3 * 2  # 3 heads × d in {1, 2}
     assert set(pd.to_numeric(grid["draft_len"]).astype(int)) == {1, 2}
     assert set(grid["head"]) == {"0", "1", "2"}

@@ -278,7 +278,11 @@ def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
         progress=False,
     )
     output = run(ctx)
-    rows = {(r["method"], r["eps"], r["head"], r["metric"]): r["value"] for r in output.rows}
+    # Keyed by the policy: the full model, a calibration method, or a KV fill for token-level rows.
+    rows = {
+        (r["fill"] or r["calibration"] or r["setting"], r["eps"], r["head"], r["metric"]): r["value"]
+        for r in output.rows
+    }
     for task in TASKS:
         assert ("full", None, None, f"acc/{task}") in rows and (
             "full",
@@ -292,5 +296,5 @@ def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
     assert rows[("lazy", 0.9, 0, "exit_frac")] == 1.0 and ("copy", 0.9, None, "agreement") in rows
     assert ("full", None, None, "ppl") in rows
     acc = output.tables["accuracy_compute"]
-    assert list(acc["method"]) == ["full", "full", "empirical", "empirical"]
+    assert list(acc["policy"]) == ["full", "full", "empirical", "empirical"]
     assert (out / "offline_tasks" / "offline_next_line.jsonl").is_file()

@@ -41,8 +41,8 @@ def test_backbone_and_extract_records(micro_run):
 def test_heads_beat_the_logit_lens(micro_run):
     _, runner, results = micro_run
     heads = results.query("stage == 'heads' and metric == 'kl'")
-    trained = heads[heads.method == "trained"].set_index("head")["value"]
-    lens = heads[heads.method == "logit_lens"].set_index("head")["value"]
+    trained = heads[heads.setting == "trained"].set_index("head")["value"]
+    lens = heads[heads.setting == "logit_lens"].set_index("head")["value"]
     assert len(trained) == 3
     assert (trained < lens).all(), (trained, lens)
     backbone, _ = load_from_stage_output(
@@ -55,16 +55,17 @@ def test_heads_beat_the_logit_lens(micro_run):
 def test_metrics_and_calibration_rows(micro_run):
     _, _, results = micro_run
     auroc = results.query("stage == 'metrics' and metric == 'auroc'")
-    assert {"entropy", "max_prob", "prob_margin", "logit_margin"} <= set(auroc["method"])
+    assert {"entropy", "max_prob", "prob_margin", "logit_margin"} <= set(auroc["confidence"])
     assert auroc["value"].dropna().between(0, 1).all()  # saturation is undefined (NaN) at head 0
     policy = results.query("stage == 'calibrate' and head == 'all' and metric == 'accuracy'")
-    assert set(policy["method"]) == {"empirical", "ltt"}
+    assert set(policy["calibration"]) == {"empirical", "ltt"}
 
 
 def test_benchmark_rows(micro_run):
     _, _, results = micro_run
     accuracy = results.query("stage == 'early_exit' and metric.str.startswith('acc/')", engine="python")
-    assert {"full", "empirical"} <= set(accuracy["method"])
+    assert set(accuracy["setting"]) == {"full", "early_exit"}
+    assert {"", "empirical"} <= set(accuracy["calibration"])
 
 
 def test_decoding_is_lossless(micro_run):

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.report import (
-    FILES_DIR,
-    REPORT_HTML,
-    REPORT_MD,
-    WANDB_REPORT_JSON,
-    build_panels,
-    build_report,
-    build_wandb_report,
-    wandb_online,
-)
-from pipeline.sweep import write_summary
+from pipeline.sweep.collect import write_summary
+from pipeline.sweep.panels import build_panels
+from pipeline.sweep.report import FILES_DIR, REPORT_HTML, REPORT_MD, build_report
+from pipeline.sweep.wandb_report import WANDB_REPORT_JSON, build_wandb_report, wandb_online
 from tests.test_sweep import make_fake_sweep
 
 MODELS = ["pythia-70m", "pythia-160m", "pythia-1b"]
@@ -84,9 +77,11 @@ def test_panels_cover_the_four_comparisons(summary_and_dir):
     auroc = panels["auroc"].table
     assert list(auroc.index) == MODELS and {"entropy", "max_prob"} <= set(auroc.columns)
     acc = panels["accuracy_vs_compute"].table
-    assert {"variant", "method", "eps", "accuracy", "compute fraction"} <= set(acc.columns)
-    assert set(acc["method"]) == {"full", "empirical"}
-    assert acc.loc[acc["method"] == "full", "compute fraction"].eq(1.0).all()
+    assert {"variant", "setting", "calibration", "eps", "accuracy", "compute fraction"} <= set(acc.columns)
+    assert "fill" not in acc  # benchmark rows have no KV fill: the empty label is left out
+    assert set(acc["setting"]) == {"full", "early_exit"}
+    assert set(acc["calibration"]) == {"", "empirical"}
+    assert acc.loc[acc["setting"] == "full", "compute fraction"].eq(1.0).all()
     acceptance = panels["acceptance"].table
     assert list(acceptance.index) == MODELS
     assert acceptance["DSSD / LayerSkip (best ε)"].eq(1.5).all()
@@ -111,9 +106,31 @@ def test_local_report_without_wandb(summary_and_dir):
     for title in ("AUROC", "Accuracy vs compute", "DSSD vs LayerSkip", "Speedup"):
         assert title in md
     assert "pythia-1b" in md and (sweep / REPORT_HTML).read_text().startswith("<!doctype html>")
+    # The panels' figures are the analysis figures, drawn once per panel and linked from the report.
     pngs = sorted(p.name for p in (sweep / FILES_DIR).glob("*.png"))
-    assert pngs == ["acceptance.png", "accuracy_vs_compute.png", "auroc.png", "speedup.png"]
+    assert pngs == [
+        "accuracy_compute.png",
+        "confidence_auroc.png",
+        "decoding_summary.png",
+        "size_scaling.png",
+    ]
+    for name in pngs:
+        assert f"]({FILES_DIR}/{name})" in md
     assert result["wandb_report"] is None
+
+
+def test_report_figures_are_the_analysis_figures(summary_and_dir, tmp_path):
+    """Same rows, same figure function: the report's PNG equals `analysis` drawing the summary with one
+    "model" per variant (no second plotting code)."""
+    from analysis import build_figures
+    from analysis.data import Results
+    from pipeline.orchestration.results import normalize
+
+    summary, sweep = summary_and_dir
+    build_report(summary, sweep)
+    res = Results(normalize(summary.assign(model=summary["variant"])))
+    (direct,) = build_figures(res, tmp_path, names=["confidence_auroc"], formats=["png"], strict=True)
+    assert direct.read_bytes() == (sweep / FILES_DIR / "confidence_auroc.png").read_bytes()
 
 
 def test_report_of_partial_sweep_says_what_is_missing(summary_and_dir):

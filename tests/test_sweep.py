@@ -8,20 +8,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.orchestration.results import RESULTS_FILE, row, to_frame
-from pipeline.sweep import (
+from analysis.data import model_size
+from pipeline.orchestration.results import COLUMNS, RESULTS_FILE, row, to_frame
+from pipeline.sweep.__main__ import main
+from pipeline.sweep.collect import (
     JOBS_CSV,
     SUMMARY_CSV,
     SUMMARY_PARQUET,
     collect,
-    comparison,
     find_jobs,
-    main,
     read_summary,
-    size_of,
-    variant_order,
     write_summary,
 )
+from pipeline.sweep.compare import comparison, variant_order
 
 EPS = [0.8, 0.9]
 
@@ -30,16 +29,16 @@ def fake_rows(model: str, scale: float) -> pd.DataFrame:
     """Rows of every stage in the results vocabulary (pipeline/orchestration/results.py), numbers growing with `scale`."""
     frames = [
         to_frame([row("n_params", 7e7 * scale)], model, "backbone"),
-        to_frame([row("bytes_per_token", 5124.0), row("tokens", 1000, method="train")], model, "extract"),
+        to_frame([row("bytes_per_token", 5124.0), row("tokens", 1000, split="train")], model, "extract"),
         to_frame(
-            [row(m, 0.5 - 0.1 * h, method="trained", head=h) for h in range(4) for m in ("kl",)]
-            + [row("agree", 0.5 + 0.1 * h, method="trained", head=h) for h in range(4)],
+            [row(m, 0.5 - 0.1 * h, setting="trained", head=h) for h in range(4) for m in ("kl",)]
+            + [row("agree", 0.5 + 0.1 * h, setting="trained", head=h) for h in range(4)],
             model,
             "heads",
         ),
         to_frame(
             [
-                row("auroc", 0.7 + 0.02 * h + (0.05 if m == "entropy" else 0), method=m, head=h)
+                row("auroc", 0.7 + 0.02 * h + (0.05 if m == "entropy" else 0), confidence=m, head=h)
                 for m in ("entropy", "max_prob")
                 for h in range(4)
             ],
@@ -48,36 +47,40 @@ def fake_rows(model: str, scale: float) -> pd.DataFrame:
         ),
         to_frame(
             [
-                row(k, v, method="empirical", eps=e, head="all")
+                row(k, v, calibration="empirical", eps=e, head="all")
                 for e in EPS
                 for k, v in (("accuracy", e + 0.01), ("coverage", 1 - e))
             ]
-            + [row("threshold", 1.0, method="empirical", eps=e, head=h) for e in EPS for h in range(4)],
+            + [row("threshold", 1.0, calibration="empirical", eps=e, head=h) for e in EPS for h in range(4)],
             model,
             "calibrate",
         ),
         to_frame(
-            [row(f"acc/{t}", 0.6, method="full") for t in ("a", "b")]
+            [row(f"acc/{t}", 0.6, setting="full") for t in ("a", "b")]
             + [
-                row(f"acc/{t}", 0.6 - (1 - e) * 0.2, method="empirical", eps=e)
+                row(f"acc/{t}", 0.6 - (1 - e) * 0.2, setting="early_exit", calibration="empirical", eps=e)
                 for t in ("a", "b")
                 for e in EPS
             ]
-            + [row(f"compute_frac/{t}", e, method="empirical", eps=e) for t in ("a", "b") for e in EPS],
+            + [
+                row(f"compute_frac/{t}", e, setting="early_exit", calibration="empirical", eps=e)
+                for t in ("a", "b")
+                for e in EPS
+            ],
             model,
             "early_exit",
         ),
         to_frame(
-            [row("acceptance_rate", 0.5 + 0.1 * scale**0, method="dssd", eps=e) for e in EPS]
+            [row("acceptance_rate", 0.5 + 0.1 * scale**0, setting="dssd", eps=e) for e in EPS]
             + [
-                row("acceptance_rate", 0.4, method="layerskip"),
-                row("acceptance_ratio", 1.5, method="dssd_vs_layerskip", eps=0.9),
+                row("acceptance_rate", 0.4, setting="layerskip"),
+                row("acceptance_ratio", 1.5, setting="dssd_vs_layerskip", eps=0.9),
             ]
             + [
-                row("speedup_vs_generate", 1.0 + 0.1 * scale, method=m, eps=0.9 if m == "dssd" else None)
-                for m in ("dssd", "layerskip")
+                row("speedup_vs_generate", 1.0 + 0.1 * scale, setting=s, eps=0.9 if s == "dssd" else None)
+                for s in ("dssd", "layerskip")
             ]
-            + [row("acceptance_rate", 0.3, method="layerskip_grid", head=0, draft_len=2)],
+            + [row("acceptance_rate", 0.3, setting="layerskip_grid", head=0, draft_len=2)],
             model,
             "decoding",
         ),
@@ -102,7 +105,8 @@ def make_fake_sweep(
         )
         (job_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
         if num not in missing:
-            fake_rows(model, size_of(model) / 7e7 or 1.0).to_csv(job_dir / RESULTS_FILE, index=False)
+            size = model_size(pd.DataFrame(columns=COLUMNS), model)  # parsed from the name; NaN for "tiny"
+            fake_rows(model, 1.0 if pd.isna(size) else size / 7e7).to_csv(job_dir / RESULTS_FILE, index=False)
     return sweep
 
 
@@ -116,19 +120,7 @@ def sweep(tmp_path) -> Path:
 
 def test_collect_concatenates_every_job_with_job_columns(sweep):
     summary, jobs = collect(sweep)
-    assert list(summary.columns[:11]) == [
-        "job",
-        "job_num",
-        "variant",
-        "seed",
-        "model",
-        "stage",
-        "method",
-        "eps",
-        "head",
-        "metric",
-        "value",
-    ]
+    assert list(summary.columns[:15]) == ["job", "job_num", "variant", "seed", *COLUMNS]
     assert set(summary["model"]) == {"pythia-70m", "pythia-410m", "pythia-1.4b"}
     assert (summary["variant"] == summary["model"]).all()  # one job per model: the label is the model
     assert list(jobs["status"]) == ["ok"] * 3
@@ -161,6 +153,35 @@ def test_swept_overrides_become_columns_and_variant_labels(tmp_path):
     assert set(summary["variant"]) == {"tiny [heads=linear]", "tiny [heads=mlp]"}
     table = comparison(summary)
     assert list(table.columns) == ["tiny [heads=linear]", "tiny [heads=mlp]"]
+
+
+def test_results_written_before_the_label_columns_are_read_in_the_current_format(tmp_path):
+    """A job (or a cached stage) whose results.csv still has the single `method` column: by stage, `method`
+    becomes the label column it meant; early_exit's three meanings are told apart."""
+    sweep = make_fake_sweep(tmp_path, [("pythia-70m", {})], missing=(0,))
+    old = pd.DataFrame(
+        [
+            ("extract", "train", None, "", "tokens", 10.0),
+            ("metrics", "entropy", None, "0", "auroc", 0.8),
+            ("calibrate", "ltt", 0.9, "all", "accuracy", 0.9),
+            ("early_exit", "full", None, "", "acc/a", 0.6),
+            ("early_exit", "empirical", 0.9, "", "acc/a", 0.5),
+            ("early_exit", "copy", 0.9, "", "agreement", 0.7),
+            ("decoding", "dssd", 0.9, "", "acceptance_rate", 0.6),
+        ],
+        columns=["stage", "method", "eps", "head", "metric", "value"],
+    ).assign(model="pythia-70m", calibration=["", "", "", "", "", "empirical", ""])
+    old.to_csv(next(sweep.iterdir()) / RESULTS_FILE, index=False)
+    summary, _ = collect(sweep)
+    assert "method" not in summary
+    labels = summary.set_index(["stage", "metric"])[["setting", "split", "confidence", "calibration", "fill"]]
+    assert labels.loc[("extract", "tokens")].tolist() == ["", "train", "", "", ""]
+    assert labels.loc[("metrics", "auroc")].tolist() == ["", "", "entropy", "", ""]
+    assert labels.loc[("calibrate", "accuracy")].tolist() == ["", "", "", "ltt", ""]
+    assert labels.loc[("early_exit", "agreement")].tolist() == ["early_exit", "", "", "empirical", "copy"]
+    assert labels.loc[("decoding", "acceptance_rate")].tolist() == ["dssd", "", "", "", ""]
+    bench = summary[summary["metric"] == "acc/a"]
+    assert bench[["setting", "calibration"]].values.tolist() == [["full", ""], ["early_exit", "empirical"]]
 
 
 def test_missing_results_are_reported_not_fatal(tmp_path):
@@ -211,7 +232,7 @@ def test_cli_estimate_prints_a_labelled_table(capsys):
 
 
 def test_estimate_matches_the_disk_formula():
-    from pipeline.sweep import estimate_table
+    from pipeline.sweep.estimate import estimate_table
 
     table = estimate_table(["pythia-70m", "pythia-2.8b"])
     assert table.loc["pythia-70m", "bytes_per_token"] == 5 * 512 * 2 + 4

@@ -326,7 +326,7 @@ def test_heads_stage_writes_heads_and_result_rows(tiny, tmp_path):
 
     EarlyExitHeads.load(out_dir, model)  # what the metrics/calibrate stages do
     assert not (out_dir / "checkpoints").exists()
-    rows = {(r["method"], r["head"], r["metric"]): r for r in output.rows}
+    rows = {(r["setting"], r["head"], r["metric"]): r for r in output.rows}
     for method in ("trained", "logit_lens"):
         for head, layer in enumerate(HEAD_LAYERS):
             for metric in ("kl", "agree"):

@@ -36,7 +36,7 @@ from pipeline.orchestration.results import row
 log = logging.getLogger(__name__)
 
 SPECULATIVE = ("layerskip", "layerskip_grid", "dssd")
-METHOD_COLUMN = "method"  # the results column that names a decoding row's method
+METHOD_COLUMN = "setting"  # the results column that names a decoding row's method
 SUMMARY_METRICS = (
     "tokens_per_s",
     "speedup_vs_generate",

@@ -1,33 +1,56 @@
-"""The results table: one long table (model, stage, method, eps, head, metric, value) that every stage adds
-rows to, that each run writes as `results.csv`, and that sweeps, reports and notebooks read.
+"""The results table: one long table that every stage adds rows to, that each run writes as `results.csv`, and
+that sweeps, reports and the analysis notebooks read. This module is its only definition (columns, row
+builder, reading, normalising); it needs pandas only, so the torch-free `analysis` package imports it too.
 
-Row vocabulary (the contract between stages, the sweep summary, the report and the notebooks). `head` is the
-head index (0..n_heads-1, the `layer` column gives its block index) or "all" for a whole exit policy:
+Columns: model, stage, setting, split, confidence, calibration, fill, eps, head, metric, value (then any
+stage-specific extra columns, e.g. `layer`, `draft_len`, `best`). `model` and `stage` are filled in by the
+runner. The five *label* columns say what a number is about; each has one meaning, "" where it does not apply:
 
-  stage       method                              eps   head   metric
-  backbone    pretrain                            -     -      val_ppl, train_seconds, tokens_per_s, ...
-  backbone    ""                                  -     -      n_params
-  extract     train|validation|test               -     -      tokens, tokens_per_s
-  extract     ""                                  -     -      bytes_per_token
-  heads       trained|logit_lens                  -     i      kl, agree
-  heads       trained                             -     -      train_tokens_per_s, train_seconds
-  metrics     <metric name> (entropy, ...)        -     i      auroc
-  calibrate   empirical|ltt                       e     i      threshold (NaN = head disabled), exit_frac
-  calibrate   empirical|ltt                       e     all    accuracy, coverage (test split, whole policy)
-  early_exit  full|<calibration method>           e     -      acc/<task>, acc_stderr/<task>,
-                                                               compute_frac/<task>
-  early_exit  full|<calibration method>           e     i      exit_frac/<task>
-  early_exit  lazy|copy|recompute                 e     -      agreement, ppl, layer_equiv_per_token (token level)
-  decoding    generate|greedy|dssd|early_exit     e     -      tokens_per_s, speedup_vs_generate,
-              |layerskip|oracle                                layer_equiv_per_token, acceptance_rate,
-                                                               accepted_per_verification, identical
-  decoding    layerskip_grid                      -     i      (extra column `draft_len`) same metrics, on the
-                                                               tuning prompts
-  decoding    dssd_vs_layerskip                   e     -      acceptance_ratio, accepted_per_verification_ratio
+  setting      what was measured in the stage: backbone pretrain; heads trained|logit_lens; early_exit
+               full|early_exit; decoding generate|greedy|early_exit|layerskip|dssd|oracle|layerskip_grid|
+               dssd_vs_layerskip
+  split        the data split of an extract row: train|validation|test
+  confidence   the confidence metric (entropy, max_prob, prob_margin, logit_margin, saturation): the metric
+               scored (metrics rows) or the one the exit thresholds are set on (calibrate, early_exit rows)
+  calibration  how the exit thresholds were calibrated: empirical|ltt (calibrate and early_exit rows;
+               decoding's dssd/early_exit rows where the decoding stage records it)
+  fill         the KV-cache fill policy of a token-level early exit: lazy|copy|recompute
+
+`eps` is the target accuracy ε of an exit policy (empty where none). `head` is the head index ("0", "1", ...;
+the `layer` column gives the block it reads), "all" for a whole exit policy, empty when not per head.
+
+  stage       labels                                  eps  head  metric
+  backbone    setting=pretrain                        -    -     val_ppl, train_seconds, tokens_per_s, ...
+  backbone    (none)                                  -    -     n_params
+  extract     split=train|validation|test             -    -     tokens, tokens_per_s
+  extract     (none)                                  -    -     bytes_per_token
+  heads       setting=trained|logit_lens              -    i     kl, agree
+  heads       setting=trained                         -    -     train_tokens_per_s, train_seconds
+  metrics     confidence=<metric>                     -    i     auroc, aurc (extra column `best`)
+  calibrate   calibration, confidence                 e    i     threshold (NaN = head disabled), exit_frac
+  calibrate   calibration, confidence                 e    all   accuracy, coverage (test split, whole policy)
+  early_exit  setting=full                            -    -     acc/<task>, acc_stderr/<task>, ... (lm-eval),
+                                                                 compute_frac/<task>; token level: ppl,
+                                                                 agreement, layer_equiv_per_token
+  early_exit  setting=early_exit, calibration,        e    -     the same benchmark metrics
+              confidence                              e    i     exit_frac/<task>
+  early_exit  setting=early_exit, calibration,        e    -     agreement, ppl, layer_equiv_per_token,
+              confidence, fill                                   compute_frac (token level)
+                                                      e    i     exit_frac
+  decoding    setting=generate|greedy|early_exit|     e    -     tokens_per_s, speedup_vs_generate,
+              layerskip|dssd|oracle                              layer_equiv_per_token, acceptance_rate,
+                                                                 accepted_per_verification, identical, ...
+  decoding    setting=layerskip_grid                  -    i     (extra column `draft_len`) the same metrics,
+                                                                 on the tuning prompts
+  decoding    setting=dssd_vs_layerskip               e    -     acceptance_ratio, accepted_per_verification_ratio
+
+Tables written before these columns existed (cached stage outputs in the store, old runs and sweep summaries)
+carry a single `method` column; `normalize` spreads it over the label columns stage by stage (`from_legacy`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,56 +58,146 @@ from typing import Any
 
 import pandas as pd
 
-COLUMNS = ["model", "stage", "method", "eps", "head", "metric", "value"]
+log = logging.getLogger(__name__)
+
+LABELS = ["setting", "split", "confidence", "calibration", "fill"]
+COLUMNS = ["model", "stage", *LABELS, "eps", "head", "metric", "value"]
 RESULTS_FILE = "results.csv"
+FILLS = ("lazy", "copy", "recompute")
+# Extra columns that hold numbers (written as floats when a stage mixes them with empty cells).
+NUMERIC_EXTRAS = ("layer", "draft_len")
 
 
 def row(
     metric: str,
     value: float,
     *,
-    method: str = "",
+    setting: str = "",
+    split: str = "",
+    confidence: str = "",
+    calibration: str = "",
+    fill: str = "",
     eps: float | None = None,
     head: int | str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One result row; `model` and `stage` are filled in by the runner."""
-    return {"method": method, "eps": eps, "head": head, "metric": metric, "value": float(value), **extra}
+    """One result row; `model` and `stage` are filled in by the runner. Labels: see the module docstring."""
+    labels = {"setting": setting, "split": split, "confidence": confidence, "calibration": calibration}
+    return {
+        **labels,
+        "fill": fill,
+        "eps": eps,
+        "head": head,
+        "metric": metric,
+        "value": float(value),
+        **extra,
+    }
+
+
+def head_label(value: Any) -> str | None:
+    """Head indices as "0", "1", ... (never "0.0", which a float column or a CSV round trip with empty cells
+    makes of them), "all" for a whole policy, None when not per head."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if text in ("", "nan", "<NA>", "None"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+# The stages whose old `method` column had a single meaning, and the label column it became.
+_LEGACY_METHOD = {
+    "backbone": "setting",
+    "extract": "split",
+    "heads": "setting",
+    "metrics": "confidence",
+    "calibrate": "calibration",
+    "decoding": "setting",
+}
+
+
+def from_legacy(frame: pd.DataFrame) -> pd.DataFrame:
+    """A table in the format before the label columns (one `method` column) in the current format. Its
+    early_exit rows are the only ones whose `method` meant three things: `full`, a KV fill (those rows also
+    carried a `calibration` column), or a calibration method."""
+    if "method" not in frame:
+        return frame
+    frame = frame.copy()
+    method = frame.pop("method").astype("string").fillna("")
+    for column in LABELS:
+        frame[column] = frame[column].astype("string").fillna("") if column in frame else ""
+    stage = (
+        frame["stage"].astype("string").fillna("") if "stage" in frame else pd.Series("", index=frame.index)
+    )
+    for name in stage.unique():
+        rows = stage == name
+        if name == "early_exit":
+            fill, full = rows & method.isin(FILLS), rows & (method == "full")
+            calibrated = rows & ~fill & ~full & (method != "")
+            frame.loc[fill, "fill"] = method[fill]
+            frame.loc[full, "setting"] = "full"
+            frame.loc[calibrated, "calibration"] = method[calibrated]
+            frame.loc[fill | calibrated, "setting"] = "early_exit"
+        else:
+            column = _LEGACY_METHOD.get(name, "setting")
+            frame.loc[rows, column] = method[rows]
+    return frame
+
+
+def normalize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One schema whatever the table came from (rows, results.csv, a summary's CSV or parquet, an old-format
+    file): string model/stage/metric, labels as strings ("" when not applicable), heads as `head_label`,
+    float eps/value. Columns in front of the results columns (a summary's job columns) stay in front."""
+    frame = from_legacy(frame)
+    leading = []
+    for column in frame.columns:
+        if column in COLUMNS:
+            break
+        leading.append(column)
+    frame = frame.copy()
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = pd.NA
+    for column in ("model", "stage", "metric"):
+        frame[column] = frame[column].astype("string")
+    for column in LABELS:
+        frame[column] = frame[column].astype("string").fillna("")
+    frame["head"] = frame["head"].map(head_label).astype("string")
+    for column in ("eps", "value", *NUMERIC_EXTRAS):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    rest = [c for c in frame.columns if c not in COLUMNS and c not in leading]
+    return frame[leading + COLUMNS + rest].reset_index(drop=True)
 
 
 def to_frame(
     rows: Iterable[dict[str, Any]], model: str | None = None, stage: str | None = None
 ) -> pd.DataFrame:
+    """A stage's rows as a results table (`model` and `stage` set when given)."""
     frame = pd.DataFrame(list(rows))
     if frame.empty:
-        return pd.DataFrame(columns=COLUMNS)
+        return normalize(pd.DataFrame(columns=COLUMNS))
     if model is not None:
         frame["model"] = model
     if stage is not None:
         frame["stage"] = stage
-    for column in COLUMNS:
-        if column not in frame:
-            frame[column] = None
-    frame["head"] = frame["head"].map(_head_label)
-    extra = [c for c in frame.columns if c not in COLUMNS]
-    return frame[COLUMNS + extra]
-
-
-def _head_label(head: Any) -> str | None:
-    """Head indices as "0", "1", ... (never "0.0"), "all" for a whole policy, None when not per head."""
-    if head is None or (isinstance(head, float) and math.isnan(head)):
-        return None
-    if isinstance(head, int | float) and not isinstance(head, bool):
-        return str(int(head))
-    return str(head)
+    if "method" in frame:
+        log.warning(
+            "stage %s: rows use the old `method` keyword; pass setting/split/confidence/calibration/fill "
+            "instead (pipeline/orchestration/results.py). Converted by stage for now.",
+            stage,
+        )
+    return normalize(frame)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    for column in ("method", "head"):
-        if column in frame:
-            frame[column] = frame[column].astype("string")
-    return frame
+    """A `results.csv` (or a summary CSV/parquet), normalised."""
+    path = Path(path)
+    return normalize(pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path))
 
 
 def _fmt(value: Any) -> str:
@@ -96,36 +209,30 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(frame: pd.DataFrame, title: str = "results", max_rows: int = 80) -> None:
-    """A compact summary: one line per (model, stage, method, metric) with the value, or the range over
-    eps/head when there are several."""
+    """A compact summary: one line per (model, stage, labels, metric) with the value, or the range over
+    eps/head when there are several. Only the label columns some row uses are shown."""
     from rich.console import Console
     from rich.table import Table
 
     if frame.empty:
         Console().print(f"[bold]{title}[/bold]: no rows")
         return
-    grouped = (
-        frame.fillna({"method": ""})
-        .groupby(["model", "stage", "method", "metric"], sort=False)["value"]
-        .agg(["count", "min", "median", "max"])
-        .reset_index()
-    )
+    frame = normalize(frame)
+    labels = [c for c in LABELS if (frame[c] != "").any()]
+    keys = ["model", "stage", *labels, "metric"]
+    grouped = frame.groupby(keys, sort=False)["value"].agg(["count", "min", "median", "max"]).reset_index()
     table = Table(title=f"{title} ({len(frame)} rows; full table in results.csv)")
-    for column in ["model", "stage", "method", "metric", "n", "value (median)", "min", "max"]:
-        table.add_column(
-            column, justify="right" if column in ("n", "value (median)", "min", "max") else "left"
-        )
-    for record in grouped.head(max_rows).itertuples(index=False):
-        single = record.count == 1
+    numbers = ["n", "value (median)", "min", "max"]
+    for column in keys + numbers:
+        table.add_column(column, justify="right" if column in numbers else "left")
+    for record in grouped.head(max_rows).to_dict("records"):
+        single = record["count"] == 1
         table.add_row(
-            record.model,
-            record.stage,
-            _fmt(record.method),
-            record.metric,
-            str(record.count),
-            _fmt(record.median),
-            "" if single else _fmt(record.min),
-            "" if single else _fmt(record.max),
+            *(_fmt(record[k]) for k in keys),
+            str(record["count"]),
+            _fmt(record["median"]),
+            "" if single else _fmt(record["min"]),
+            "" if single else _fmt(record["max"]),
         )
     if len(grouped) > max_rows:
         table.caption = f"... {len(grouped) - max_rows} more groups in results.csv"

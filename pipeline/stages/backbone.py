@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> StageOutput:
         model, _ = load_backbone(ctx.out_dir / LOCAL_MODEL_DIR, with_tokenizer=False)
         record = {"local": True, "source": "tiny", "revision": None}
         rows += [
-            row(name, value, method="pretrain")
+            row(name, value, setting="pretrain")
             for name, value in metrics.items()
             if isinstance(value, int | float) and name != "n_params"
         ]

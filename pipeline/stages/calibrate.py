@@ -46,6 +46,7 @@ def run(ctx: StageContext) -> StageOutput:
     policy = evaluate_thresholds(test_values, test_correct, thresholds)
     rows = []
     for method in thresholds.methods:
+        labels = {"calibration": method, "confidence": metric}
         for eps in thresholds.eps:
             thr = thresholds.for_eps(method, eps)
             out = apply_exit_policy(test_values, test_correct, thr)
@@ -54,15 +55,15 @@ def run(ctx: StageContext) -> StageOutput:
                     row(
                         "threshold",
                         math.nan if t is None else t,
-                        method=method,
+                        **labels,
                         eps=eps,
                         head=head,
                         layer=layers[head],
                     )
                 )
-                rows.append(row("exit_frac", frac, method=method, eps=eps, head=head, layer=layers[head]))
-            rows.append(row("accuracy", out.accuracy, method=method, eps=eps, head="all"))
-            rows.append(row("coverage", out.total_coverage, method=method, eps=eps, head="all"))
+                rows.append(row("exit_frac", frac, **labels, eps=eps, head=head, layer=layers[head]))
+            rows.append(row("accuracy", out.accuracy, **labels, eps=eps, head="all"))
+            rows.append(row("coverage", out.total_coverage, **labels, eps=eps, head="all"))
             log.info(
                 "%s ε=%.2f: test accuracy %.4f, coverage %.3f, per head %s",
                 method,

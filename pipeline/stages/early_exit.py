@@ -6,12 +6,12 @@ KV fill policy (pipeline/evaluation/token_eval.py). `early_exit.tasks=offline` u
 (pipeline/evaluation/offline_tasks.py), so the default run needs no network.
 
 Rows (pipeline/orchestration/results.py):
-  method full|<calibration>, eps e (none for full), head -: acc/<task>, acc_stderr/<task> (and every other
-      metric lm-eval reports, e.g. acc_norm/<task>, perplexity/<task>), compute_frac/<task>
-  same, head i: exit_frac/<task>
-  method lazy|copy|recompute, eps e, head -: agreement, ppl, layer_equiv_per_token, compute_frac; head i:
-      exit_frac; extra column `calibration` names the calibration method. The full model's token-level
-      ppl and layer_equiv_per_token are rows of method `full`.
+  setting full (no eps), or setting early_exit with calibration c and confidence m at eps e, head -:
+      acc/<task>, acc_stderr/<task> (and every other metric lm-eval reports, e.g. acc_norm/<task>,
+      perplexity/<task>), compute_frac/<task>; same, head i: exit_frac/<task>
+  setting early_exit, calibration c, confidence m, fill lazy|copy|recompute, eps e, head -: agreement, ppl,
+      layer_equiv_per_token, compute_frac; head i: exit_frac (token level). The full model's token-level
+      ppl, agreement and layer_equiv_per_token are rows of setting `full`.
 compute_frac is the exit policy's layer-equivalents per scored token over the full model's (L + unembedding);
 for benchmarks it excludes KV fill, which the token-level rows measure per fill policy.
 """
@@ -85,7 +85,15 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def task_rows(results: dict, exit_stats: dict, method: str, eps: float | None) -> list[dict]:
+def policy_labels(method: str, confidence: str) -> dict[str, str]:
+    """The label columns of a policy's rows: the full model (`method` "full") or early exit with thresholds
+    calibrated by `method` on the `confidence` metric."""
+    if method == "full":
+        return {"setting": "full"}
+    return {"setting": "early_exit", "calibration": method, "confidence": confidence}
+
+
+def task_rows(results: dict, exit_stats: dict, labels: dict[str, str], eps: float | None) -> list[dict]:
     """Rows for one lm-eval run: every numeric metric (`acc,none` -> acc/<task>), compute and exit fractions."""
     rows = []
     for task, metrics in results["results"].items():
@@ -95,21 +103,21 @@ def task_rows(results: dict, exit_stats: dict, method: str, eps: float | None) -
             if not filt or number is None:
                 continue
             suffix = "" if filt == "none" else f"[{filt}]"
-            rows.append(row(f"{name}/{task}{suffix}", number, method=method, eps=eps))
+            rows.append(row(f"{name}/{task}{suffix}", number, **labels, eps=eps))
         stats = exit_stats.get(task)
         if stats is not None and stats.positions:
-            rows.append(row(f"compute_frac/{task}", stats.compute_fraction, method=method, eps=eps))
+            rows.append(row(f"compute_frac/{task}", stats.compute_fraction, **labels, eps=eps))
             rows += [
-                row(f"exit_frac/{task}", frac, method=method, eps=eps, head=k)
+                row(f"exit_frac/{task}", frac, **labels, eps=eps, head=k)
                 for k, frac in enumerate(stats.exit_fractions)
             ]
     return rows
 
 
-def _token_rows(results: dict, method: str, eps: float) -> list[dict]:
+def _token_rows(results: dict, labels: dict[str, str], eps: float) -> list[dict]:
     rows = []
     for fill, res in results.items():
-        common = {"method": fill, "eps": eps, "calibration": method}
+        common = {**labels, "fill": fill, "eps": eps}
         rows += [
             row("agreement", res.agreement, **common),
             row("ppl", res.ppl, **common),
@@ -167,7 +175,7 @@ def run(ctx: StageContext) -> StageOutput:
             torch_random_seed=int(cfg.seed),
             fewshot_random_seed=int(cfg.seed),
         )
-        rows += task_rows(results, lm.exit_stats, method, eps)
+        rows += task_rows(results, lm.exit_stats, policy_labels(method, thresholds.metric), eps)
         label = method if eps is None else f"{method}_eps{eps:g}"
         (ctx.out_dir / LM_EVAL_DIR / f"{label}.json").write_text(
             json.dumps(
@@ -198,9 +206,9 @@ def run(ctx: StageContext) -> StageOutput:
             model, blocks, heads, full, lm.cost, fills=["lazy"], batch_size=batch, device=ctx.device
         )["lazy"]
         rows += [
-            row("ppl", base.ppl, method="full"),
-            row("agreement", 1.0, method="full"),
-            row("layer_equiv_per_token", base.layer_equivalents_per_token, method="full"),
+            row("ppl", base.ppl, setting="full"),
+            row("agreement", 1.0, setting="full"),
+            row("layer_equiv_per_token", base.layer_equivalents_per_token, setting="full"),
         ]
         for method, eps in settings[1:]:
             policy = thresholds.for_eps(method, eps)
@@ -209,34 +217,36 @@ def run(ctx: StageContext) -> StageOutput:
                 evaluate_tokens(
                     model, blocks, heads, policy, lm.cost, fills=fills, batch_size=batch, device=ctx.device
                 ),
-                method,
+                policy_labels(method, thresholds.metric),
                 eps,
             )
     table = accuracy_compute_table(rows)
     ctx.tracker.log_table("accuracy_compute", table)
     metrics = {}
-    for (method, eps), group in table.groupby(["method", table["eps"].fillna(-1)], sort=False):
-        metrics[f"mean_acc/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["acc"].mean())
-        metrics[f"mean_compute_frac/{method}" + ("" if eps < 0 else f"@{eps:g}")] = float(
+    for (policy, eps), group in table.groupby(["policy", table["eps"].fillna(-1)], sort=False):
+        metrics[f"mean_acc/{policy}" + ("" if eps < 0 else f"@{eps:g}")] = float(group["acc"].mean())
+        metrics[f"mean_compute_frac/{policy}" + ("" if eps < 0 else f"@{eps:g}")] = float(
             group["compute_frac"].mean()
         )
     return StageOutput(rows=rows, metrics=metrics, tables={"accuracy_compute": table})
 
 
 def accuracy_compute_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per (method, ε, task), in run order: acc, its stderr and the compute fraction."""
+    """One line per (policy, ε, task), in run order: acc, its stderr and the compute fraction; the policy is
+    `full` or the calibration method of the thresholds."""
     columns = ("acc", "acc_stderr", "compute_frac")
     lines: dict[tuple, dict[str, float]] = {}
     for r in rows:
         name, sep, task = r["metric"].partition("/")
         if sep and name in columns and r.get("head") is None:
-            lines.setdefault((r["method"], r["eps"], task), {})[name] = r["value"]
+            policy = r["calibration"] or r["setting"]
+            lines.setdefault((policy, r["eps"], task), {})[name] = r["value"]
     return pd.DataFrame(
         [
-            {"method": m, "eps": e, "task": t, **{c: v.get(c, math.nan) for c in columns}}
-            for (m, e, t), v in lines.items()
+            {"policy": p, "eps": e, "task": t, **{c: v.get(c, math.nan) for c in columns}}
+            for (p, e, t), v in lines.items()
         ],
-        columns=["method", "eps", "task", *columns],
+        columns=["policy", "eps", "task", *columns],
     )
 
 

@@ -179,8 +179,8 @@ def run(ctx: StageContext) -> StageOutput:
             stored / 2**20,
         )
         rows += [
-            row("tokens", n_tokens, method=split),
-            row("tokens_per_s", n_tokens / max(seconds, 1e-9), method=split),
+            row("tokens", n_tokens, split=split),
+            row("tokens_per_s", n_tokens / max(seconds, 1e-9), split=split),
         ]
         total_tokens += n_tokens
         total_seconds += seconds

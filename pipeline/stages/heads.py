@@ -57,13 +57,13 @@ def stage_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
 
 def result_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for method in METHODS:
-        for r in metrics[method]:
+    for setting in METHODS:
+        for r in metrics[setting]:
             for name in ("kl", "agree"):
-                rows.append(row(name, r[name], method=method, head=r["head"], layer=r["layer"]))
+                rows.append(row(name, r[name], setting=setting, head=r["head"], layer=r["layer"]))
     for name in ("train_tokens_per_s", "train_seconds", "train_tokens", "steps"):
         if metrics.get(name) is not None:
-            rows.append(row(name, metrics[name], method="trained"))
+            rows.append(row(name, metrics[name], setting="trained"))
     return rows
 
 

@@ -100,8 +100,12 @@ def run(ctx: StageContext) -> StageOutput:
         log.info("head %d (layer %d): best metric %s, AUROC %.3f", rec.head, rec.layer, rec.metric, rec.auroc)
     rows = []
     for rec in aucs.itertuples(index=False):
-        rows.append(row("auroc", rec.auroc, method=rec.metric, head=rec.head, layer=rec.layer, best=rec.best))
-        rows.append(row("aurc", rec.aurc, method=rec.metric, head=rec.head, layer=rec.layer, best=rec.best))
+        rows.append(
+            row("auroc", rec.auroc, confidence=rec.metric, head=rec.head, layer=rec.layer, best=rec.best)
+        )
+        rows.append(
+            row("aurc", rec.aurc, confidence=rec.metric, head=rec.head, layer=rec.layer, best=rec.best)
+        )
     summary = {f"best_metric/head{r.head}": r.metric for r in winners.itertuples(index=False)}
     summary.update({f"auroc/{r.metric}/head{r.head}": r.auroc for r in aucs.itertuples(index=False)})
     summary["tokens"] = int(table["token"].nunique())
