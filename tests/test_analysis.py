@@ -94,11 +94,6 @@ def cli_figures(executions: tuple[Path, Path]) -> Path:
     return executions[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/__init__.py imports pipeline.config, whose schema defaults are checked at import time "
-    "against registries that import torch (one_of(_fill_policies) -> pipeline.engine)",
-)
 def test_analysis_and_the_results_format_import_without_torch() -> None:
     """Notebooks start fast: analysis needs only pandas/matplotlib and the pipeline's results module."""
     code = "import sys, analysis, analysis.plots; assert 'torch' not in sys.modules, 'torch imported'"

@@ -204,7 +204,7 @@ def stage_config(**early_exit):
         }
     )
     for key, value in early_exit.items():
-        OmegaConf.update(cfg, f"early_exit.{key}", value, merge=False)
+        OmegaConf.update(cfg, f"early_exit.{key}", value, merge=isinstance(value, dict))
     return cfg
 
 

@@ -43,7 +43,7 @@ def _calibration_methods() -> tuple[str, ...]:
 
 
 def _fill_policies() -> tuple[str, ...]:
-    from pipeline.engine import FILL_POLICIES
+    from pipeline.exits.cost import FILL_POLICIES
 
     return FILL_POLICIES
 

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
-from pipeline.exits.policy import ALWAYS, ExitPolicy
+if TYPE_CHECKING:  # torch stays out of config composition, which reads FILL_POLICIES
+    from torch import nn
+
+    from pipeline.exits.policy import ExitPolicy
 
 FILL_POLICIES = ("lazy", "copy", "recompute")
 
@@ -87,6 +90,8 @@ class CostModel:
         `cascade`: also every shallower head evaluated on the way (a cascade that knew its thresholds).
         No verification and no KV fill: a lower bound.
         """
+        from pipeline.exits.policy import ALWAYS, ExitPolicy
+
         cascade_costs = self.exit_costs(ExitPolicy(head_layers, (ALWAYS,) * len(head_layers)), num_layers)
         oracle, cascade = [], []
         for k in earliest_head:
