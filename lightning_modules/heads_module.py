@@ -1,6 +1,6 @@
 """LightningModule that trains all early-exit heads at once against the frozen backbone's own predictions.
 
-Self-supervised objective (DESIGN.md §1.2): for every head, KL(p_full || p_head) at temperature 1 over the
+Self-supervised objective (docs/design.md §1.2): for every head, KL(p_full || p_head) at temperature 1 over the
 full vocabulary, averaged over tokens, then over heads. The teacher distribution is never stored: it is
 recomputed each step as `unembedding(final post-norm hidden state)` from a frozen copy of the backbone's
 output embedding, kept as a non-persistent buffer (it belongs to the backbone, so neither checkpoints nor

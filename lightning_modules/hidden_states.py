@@ -1,6 +1,6 @@
 """LightningDataModule over the extract stage's hidden-state shards.
 
-Heads are token-wise (DESIGN.md §3), so a training batch is a set of random tokens drawn from every shard,
+Heads are token-wise (docs/design.md §3), so a training batch is a set of random tokens drawn from every shard,
 not a run of consecutive positions. The shards stay memory-mapped; a batch is one `ShardReader.get` call
 over its token indices, which reads only those rows.
 

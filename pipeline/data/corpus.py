@@ -1,4 +1,4 @@
-"""The offline corpus: the Python standard library's own source, found at run time (DESIGN.md §4).
+"""The offline corpus: the Python standard library's own source, found at run time (docs/design.md §4).
 
 Every Python installation ships it, so the default pipeline needs no network. Files are split *by file*
 into disjoint train / validation / test parts, so held-out numbers are measured on modules the model and

@@ -1,4 +1,4 @@
-"""The jagged KV cache: per-layer prefixes of positions, preallocated, with lazy fill (DESIGN.md §2).
+"""The jagged KV cache: per-layer prefixes of positions, preallocated, with lazy fill (docs/design.md §9).
 
 Layer i holds K/V for positions [0, lengths[i]). Lengths never increase with depth: a token that exited at
 block k left blocks > k without its K/V. `hidden[p]` is position p's *frontier* hidden state: the output of

@@ -8,7 +8,7 @@ hidden state equal to the full model's, this is exactly what an incremental earl
 
 Compute: the forward runs the whole model, but the adapter reports what the *exit policy* would cost per scored
 position: blocks up to the exit, every enabled head evaluated on the way, and for positions no head takes all L
-blocks plus the unembedding (layer-equivalents, DESIGN.md §2). KV fill for skipped layers is not included here;
+blocks plus the unembedding (layer-equivalents, docs/design.md §2). KV fill for skipped layers is not included here;
 `pipeline.evaluation.token_eval` measures it per fill policy. Statistics are kept per lm-eval task (`exit_stats`).
 
 Generation requests (`generate_until`) go through the decoding engine (`pipeline.engine`): its `early_exit`

@@ -1,4 +1,4 @@
-"""Calibrating one exit threshold per head per target accuracy ε (DESIGN.md §1.4).
+"""Calibrating one exit threshold per head per target accuracy ε (docs/design.md §1.4).
 
 Vocabulary. ε is a target *accuracy among exited tokens*: agreement of the exiting head's argmax with the
 full model's argmax, over the tokens that exit. α = 1 − ε is the tolerated disagreement. Internally every

@@ -165,7 +165,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
 
 def default_head_layers(num_layers: int, n_heads: int = 4) -> list[int]:
-    """Block indices of the early-exit heads: numpy.linspace(0, L, n+2, dtype=int)[1:-1] (DESIGN.md §1)."""
+    """Block indices of the early-exit heads: numpy.linspace(0, L, n+2, dtype=int)[1:-1] (docs/design.md §1)."""
     import numpy as np
 
     return [int(x) for x in np.linspace(0, num_layers, n_heads + 2, dtype=int)[1:-1]]

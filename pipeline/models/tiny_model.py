@@ -1,6 +1,6 @@
 """The offline tiny backbone: a byte-level BPE tokenizer and a small GPT-NeoX pretrained from scratch on CPU.
 
-This is the model `python -m pipeline` uses when the hub is out of reach (DESIGN.md §4). It is built to go
+This is the model `python -m pipeline` uses when the hub is out of reach (docs/design.md §4). It is built to go
 through exactly the Pythia code path: same architecture class (`GPTNeoXForCausalLM`, parallel residual,
 partial rotary), saved with `save_pretrained` and read back by `pipeline.models.backbone.load_backbone`.
 

@@ -1,5 +1,5 @@
 """Stage `extract`: run the frozen backbone over each split's token budget and store, per token, the residual
-stream after every head layer and the final post-norm hidden state (fp16 shards, DESIGN.md §3)."""
+stream after every head layer and the final post-norm hidden state (fp16 shards, docs/design.md §3)."""
 
 from __future__ import annotations
 
