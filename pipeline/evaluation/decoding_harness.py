@@ -78,6 +78,7 @@ class DecodingPlan:
     eos_token_id: int | None = None
     pad_token_id: int = 0
     oracle: bool = True
+    calibration: str = ""  # the calibration method of `policies` (a label on early-exit and DSSD rows)
     external: Callable[[Setting], Sequence[ExternalMethod]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -292,6 +293,7 @@ def _test_settings(plan: DecodingPlan, tuned: Setting) -> TestRun:
             eps=eps,
             strategy=EarlyExit(policy, fill=fill),
             note=f"fill={fill}" if several_fills else None,
+            labels={"calibration": plan.calibration, "confidence": policy.metric, "fill": fill},
         )
         for eps, policy in plan.policies.items()
         for fill in plan.early_exit_fills
@@ -303,7 +305,12 @@ def _test_settings(plan: DecodingPlan, tuned: Setting) -> TestRun:
         strategy=LayerSkip(tuned.head, tuned.draft_len),
     )
     dssd = [
-        Setting("dssd", eps=eps, strategy=DSSD(policy, max_draft=plan.max_draft))
+        Setting(
+            "dssd",
+            eps=eps,
+            strategy=DSSD(policy, max_draft=plan.max_draft),
+            labels={"calibration": plan.calibration, "confidence": policy.metric},
+        )
         for eps, policy in plan.policies.items()
     ]
     external = [

@@ -3,21 +3,22 @@
 `pipeline.evaluation.decoding_harness` runs the settings and fills a `DecodingReport`; this module turns it
 into tables. Counters are summed over prompts before any ratio is taken.
 
-Result rows (pipeline/orchestration/results.py):
-  method generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
+Result rows (pipeline/orchestration/results.py); the `setting` column names the method, and early_exit / dssd
+rows also carry `calibration`, `confidence` (and `fill` for early exit):
+  setting generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
       identical (1 = every prompt identical to greedy `generate`; lossless methods only), acceptance_rate,
       accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
-  method early_exit|dssd|layerskip, head i: exit_frac (early exit) / draft_frac (drafts by head i per token).
-  method layerskip: draft_head, draft_len (the tuned setting).
-  method layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
-  method oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
+  setting early_exit|dssd|layerskip, head i: exit_frac (early exit) / draft_frac (drafts by head i per token).
+  setting layerskip: draft_head, draft_len (the tuned setting).
+  setting layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
+  setting oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
       latency_equiv_per_token (the same figure: every call is one row), cascade_layer_equiv_per_token (also
       paying each shallower head), exit_frac (head all and per head), acceptance_rate (1 by construction) and
       accepted_per_verification of an oracle drafter under the same `max_draft` cap, identical.
-  method dssd_vs_layerskip, eps e: DSSD / tuned LayerSkip: acceptance_ratio, accepted_per_verification_ratio,
+  setting dssd_vs_layerskip, eps e: DSSD / tuned LayerSkip: acceptance_ratio, accepted_per_verification_ratio,
       layer_equiv_ratio, latency_equiv_ratio, speed_ratio.
 """
 
@@ -63,6 +64,7 @@ class Setting:
     draft_len: int | None = None
     strategy: Any = None
     note: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # result labels: calibration, confidence, fill
     tokens: list[list[int]] = field(default_factory=list)
     stats: list[Any] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
@@ -245,7 +247,8 @@ def setting_rows(
     setting: Setting, generate_tps: float, reference: list[list[int]], **extra: Any
 ) -> list[dict]:
     """The rows of one setting; `reference` is `generate`'s tokens on the same prompts."""
-    common = {"method": setting.method, "eps": setting.eps, **extra}  # `method` is _row's argument
+    # `method` is _row's argument
+    common = {"method": setting.method, "eps": setting.eps, **setting.labels, **extra}
     out = []
     summary = setting.summary()
     summary["speedup_vs_generate"] = summary["tokens_per_s"] / generate_tps if generate_tps > 0 else math.nan

@@ -46,6 +46,7 @@ def plan_from_config(cfg: DictConfig, policies: dict[float, Any], eos: int | Non
         repeats=int(d.repeats),
         eos_token_id=eos,
         pad_token_id=pad,
+        calibration=str(d.calibration_method),
     )
 
 
