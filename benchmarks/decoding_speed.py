@@ -65,10 +65,11 @@ from pipeline.evaluation.decoding_harness import (
 )
 from pipeline.evaluation.decoding_report import Setting
 from pipeline.evaluation.stage_outputs import StageOutputs, latest_outputs
-from pipeline.exits.calibration import ExitThresholds, calibrate
+from pipeline.exits.calibration import calibrate
 from pipeline.exits.confidence import get_metric
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy
+from pipeline.exits.thresholds import ExitThresholds
 from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of
 from pipeline.orchestration.store import StageStore
 from pipeline.stages.calibrate import THRESHOLDS_FILE

@@ -15,19 +15,16 @@ import pytest
 from scipy.stats import binom
 
 from pipeline.exits.calibration import (
-    ExitThresholds,
     apply_exit_policy,
     calibrate,
     calibrate_heads,
-    check_delta,
-    check_eps,
     empirical_threshold,
-    eps_key,
     evaluate_thresholds,
     hb_p_value,
     ltt_threshold,
 )
 from pipeline.exits.policy import ExitPolicy
+from pipeline.exits.thresholds import ExitThresholds, check_delta, check_eps, eps_key
 
 
 def _policy(thresholds, metric: str = "max_prob") -> ExitPolicy:

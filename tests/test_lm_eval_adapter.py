@@ -224,7 +224,7 @@ def test_stage_validate_rejects_bad_eps_and_methods():
 def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
     import json
 
-    from pipeline.exits.calibration import ExitThresholds, eps_key
+    from pipeline.exits.thresholds import ExitThresholds, eps_key
     from pipeline.orchestration.tracking import Tracker
     from pipeline.stages.base import StageContext
     from pipeline.stages.early_exit import run

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from pipeline.config import typed_group
 from pipeline.data.shards import ShardWriter
-from pipeline.exits.calibration import ExitThresholds
 from pipeline.exits.heads import EarlyExitHeads
+from pipeline.exits.thresholds import ExitThresholds
 from pipeline.models.backbone import BACKBONE_RECORD, LOCAL_MODEL_DIR
 from pipeline.orchestration.tracking import Tracker
 from pipeline.orchestration.validation import ConfigError

@@ -37,7 +37,7 @@ def _confidence_metrics() -> list[str]:
 
 
 def _calibration_methods() -> tuple[str, ...]:
-    from pipeline.exits.calibration import METHODS
+    from pipeline.exits.thresholds import METHODS
 
     return METHODS
 
@@ -82,7 +82,7 @@ def _eps_levels(values: list[float]) -> str | None:
 
 def check_eps_subset(cfg: DictConfig, key: str, picked: list[float]) -> None:
     """Each ε a stage picks must be one the calibrate stage calibrated (its thresholds are looked up by ε)."""
-    from pipeline.exits.calibration import eps_key
+    from pipeline.exits.thresholds import eps_key
 
     calibrated = {eps_key(e) for e in cfg.calibrate.eps}
     missing = [e for e in picked if eps_key(e) not in calibrated]

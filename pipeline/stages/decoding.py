@@ -54,8 +54,8 @@ def plan_from_config(cfg: DictConfig, policies: dict[float, Any], eos: int | Non
 def run(ctx: StageContext) -> StageOutput:
     from pipeline.data.tokens import make_text_source
     from pipeline.engine import Engine
-    from pipeline.exits.calibration import ExitThresholds
     from pipeline.exits.heads import EarlyExitHeads
+    from pipeline.exits.thresholds import ExitThresholds
     from pipeline.models.backbone import load_from_stage_output
 
     cfg, d = ctx.cfg, ctx.cfg.decoding

@@ -134,9 +134,9 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.data.tokens import make_text_source, token_blocks
     from pipeline.evaluation.lm_eval_adapter import EarlyExitLM
     from pipeline.evaluation.token_eval import evaluate_tokens
-    from pipeline.exits.calibration import ExitThresholds
     from pipeline.exits.heads import EarlyExitHeads
     from pipeline.exits.policy import ExitPolicy
+    from pipeline.exits.thresholds import ExitThresholds
     from pipeline.models.backbone import load_from_stage_output
 
     cfg, ev = ctx.cfg, ctx.cfg.early_exit

@@ -1,0 +1,179 @@
+"""The exit-threshold artifact: one threshold per head per calibration method and target accuracy ε.
+
+`ExitThresholds` is what the calibrate stage writes (`thresholds.json`) and what every consumer reads: the
+decoding stage, the lm-eval stage, benchmarks and users outside the pipeline. `for_eps(method, ε)` turns one
+row of it into the exit policy (`pipeline.exits.policy.ExitPolicy`). How the thresholds are found lives in
+`pipeline.exits.calibration`; this module owns only their meaning, validation and file format.
+
+File format (JSON, `format` = "dssd-exit-thresholds", `version` = 1): `metric` and its `direction` ("lower"
+or "higher" is confident), the head `layers`, the calibrated `eps` as stable strings (`eps_key`), `delta`,
+`cascade`, `n_calibration`, the calibration `settings`, and `thresholds[method][eps_key(ε)][head]` on the
+metric's own scale, `null` meaning "this head never exits at this ε".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.policy import ExitPolicy
+from pipeline.orchestration.validation import check_eps as check_eps_config
+
+# The calibration methods an artifact may hold (both implemented in pipeline.exits.calibration).
+METHODS = ("empirical", "ltt")
+FORMAT = "dssd-exit-thresholds"
+FORMAT_VERSION = 1
+
+
+# --- validation and keys -------------------------------------------------------------------------------------
+
+
+def check_eps(eps: float | Sequence[float]) -> list[float]:
+    """Validate target accuracies: each must lie in (0, 1] (one implementation, shared with config checks)."""
+    return check_eps_config(eps, "ε grid")
+
+
+def check_delta(delta: float) -> float:
+    """Validate the LTT risk level δ: it must lie in (0, 1)."""
+    if not isinstance(delta, numbers.Real) or isinstance(delta, bool) or not 0.0 < float(delta) < 1.0:
+        raise ValueError(
+            f"δ={delta!r} is not a valid error level: δ is the probability that a guaranteed threshold misses ε "
+            "and must lie in (0, 1) (e.g. 0.05)"
+        )
+    return float(delta)
+
+
+def eps_key(eps: float | str) -> str:
+    """Stable string form of ε for JSON keys: at least two decimals, no float noise ("0.90", "0.995", "1.00")."""
+    value = float(eps)
+    text = f"{value:.6f}".rstrip("0")
+    decimals = len(text.split(".")[1])
+    return text + "0" * max(0, 2 - decimals)
+
+
+# --- the artifact ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitThresholds:
+    """thresholds[method][eps_key(ε)][head] on the metric's own scale; None = the head never exits."""
+
+    metric: str
+    lower_is_confident: bool
+    layers: list[int]
+    eps: list[float]
+    delta: float
+    cascade: bool
+    thresholds: dict[str, dict[str, list[float | None]]]
+    n_calibration: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        metric = get_metric(self.metric)
+        if metric.lower_is_confident != self.lower_is_confident:
+            raise ValueError(
+                f"direction mismatch for metric {self.metric!r}: the registry says "
+                f"lower_is_confident={metric.lower_is_confident}"
+            )
+        self.eps = check_eps(self.eps)
+        self.delta = check_delta(self.delta)
+        expected = {eps_key(e) for e in self.eps}
+        for method, by_eps in self.thresholds.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown calibration method {method!r} in thresholds; known: {METHODS}")
+            if set(by_eps) != expected:
+                raise ValueError(
+                    f"thresholds[{method!r}] has ε keys {sorted(by_eps)}, expected {sorted(expected)}"
+                )
+            for key, row in by_eps.items():
+                if len(row) != len(self.layers):
+                    raise ValueError(
+                        f"thresholds[{method!r}][{key!r}] has {len(row)} entries for {len(self.layers)} heads"
+                    )
+                for t in row:
+                    if t is not None and (
+                        isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)
+                    ):
+                        raise ValueError(
+                            f"thresholds[{method!r}][{key!r}] holds {t!r}: expected a finite number or null"
+                        )
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.thresholds)
+
+    @property
+    def metric_fn(self) -> ConfidenceMetric:
+        return get_metric(self.metric)
+
+    def for_eps(self, method: str, eps: float | str) -> ExitPolicy:
+        """The exit policy of one (method, ε): these heads, their thresholds at ε, this metric."""
+        return ExitPolicy(tuple(self.layers), tuple(self._row(method, eps)), self.metric)
+
+    def _row(self, method: str, eps: float | str) -> list[float | None]:
+        if method not in self.thresholds:
+            raise KeyError(f"no thresholds for method {method!r}; available: {self.methods}")
+        key = eps_key(eps)
+        if key not in self.thresholds[method]:
+            raise KeyError(f"no thresholds for ε={key}; calibrated: {[eps_key(e) for e in self.eps]}")
+        return list(self.thresholds[method][key])
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "metric": self.metric,
+            "direction": "lower" if self.lower_is_confident else "higher",
+            "layers": self.layers,
+            "eps": [eps_key(e) for e in self.eps],
+            "delta": self.delta,
+            "cascade": self.cascade,
+            "n_calibration": self.n_calibration,
+            "settings": self.settings,
+            "thresholds": self.thresholds,
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExitThresholds:
+        if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"not a thresholds file of format {FORMAT!r} v{FORMAT_VERSION} "
+                f"(found {data.get('format')!r} v{data.get('version')!r})"
+            )
+        if data.get("direction") not in ("lower", "higher"):
+            raise ValueError(f"direction must be 'lower' or 'higher', got {data.get('direction')!r}")
+        return cls(
+            metric=data["metric"],
+            lower_is_confident=data["direction"] == "lower",
+            layers=[int(x) for x in data["layers"]],
+            eps=[float(e) for e in data["eps"]],
+            delta=data["delta"],
+            cascade=bool(data["cascade"]),
+            thresholds=data["thresholds"],
+            n_calibration=int(data.get("n_calibration", 0)),
+            settings=dict(data.get("settings", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExitThresholds:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no thresholds file at {path}; run the calibrate stage first")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"thresholds file {path} is not valid JSON: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except KeyError as err:
+            raise ValueError(f"thresholds file {path} lacks field {err}") from err
