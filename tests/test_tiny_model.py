@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from pipeline.models.backbone import load_backbone
-from pipeline.models.tiny_model import (
-    DEFAULTS,
-    EOS_TOKEN,
-    build_model,
-    lr_factor,
-    pretrain_tiny_model,
-    resolve_tiny_config,
-    train_tokenizer,
-)
+from pipeline.models.tiny_model import DEFAULTS, EOS_TOKEN, build_model, resolve_tiny_config, train_tokenizer
+from pipeline.models.tiny_pretraining import lr_factor, pretrain_tiny_model
 from tests.conftest import ListSource
 
 

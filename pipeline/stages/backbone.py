@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> StageOutput:
     rows, metrics = [], {}
     if model_cfg.source == "tiny":
         from pipeline.data.tokens import make_text_source
-        from pipeline.models.tiny_model import pretrain_tiny_model
+        from pipeline.models.tiny_pretraining import pretrain_tiny_model
 
         metrics = pretrain_tiny_model(
             model_cfg.tiny,
