@@ -240,6 +240,23 @@ def test_estimate_matches_the_disk_formula():
     assert (table["extract_gb"] <= 100).all() and (table["total_h"] > 0).all()
 
 
+def test_estimate_prices_decoding_with_the_cost_model():
+    """Decoding time follows `greedy_token_cost` (blocks + unembedding), not the block count alone: at 70m the
+    unembedding alone (V / 12d ≈ 8.2 blocks) outweighs its 6 blocks."""
+    from pipeline.exits.cost import greedy_token_cost
+    from pipeline.sweep.estimate import MS_PER_BLOCK_UNIT, PYTHIA_VOCAB, estimate_table
+
+    table = estimate_table(["pythia-70m", "pythia-2.8b"])
+    per_token_h = {
+        model: greedy_token_cost(layers, d, PYTHIA_VOCAB) * MS_PER_BLOCK_UNIT / 1000 / 3600
+        for model, layers, d in (("pythia-70m", 6, 512), ("pythia-2.8b", 32, 2560))
+    }
+    generated = {model: table.loc[model, "decoding_h"] / h for model, h in per_token_h.items()}
+    # Both sizes decode the same prompts and settings, so the implied token counts must agree.
+    assert generated["pythia-70m"] == pytest.approx(generated["pythia-2.8b"])
+    assert greedy_token_cost(6, 512, PYTHIA_VOCAB) > 2 * 6
+
+
 # --- real multiruns: `python -m pipeline +experiment=smoke -m` on the offline tiny model ------------------
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
+from pipeline.exits.cost import greedy_token_cost
+
 # Pythia parameter counts (total, from the model cards) and vocabulary (padded unembedding rows).
 PYTHIA_PARAMS = {
     "pythia-70m": 70_426_624,
@@ -23,8 +25,9 @@ PYTHIA_VOCAB = 50_304
 ASSUMED_TFLOPS = {"bfloat16": 125.0, "float16": 125.0, "float32": 62.0}
 # lm-eval zero-shot suite of full_sweep (8 tasks): about 6M scored tokens per pass over all tasks.
 SUITE_TOKENS = 6_000_000
-# Batch-1 decoding through the layer-wise engine: about 1 ms per transformer block per token (launch-bound).
-MS_PER_BLOCK_TOKEN = 1.0
+# Batch-1 decoding through the layer-wise engine: about 1 ms per block unit (one transformer block's weights,
+# the cost model's unit) per generated token. Memory-bound, so time follows the weights a token reads.
+MS_PER_BLOCK_UNIT = 1.0
 # Shard I/O (extraction writes, head training's random-token reads): 1 GB/s sustained from local NVMe.
 DISK_GB_PER_S = 1.0
 COLUMNS = [
@@ -53,7 +56,8 @@ def estimate(cfg: DictConfig) -> dict[str, float]:
     Extraction: 2·N FLOPs per token (forward with logits). Head training: per token, the teacher logits
     (2·d·V) plus each head's forward and backward (3 × 2·d·V). Metrics/calibration: teacher + heads forward on
     validation + test. Benchmarks: full model plus the heads, one pass for the full model and one per
-    (method, ε). Decoding: batch-1, launch-bound, so time ∝ generated tokens × blocks. Shard I/O at
+    (method, ε). Decoding: batch-1, memory-bound, so time ∝ generated tokens × the cost of one greedy token in
+    block units (`greedy_token_cost`: L blocks + the unembedding, docs/design.md §2). Shard I/O at
     DISK_GB_PER_S. Model download, MiniPile streaming and lm-eval's dataset preparation are not counted.
     """
     name, d = str(cfg.model.name), int(cfg.model.d_model)
@@ -81,7 +85,8 @@ def estimate(cfg: DictConfig) -> dict[str, float]:
     runs = 4 + 2 * len(dec.eps)
     gen_tokens = runs * int(dec.n_prompts) * int(dec.max_new_tokens)
     gen_tokens += n_heads * len(dec.layerskip_d) * int(dec.n_tune_prompts) * int(dec.max_new_tokens)
-    hours["decoding"] = gen_tokens * n_layers * MS_PER_BLOCK_TOKEN / 1000 / 3600
+    token_blocks = greedy_token_cost(n_layers, d, PYTHIA_VOCAB)
+    hours["decoding"] = gen_tokens * token_blocks * MS_PER_BLOCK_UNIT / 1000 / 3600
     # Reading and writing shards overlaps compute only partly; count it in full (an upper bound).
     io_bytes = per_token_bytes * (
         tokens
