@@ -319,6 +319,48 @@ def test_speculative_is_lossless(setup, init):
         assert totals["accepted"] > 0
 
 
+@pytest.mark.parametrize("init", ["unembedding", "random"])
+def test_layerskip_without_bonus_is_lossless(setup, init):
+    """The paper author's baseline drops the bonus token after a fully accepted draft: the next round
+    consumes the last draft again, so the output is still greedy decoding."""
+    kind, model, prompts, refs = setup
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init=init, seed=0)
+    engine = Engine(model, heads)
+    totals = {"drafted": 0, "accepted": 0, "corrections": 0, "verifications": 0}
+    for head, d in ((0, 1), (1, 3), (2, 6), (2, NEW_TOKENS + 4)):
+        strategy = LayerSkip(head, d, bonus=False)
+        for prompt, ref in zip(prompts, refs, strict=True):
+            result = engine.generate(prompt, strategy, NEW_TOKENS)
+            assert result.tokens == ref, f"{kind}/{init} {strategy.describe()} prompt {prompt.tolist()}"
+            s = result.stats
+            s.check()
+            assert s.bonus == 0
+            assert s.drafted <= d * s.verifications
+            for key in totals:
+                totals[key] += getattr(s, key)
+    assert totals["corrections"] > 0 and totals["drafted"] > totals["accepted"]
+    if init == "unembedding":
+        # Fully accepted rounds happened (verifications without a correction), and emitted no bonus.
+        assert totals["accepted"] > 0 and totals["verifications"] > totals["corrections"]
+
+
+def test_bonus_token_saves_a_row_per_fully_accepted_round():
+    """With heads that equal the full model's own unembedding at the last block, every draft is accepted:
+    with the bonus each round emits d + 1 tokens, without it d tokens and one row is recomputed."""
+    model = _build("neox")
+    heads = EarlyExitHeads.from_backbone(model, [3], init="unembedding", seed=0)
+    engine = Engine(model, heads)
+    prompt = torch.arange(5)
+    ref = _hf_greedy(model, prompt, NEW_TOKENS)
+    with_bonus = engine.generate(prompt, LayerSkip(0, 3), NEW_TOKENS)
+    without = engine.generate(prompt, LayerSkip(0, 3, bonus=False), NEW_TOKENS)
+    assert with_bonus.tokens == without.tokens == ref
+    assert with_bonus.stats.bonus > 0 and without.stats.bonus == 0
+    assert with_bonus.stats.corrections == without.stats.corrections == 0
+    assert without.stats.accepted == NEW_TOKENS - 1  # everything but the prompt's token is a draft
+    assert without.stats.verifications > with_bonus.stats.verifications
+
+
 def test_greedy_engine_equals_generate(setup):
     kind, model, prompts, refs = setup
     engine = Engine(model)

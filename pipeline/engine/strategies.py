@@ -112,9 +112,17 @@ class EarlyExit(Strategy):
 
 class _Speculative(Strategy):
     """Draft with early exits, verify with the final layer over all drafts at once, keep the longest
-    matching prefix. Output is exactly greedy decoding of the full model."""
+    matching prefix. Output is exactly greedy decoding of the full model.
+
+    `bonus`: after a verification where every draft matched, the verifying pass has also computed the full
+    model's next token (from the row of the last draft) and emits it as a bonus. Without the bonus (the
+    DSSD paper author's LayerSkip baseline) that token is dropped: the row of the last draft is cropped from
+    the cache and the next round consumes the last draft again at the same position, so the output stays
+    greedy decoding (the dropped token is what that row recomputes) at the price of one recomputed row.
+    """
 
     max_draft: int
+    bonus: bool = True
 
     def _policy(self, engine: Engine) -> ExitPolicy:
         raise NotImplementedError
@@ -127,8 +135,8 @@ class _Speculative(Strategy):
             base = position
             drafts: list[int] = []
             draft_heads: list[int] = []
-            # The verification pass always yields one more token, so never draft past the output budget.
-            cap = min(self.max_draft, session.remaining - 1)
+            # A verification pass with the bonus yields one more token, so never draft past the output budget.
+            cap = min(self.max_draft, session.remaining - int(self.bonus))
             while True:
                 forced = len(drafts) >= cap or (drafts and drafts[-1] in eos)
                 result = session.step(position, token, None if forced else policy, verify_from=base)
@@ -153,6 +161,12 @@ class _Speculative(Strategy):
                 session.accepted_per_head[draft_heads[j]] += 1
                 if not session.emit(drafts[j], "accepted"):
                     return
+            if drafts and matched == len(drafts) and not self.bonus:
+                # No bonus: drop the last draft's row; the next round consumes that draft at its position.
+                position = base + matched
+                session.crop(position)
+                token = drafts[-1]
+                continue
             kind = "corrections" if matched < len(drafts) else ("bonus" if drafts else "full_tokens")
             token = full[matched]
             # Rows after the first mismatch were computed from a wrong token: drop them from every layer.
@@ -193,16 +207,18 @@ class DSSD(_Speculative):
 
 class LayerSkip(_Speculative):
     """LayerSkip-style self-speculation: every draft exits at one fixed head, `draft_length` drafts per
-    verification (no confidence test)."""
+    verification (no confidence test). `bonus=False` is the DSSD paper author's baseline: no bonus token
+    after a fully accepted draft (see `_Speculative`)."""
 
     name = "layerskip"
 
-    def __init__(self, head: int, draft_length: int):
+    def __init__(self, head: int, draft_length: int, bonus: bool = True):
         if draft_length < 1:
             raise ValueError("draft_length must be >= 1")
         self.head = head
         self.max_draft = draft_length
         self.extra_capacity = draft_length
+        self.bonus = bonus
 
     def validate(self, engine: Engine) -> None:
         if engine.heads is None:
@@ -211,7 +227,7 @@ class LayerSkip(_Speculative):
             raise ValueError(f"head index {self.head} out of range: {len(engine.head_layers)} heads")
 
     def describe(self) -> dict:
-        return {"strategy": self.name, "head": self.head, "draft_length": self.max_draft}
+        return {"strategy": self.name, "head": self.head, "draft_length": self.max_draft, "bonus": self.bonus}
 
     def _policy(self, engine: Engine) -> ExitPolicy:
         return ExitPolicy.fixed_head(engine.head_layers, self.head)
