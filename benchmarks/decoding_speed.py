@@ -35,7 +35,9 @@ Random-weight models get logit-lens heads (each head = the model's own final nor
 weights the residual stream barely changes across blocks, so these heads often agree with the full model —
 a stand-in for trained heads that lets the speculative paths run at realistic acceptance. Their thresholds
 are calibrated on the fly (the paper's empirical rule, `pipeline.exits.calibration`) on the tuning prompts,
-where the LayerSkip setting (head, d) is tuned too, by layer-equivalents per token. With --model-dir and a
+where the LayerSkip setting (head, d) and the tuned DSSD (ε, consulted heads, draft cap) are tuned too, by
+layer-equivalents per token. Besides the paper's DSSD per ε (every head, cap --max-draft), the table shows
+`dssd_tuned` and `layerskip_nobonus` (the tuned LayerSkip without the bonus token: the paper author's baseline). With --model-dir and a
 tokenizer, prompts are windows of real text (--text, default: a standard-library module's source).
 """
 
@@ -276,6 +278,7 @@ def plan_from_args(
         policies=policies,
         layerskip_d=args.layerskip_d,
         max_draft=args.max_draft,
+        dssd_max_draft=args.dssd_max_draft,
         early_exit_fills=fills,
         repeats=args.repeats,
         warmup=args.warmup,
@@ -411,7 +414,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--max-draft", type=int, default=16)
+    parser.add_argument("--max-draft", type=int, default=16, help="the paper's DSSD rows: draft cap")
+    parser.add_argument(
+        "--dssd-max-draft",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 16],
+        help="dssd_tuned: draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts",
+    )
     parser.add_argument("--layerskip-d", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--fills", nargs="+", default=["lazy"], choices=["lazy", "copy", "recompute"])
     parser.add_argument(

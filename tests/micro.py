@@ -50,6 +50,7 @@ MICRO = [
     "decoding.eps=[0.8,0.9]",
     "decoding.layerskip_d=[1,2]",
     "decoding.max_draft=6",
+    "decoding.dssd_max_draft=[1,2]",
     "logger=none",
     "progress=false",
     "figures=false",

@@ -14,8 +14,11 @@ from pipeline.evaluation.decoding_harness import (
     ExternalMethod,
     LosslessnessError,
     check_identical,
+    consulting,
+    dssd_grid,
     hf_greedy,
     run_decoding,
+    select_dssd,
     select_layerskip,
 )
 from pipeline.evaluation.decoding_report import METHOD_COLUMN, Setting, oracle_speculation, speed_line
@@ -91,6 +94,55 @@ def test_select_layerskip_by_compute_then_acceptance_then_shallower():
 def test_plan_rejects_an_unknown_criterion():
     with pytest.raises(ValueError, match="layerskip_select"):
         DecodingPlan(max_new_tokens=4, policies={}, layerskip_d=[1], layerskip_select="speed")
+    with pytest.raises(ValueError, match="dssd_max_draft"):
+        DecodingPlan(max_new_tokens=4, policies={}, layerskip_d=[1], dssd_max_draft=[2, 0])
+
+
+def test_dssd_grid_consults_each_enabled_head_alone_and_all_together():
+    from pipeline.exits.policy import ExitPolicy
+
+    policies = {
+        0.8: ExitPolicy((0, 1, 2), (1.0, None, 2.0)),  # head 1 disabled by calibration at this ε
+        0.9: ExitPolicy((0, 1, 2), (None, None, 0.5)),  # one head: its single set is all heads
+    }
+    plan = DecodingPlan(max_new_tokens=4, policies=policies, layerskip_d=[1], dssd_max_draft=[1, 4])
+    grid = dssd_grid(plan)
+    seen = [(s.eps, tuple(s.strategy.policy.thresholds), s.strategy.max_draft) for s in grid]
+    assert seen == [
+        (0.8, (1.0, None, None), 1),
+        (0.8, (1.0, None, None), 4),
+        (0.8, (None, None, 2.0), 1),
+        (0.8, (None, None, 2.0), 4),
+        (0.8, (1.0, None, 2.0), 1),
+        (0.8, (1.0, None, 2.0), 4),
+        (0.9, (None, None, 0.5), 1),
+        (0.9, (None, None, 0.5), 4),
+    ]
+    assert grid[4].label == "dssd_grid eps=0.8 heads=0,2 max_draft=1"
+    assert consulting(policies[0.8], [2]).metric == policies[0.8].metric
+
+
+def _dssd_setting(eps: float, heads: tuple, cap: int, layer_eq: float, wall: float, accepted: int = 0):
+    from pipeline.engine import DSSD
+    from pipeline.exits.policy import ExitPolicy
+
+    policy = ExitPolicy((0, 1, 2), tuple(1.0 if k in heads else None for k in range(3)))
+    s = Setting("dssd_grid", eps=eps, strategy=DSSD(policy, max_draft=cap))
+    s.tokens, s.wall = [[0] * 10], [wall]
+    s.stats = [_stats(10, layer_eq, accepted, 1)]
+    return s
+
+
+def test_select_dssd_by_the_same_criterion_then_smaller_cap_and_fewer_heads():
+    grid = [
+        _dssd_setting(0.8, (0, 1, 2), 16, layer_eq=30.0, wall=0.5),
+        _dssd_setting(0.9, (0,), 2, layer_eq=30.0, wall=0.4),  # as cheap, smaller cap: wins the tie
+        _dssd_setting(0.9, (0, 1), 2, layer_eq=30.0, wall=0.3),  # same cap, more heads
+        _dssd_setting(0.6, (2,), 4, layer_eq=45.0, wall=0.1),  # fastest
+    ]
+    best = select_dssd(grid)
+    assert (best.eps, best.strategy.policy.enabled, best.strategy.max_draft) == (0.9, [0], 2)
+    assert select_dssd(grid, "tokens_per_s").eps == 0.6
 
 
 def test_speeds_per_repeat_and_ratios_to_generate():
@@ -149,7 +201,19 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     rows = report.rows()
     methods = {r[METHOD_COLUMN] for r in rows}
     assert {"generate", "greedy", "early_exit", "layerskip", "dssd", "layerskip_grid", "oracle"} <= methods
-    assert {"dssd_vs_layerskip"} <= methods
+    assert {"dssd_vs_layerskip", "dssd_tuned", "layerskip_nobonus"} <= methods
+    # The tuned DSSD: chosen on the tuning prompts from the grid (only head 2 is enabled: 4 draft caps), its
+    # choice reported in rows, checked lossless on the test prompts like the paper's DSSD.
+    tuned = report.test.dssd_tuned
+    assert len(report.dssd_tuning.grid) == 4 and tuned.strategy.policy.enabled == [2]
+    choice = {(r["metric"], r["head"]): r["value"] for r in rows if r[METHOD_COLUMN] == "dssd_tuned"}
+    assert choice[("tuned_eps", None)] == 0.8 == tuned.eps
+    assert choice[("max_draft", None)] == tuned.strategy.max_draft in (1, 2, 4, 16)
+    assert [choice[("consulted", k)] for k in range(3)] == [0.0, 0.0, 1.0]
+    assert choice[("identical", None)] == 1.0
+    nobonus = report.test.layerskip_nobonus
+    assert (nobonus.head, nobonus.draft_len) == (report.tuning.best.head, report.tuning.best.draft_len)
+    assert nobonus.total("bonus") == 0 and nobonus.tokens == report.test.generate.tokens
     dssd = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "dssd" and r["head"] is None}
     assert dssd["drafted_per_token"] > 0 and 0 < dssd["acceptance_rate"] < 1
     # Both cost measures: equal for greedy (one row per call); a verification over k rows is one call.
@@ -167,15 +231,18 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
         "early_exit eps=0.8 fill=copy",
     ]
     table = report.per_prompt_table()
-    # tuning: generate, greedy, 6 grid settings on 1 prompt; test: 2+2+1+1+1 settings on 2 prompts
-    assert len(table) == 8 + 2 * 7
+    # tuning: generate, greedy, 6 LayerSkip and 4 DSSD grid settings on 1 prompt; test: generate, greedy, 2
+    # early exit, layerskip, dssd, layerskip_nobonus, dssd_tuned and the external method on 2 prompts
+    assert len(table) == 12 + 2 * 9
     assert all(len(s.repeat_walls[0]) == 2 for s in (report.test.generate, report.test.dssd[0]))
     speed = report.speed_table("tiny")
     assert speed.loc[speed["method"] == "reference_again", "identical_to_greedy"].item()
     assert "oracle_bound" in set(speed["method"])
     summary = report.summary_table()
-    assert set(summary["method"]) >= {"generate", "greedy", "layerskip", "dssd", "oracle"}
-    assert not math.isnan(report.metrics()["greedy_speedup_vs_generate"])
+    assert set(summary["method"]) >= {"generate", "greedy", "layerskip", "dssd", "dssd_tuned", "oracle"}
+    metrics = report.metrics()
+    assert not math.isnan(metrics["greedy_speedup_vs_generate"])
+    assert metrics["dssd_tuned_heads"] == "2" and metrics["dssd_tuned_speed_vs_greedy"] > 0
 
 
 def test_run_decoding_raises_when_a_lossless_method_changes_a_token(tiny, monkeypatch):

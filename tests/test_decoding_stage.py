@@ -31,6 +31,8 @@ def test_micro_config_is_valid(tmp_path):
         (["decoding.layerskip_d=[0]"], "layerskip_d"),
         (["decoding.layerskip_d=[2,-1]"], "layerskip_d"),
         (["decoding.layerskip_d=[]"], "layerskip_d"),
+        (["decoding.dssd_max_draft=[1,0]"], "dssd_max_draft"),
+        (["decoding.dssd_max_draft=[]"], "dssd_max_draft"),
         (["decoding.n_prompts=0"], "n_prompts"),
         (["decoding.n_tune_prompts=0"], "n_tune_prompts"),
         (["decoding.prompt_len=100", "decoding.max_new_tokens=64"], "maximum sequence length"),
@@ -63,7 +65,7 @@ def _values(rows, method, metric, head=None):
 
 def test_rows_for_every_method_and_eps(rows):
     eps = {0.8, 0.9}
-    for method in ("generate", "greedy", "layerskip"):
+    for method in ("generate", "greedy", "layerskip", "layerskip_nobonus", "dssd_tuned"):
         for metric in ("tokens_per_s", "speedup_vs_generate", "identical"):
             assert len(_values(rows, method, metric)) == 1, (method, metric)
     for method in ("dssd", "early_exit"):
@@ -84,9 +86,16 @@ def test_rows_for_every_method_and_eps(rows):
 
 def test_everything_lossless_is_identical(rows):
     identical = rows[rows["metric"] == "identical"]
-    assert {"generate", "greedy", "dssd", "layerskip", "layerskip_grid", "oracle"} <= set(
-        identical["setting"]
-    )
+    lossless = {
+        "generate",
+        "greedy",
+        "dssd",
+        "dssd_tuned",
+        "layerskip",
+        "layerskip_nobonus",
+        "layerskip_grid",
+    }
+    assert lossless | {"oracle"} <= set(identical["setting"])
     assert (identical["value"] == 1).all()
 
 
@@ -119,6 +128,20 @@ def test_layerskip_grid_and_tuned_setting(rows):
     assert float(chosen["value"].iloc[0]) == pytest.approx(float(best["value"]))
 
 
+def test_tuned_dssd_and_the_no_bonus_baseline(rows):
+    """dssd_tuned names its choice (ε, draft cap, consulted heads) from the micro config's grid; the no-bonus
+    LayerSkip baseline runs the tuned (head, d) and never emits a bonus token."""
+    eps = float(_values(rows, "dssd_tuned", "tuned_eps")["value"].iloc[0])
+    assert round(eps, 6) in {0.8, 0.9}
+    assert set(_values(rows, "dssd_tuned", "identical")["eps"].round(6)) == {round(eps, 6)}
+    assert int(_values(rows, "dssd_tuned", "max_draft")["value"].iloc[0]) in {1, 2}  # tests/micro.py
+    consulted = rows[(rows["setting"] == "dssd_tuned") & (rows["metric"] == "consulted")]
+    assert set(consulted["head"]) == {"0", "1", "2"} and set(consulted["value"]) <= {0.0, 1.0}
+    nobonus = _values(rows, "layerskip_nobonus", "layer_equiv_per_token")
+    tuned = _values(rows, "layerskip", "layer_equiv_per_token")
+    assert len(nobonus) == 1 and len(tuned) == 1
+
+
 def test_per_prompt_table(micro_run):
     root, _, results = micro_run
     if "decoding" not in set(results["stage"]):
@@ -128,7 +151,16 @@ def test_per_prompt_table(micro_run):
     table = pd.read_parquet(tables[0])
     test = table[table["split"] == "test"]
     assert set(test["prompt"]) == {0, 1, 2}
-    assert {"generate", "greedy", "dssd", "layerskip", "early_exit"} <= set(test["method"])
+    assert {
+        "generate",
+        "greedy",
+        "dssd",
+        "dssd_tuned",
+        "layerskip",
+        "layerskip_nobonus",
+        "early_exit",
+    } <= set(test["method"])
+    assert "dssd_grid" in set(table[table["split"] == "tune"]["method"])
     assert (test["n_tokens"] == 8).all()
     assert set(table[table["split"] == "tune"]["prompt"]) == {0, 1}
 
@@ -188,12 +220,19 @@ def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
             "2",
             "--eps",
             "0.8",
+            "--dssd-max-draft",
+            "1",
+            "2",
             "--csv",
             str(tmp_path / "bench.csv"),
         ]
     )
     assert (tmp_path / "bench.csv").is_file()
-    lossless = frame[frame["method"].isin(["greedy", "layerskip", "dssd", "assistant_early_exit"])]
+    lossless = frame[
+        frame["method"].isin(
+            ["greedy", "layerskip", "layerskip_nobonus", "dssd", "dssd_tuned", "assistant_early_exit"]
+        )
+    ]
     assert lossless["identical_to_greedy"].all()
     assert {
         "generate",
@@ -201,8 +240,12 @@ def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
         "early_exit",
         "layerskip",
         "dssd",
+        "dssd_tuned",
+        "layerskip_nobonus",
         "oracle_bound",
         "assistant_early_exit",
     } <= set(frame["method"])
     llama = frame[frame["model"].str.startswith("llama")]
-    assert {"generate", "greedy", "layerskip", "assistant_early_exit"} == set(llama["method"])
+    assert {"generate", "greedy", "layerskip", "layerskip_nobonus", "assistant_early_exit"} == set(
+        llama["method"]
+    )

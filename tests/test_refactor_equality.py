@@ -25,6 +25,8 @@ PLATFORM = {"cpu_capability": "AVX2", "torch": "2.13.0+cpu"}
 TIMING = ("seconds", "tokens_per_s", "speedup", "speed_ratio", "wall")
 # Metrics the redesign added (no stored expectation): the latency measure of the decoding rows.
 NEW_METRICS = ("latency_equiv",)
+# Decoding settings added since (issue 14): new rows, no stored expectation.
+NEW_SETTINGS = ("dssd_tuned", "layerskip_nobonus")
 KEY = ["stage", "method", "eps", "head", "metric"]
 
 
@@ -56,6 +58,7 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
         frame[labels] = frame[labels].fillna("").astype(str)
         frame["method"] = frame.apply(legacy_method, axis=1) if len(frame) else ""
     keep = ~frame["metric"].astype(str).str.contains("|".join(TIMING + NEW_METRICS))
+    keep &= ~frame["setting"].isin(NEW_SETTINGS) if "setting" in frame else True
     frame = frame[keep]
     if "draft_len" in frame:  # the LayerSkip grid's rows differ only by draft length
         frame["metric"] = frame["metric"].where(

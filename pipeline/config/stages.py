@@ -297,7 +297,9 @@ class DecodingConfig(Settings):
         factory=lambda: [0.6, 0.7, 0.8, 0.9, 0.95], check=_eps_levels
     )  # ⊆ calibrate.eps
     calibration_method: str = "empirical"  # one of calibrate.methods
-    max_draft: int = setting(16, check=at_least(1))  # DSSD's cap on drafts per verification
+    max_draft: int = setting(16, check=at_least(1))  # the paper's DSSD rows: cap on drafts per verification
+    # dssd_tuned: the draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts.
+    dssd_max_draft: list[int] = setting(factory=lambda: [1, 2, 4, 16], check=each(at_least(1)))
     layerskip_d: list[int] = setting(factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8], check=each(at_least(1)))
     # How the tuned LayerSkip (head, d) is chosen on the tuning prompts (decoding_harness.SELECT_CRITERIA).
     layerskip_select: str = setting("layer_equiv_per_token", check=one_of(_layerskip_criteria))

@@ -9,17 +9,21 @@ Used by the `decoding` stage and by benchmarks/decoding_speed.py::
 Each prompt decodes `max_new_tokens` tokens (EOS stops generation only when `plan.eos_token_id` is given, so
 that by default every method produces the same number of tokens and speeds compare per token).
 
-1. Tuning prompts: transformers `generate(do_sample=False)` (the reference), our engine's greedy, and the
-   LayerSkip grid, every head × d in `layerskip_d`. The tuned setting is the one with the fewest
-   layer-equivalents per generated token (= most tokens per unit of verification + drafting compute, the
-   quantity LayerSkip's own sweep optimises, measured without wall-clock noise on a shared machine); ties go
-   to more accepted tokens per verification, then the shallower head and the shorter draft.
-   `layerskip_select="tokens_per_s"` selects by measured speed instead. This phase also warms up every code
-   path before anything reported is timed.
+1. Tuning prompts: transformers `generate(do_sample=False)` (the reference), our engine's greedy, the
+   LayerSkip grid (every head × d in `layerskip_d`) and the DSSD grid (every ε of `policies` × consulted
+   heads — each single head, and all heads — × `dssd_max_draft`; a head not consulted gets threshold None).
+   Both grids are tuned by the same criterion, `layerskip_select`: by default the fewest layer-equivalents
+   per generated token (= most tokens per unit of verification + drafting compute, the quantity LayerSkip's
+   own sweep optimises, measured without wall-clock noise on a shared machine); ties go to more accepted
+   tokens per verification, then (LayerSkip) the shallower head and the shorter draft, (DSSD) the smaller
+   draft cap and fewer heads. `"tokens_per_s"` selects by measured speed instead. This phase also warms up
+   every code path before anything reported is timed.
 2. Test prompts, interleaved per prompt (load changes hit every method alike): `generate`, `greedy`,
-   `early_exit` per ε and fill (lossy, optional), the tuned `layerskip`, `dssd` per ε, generators outside the
-   engine (e.g. transformers' assistant_early_exit), and the oracle bound (greedy with every head probed: the
-   earliest head that agrees with the full model, per token).
+   `early_exit` per ε and fill (lossy, optional), the tuned `layerskip`, `layerskip_nobonus` (the same head
+   and d without the bonus token: the paper author's baseline), `dssd` per ε (the paper's rule: every head,
+   cap `max_draft`), `dssd_tuned` (the DSSD grid's choice), generators outside the engine (e.g.
+   transformers' assistant_early_exit), and the oracle bound (greedy with every head probed: the earliest
+   head that agrees with the full model, per token).
 3. Losslessness: on every prompt (tuning and test) greedy must equal `generate`, and every LayerSkip / DSSD
    output and the oracle probe's tokens must equal it too, token for token. A mismatch raises
    `LosslessnessError`. Generators outside the engine are compared, not enforced (`identical_to_greedy`).
@@ -41,7 +45,8 @@ from typing import Any, NamedTuple
 import torch
 
 from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Strategy
-from pipeline.evaluation.decoding_report import DecodingReport, LayerSkipTuning, Setting, TestRun
+from pipeline.evaluation.decoding_report import DecodingReport, DSSDTuning, LayerSkipTuning, Setting, TestRun
+from pipeline.exits.policy import ExitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +69,15 @@ class ExternalMethod(NamedTuple):
 @dataclass
 class DecodingPlan:
     """What to run. `policies`: ε -> exit policy (`ExitThresholds.for_eps`), for early exit and DSSD; an empty
-    `early_exit_fills` skips early exit. `external(tuned)` returns generators outside the engine, built once
+    `early_exit_fills` skips early exit. `max_draft` caps the paper's DSSD rows; `dssd_max_draft` lists the
+    caps the DSSD grid tunes over. `external(tuned)` returns generators outside the engine, built once
     LayerSkip is tuned (they may reuse its head and draft length)."""
 
     max_new_tokens: int
     policies: dict[float, Any]
     layerskip_d: Sequence[int]
     max_draft: int = 16
+    dssd_max_draft: Sequence[int] = (1, 2, 4, 16)
     layerskip_select: str = SELECT_CRITERIA[0]
     early_exit_fills: Sequence[str] = ("lazy",)
     repeats: int = 1
@@ -86,6 +93,8 @@ class DecodingPlan:
             raise ValueError(f"layerskip_select={self.layerskip_select!r}; choose one of {SELECT_CRITERIA}")
         if not self.layerskip_d:
             raise ValueError("layerskip_d must list at least one draft length")
+        if not self.dssd_max_draft or min(self.dssd_max_draft) < 1:
+            raise ValueError(f"dssd_max_draft must list draft caps >= 1, got {list(self.dssd_max_draft)}")
 
 
 def hf_greedy(
@@ -219,12 +228,23 @@ def run_decoding(
     from tqdm.auto import tqdm
 
     n_heads = len(engine.head_layers)
-    grid_size = n_heads * len(plan.layerskip_d)
+    layerskip_grid = [
+        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
+        for k in range(n_heads)
+        for d in plan.layerskip_d
+    ]
+    grid = dssd_grid(plan)
     with tqdm(
-        total=len(tune_prompts) * (2 + grid_size), desc="decoding", unit="gen", disable=not progress
+        total=len(tune_prompts) * (2 + len(layerskip_grid) + len(grid)),
+        desc="decoding",
+        unit="gen",
+        disable=not progress,
     ) as bar:
         runner = TimedRunner(model, engine, plan, on_run=lambda: bar.update(1))
-        tuning = tune_layerskip(runner, tune_prompts, n_heads)
+        tuning = tune(runner, tune_prompts, layerskip_grid, grid)
+        dssd_tuning = DSSDTuning(
+            grid, select_dssd(grid, plan.layerskip_select) if grid else None, tuning.criterion
+        )
         log.info(
             "LayerSkip tuned on %d prompts by %s: head %d (block %d), d=%d",
             len(tune_prompts),
@@ -233,8 +253,15 @@ def run_decoding(
             engine.head_layers[tuning.best.head],
             tuning.best.draft_len,
         )
-        test = _test_settings(plan, tuning.best)
-        per_prompt = 2 + len(test.early_exit) + 1 + len(test.dssd) + len(test.external) + int(plan.oracle)
+        if dssd_tuning.best is not None:
+            log.info(
+                "DSSD tuned on %d prompts by %s: %s",
+                len(tune_prompts),
+                tuning.criterion,
+                dssd_tuning.best.detail,
+            )
+        test = _test_settings(plan, tuning.best, dssd_tuning.best)
+        per_prompt = len(test.engine_settings) + len(test.external) + int(plan.oracle)
         bar.total += len(prompts) * per_prompt
         bar.refresh()
         for i, prompt in enumerate(prompts):
@@ -248,44 +275,91 @@ def run_decoding(
         tuning=tuning,
         test=test,
         per_prompt=runner.records,
+        dssd_tuning=dssd_tuning,
     )
 
 
-def select_layerskip(grid: Sequence[Setting], criterion: str = SELECT_CRITERIA[0]) -> Setting:
+def select_best(grid: Sequence[Setting], criterion: str, tiebreak: Callable[[Setting], tuple]) -> Setting:
     """The grid's best setting by `criterion` (fewest layer-equivalents per token, or most tokens/s); ties go
-    to more accepted tokens per verification, then the shallower head and the shorter draft."""
+    to more accepted tokens per verification, then to the smallest `tiebreak(setting)`."""
 
     def score(s: Setting) -> tuple:
         summary = s.summary()
         apv = summary.get("accepted_per_verification", math.nan)
         apv = -apv if not math.isnan(apv) else 0.0
-        if criterion == "tokens_per_s":
-            return (-summary["tokens_per_s"], apv, s.head, s.draft_len)
-        return (summary["layer_equiv_per_token"], apv, s.head, s.draft_len)
+        primary = (
+            -summary["tokens_per_s"] if criterion == "tokens_per_s" else summary["layer_equiv_per_token"]
+        )
+        return (primary, apv, *tiebreak(s))
 
     return min(grid, key=score)
 
 
-def tune_layerskip(runner: TimedRunner, prompts: Sequence[torch.Tensor], n_heads: int) -> LayerSkipTuning:
-    """Phase 1: the reference, greedy and every LayerSkip (head, d) on the tuning prompts, all checked."""
+def select_layerskip(grid: Sequence[Setting], criterion: str = SELECT_CRITERIA[0]) -> Setting:
+    """The best LayerSkip (head, d) (`select_best`); ties then go to the shallower head and the shorter draft."""
+    return select_best(grid, criterion, lambda s: (s.head, s.draft_len))
+
+
+def select_dssd(grid: Sequence[Setting], criterion: str = SELECT_CRITERIA[0]) -> Setting:
+    """The best DSSD (ε, heads, max_draft) (`select_best`); ties then go to the smaller draft cap, fewer
+    consulted heads, the shallower heads and the smaller ε."""
+
+    def tiebreak(s: Setting) -> tuple:
+        heads = s.strategy.policy.enabled
+        return (s.strategy.max_draft, len(heads), heads, s.eps)
+
+    return select_best(grid, criterion, tiebreak)
+
+
+def consulting(policy: ExitPolicy, heads: Sequence[int]) -> ExitPolicy:
+    """`policy` with every head outside `heads` disabled (threshold None)."""
+    return policy.with_thresholds([t if k in heads else None for k, t in enumerate(policy.thresholds)])
+
+
+def dssd_grid(plan: DecodingPlan) -> list[Setting]:
+    """DSSD's tuning grid: every ε × consulted-head set × `dssd_max_draft`. The head sets are each head the
+    ε's thresholds enable on its own, and all of them together (one set when a single head is enabled, the
+    empty set — greedy through the engine — when none is)."""
+    grid = []
+    for eps, policy in plan.policies.items():
+        enabled = policy.enabled
+        head_sets = [[k] for k in enabled] + ([enabled] if len(enabled) != 1 else [])
+        for heads in head_sets:
+            for cap in plan.dssd_max_draft:
+                grid.append(
+                    Setting(
+                        "dssd_grid",
+                        eps=eps,
+                        strategy=DSSD(consulting(policy, heads), max_draft=cap),
+                        note=f"heads={','.join(map(str, heads)) or 'none'} max_draft={cap}",
+                        labels={"calibration": plan.calibration, "confidence": policy.metric},
+                    )
+                )
+    return grid
+
+
+def tune(
+    runner: TimedRunner,
+    prompts: Sequence[torch.Tensor],
+    layerskip_grid: Sequence[Setting],
+    dssd_grid: Sequence[Setting],
+) -> LayerSkipTuning:
+    """Phase 1: the reference, greedy, every LayerSkip (head, d) and every DSSD grid setting on the tuning
+    prompts, interleaved per prompt and all checked against the reference; LayerSkip's choice is returned
+    (DSSD's is `select_dssd` over the filled `dssd_grid`)."""
     plan = runner.plan
     generate, greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
-    grid = [
-        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
-        for k in range(n_heads)
-        for d in plan.layerskip_d
-    ]
     for i, prompt in enumerate(prompts):
         ref = runner.run(generate, prompt, "tune", i)
         tokens = runner.run(greedy, prompt, "tune", i)
         check_identical(ref, tokens, "greedy (engine)", "transformers generate", "tuning", i)
-        for setting in grid:
+        for setting in (*layerskip_grid, *dssd_grid):
             check_identical(ref, runner.run(setting, prompt, "tune", i), setting.label, "greedy", "tuning", i)
-    best = select_layerskip(grid, plan.layerskip_select)
-    return LayerSkipTuning(generate, greedy, grid, best, plan.layerskip_select)
+    best = select_layerskip(layerskip_grid, plan.layerskip_select)
+    return LayerSkipTuning(generate, greedy, list(layerskip_grid), best, plan.layerskip_select)
 
 
-def _test_settings(plan: DecodingPlan, tuned: Setting) -> TestRun:
+def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | None) -> TestRun:
     several_fills = len(plan.early_exit_fills) > 1
     early_exit = [
         Setting(
@@ -317,8 +391,31 @@ def _test_settings(plan: DecodingPlan, tuned: Setting) -> TestRun:
         Setting(m.method, strategy=m.generate, note=m.note)
         for m in (plan.external(tuned) if plan.external else ())
     ]
+    nobonus = Setting(
+        "layerskip_nobonus",
+        head=tuned.head,
+        draft_len=tuned.draft_len,
+        strategy=LayerSkip(tuned.head, tuned.draft_len, bonus=False),
+    )
+    chosen = None
+    if dssd_tuned is not None:
+        chosen = Setting(
+            "dssd_tuned",
+            eps=dssd_tuned.eps,
+            strategy=DSSD(dssd_tuned.strategy.policy, max_draft=dssd_tuned.strategy.max_draft),
+            note=dssd_tuned.note,
+            labels=dict(dssd_tuned.labels),
+        )
     return TestRun(
-        Setting("generate"), Setting("greedy", strategy=Greedy()), early_exit, layerskip, dssd, external, []
+        Setting("generate"),
+        Setting("greedy", strategy=Greedy()),
+        early_exit,
+        layerskip,
+        dssd,
+        external,
+        [],
+        layerskip_nobonus=nobonus,
+        dssd_tuned=chosen,
     )
 
 
@@ -330,7 +427,7 @@ def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor,
     check_identical(ref, tokens, "greedy (engine)", "transformers generate", "test", index)
     for setting in test.early_exit:
         runner.run(setting, prompt, "test", index)
-    for setting in (test.layerskip, *test.dssd):
+    for setting in test.lossless:
         check_identical(
             ref, runner.run(setting, prompt, "test", index), setting.label, "greedy", "test", index
         )

@@ -1,18 +1,28 @@
 """What a decoding run measured, and its tables: result rows, summary, per-prompt table, speed table.
 
 `pipeline.evaluation.decoding_harness` runs the settings and fills a `DecodingReport`; this module turns it
-into tables. Counters are summed over prompts before any ratio is taken.
+into tables (the row functions: pipeline/evaluation/decoding_rows.py). Counters are summed over prompts
+before any ratio is taken.
+
+Two acceptance measures, not to be confused: `acceptance_rate = accepted / drafted` is the DSSD paper
+author's formula (the share of drafts the full model confirms); `accepted_per_verification` (mean drafts
+accepted per verification pass that checked at least one draft) is ours.
 
 Result rows (pipeline/orchestration/results.py); the `setting` column names the method, and early_exit / dssd
 rows also carry `calibration`, `confidence` (and `fill` for early exit):
-  setting generate|greedy|early_exit|layerskip|dssd, eps (early_exit, dssd), head -:
+  setting generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd|dssd_tuned, eps (early_exit, dssd,
+      dssd_tuned), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
       identical (1 = every prompt identical to greedy `generate`; lossless methods only), acceptance_rate,
       accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
-  setting early_exit|dssd|layerskip, head i: exit_frac (early exit) / draft_frac (drafts by head i per token).
-  setting layerskip: draft_head, draft_len (the tuned setting).
+  setting early_exit|dssd|dssd_tuned|layerskip|layerskip_nobonus, head i: exit_frac (early exit) /
+      draft_frac (drafts by head i per token).
+  setting layerskip: draft_head, draft_len (the tuned setting). layerskip_nobonus is the same (head, d)
+      without a bonus token after a fully accepted draft (the paper author's LayerSkip baseline).
+  setting dssd_tuned: DSSD with (ε, consulted heads, max_draft) chosen on the tuning prompts by the same
+      criterion as LayerSkip's (head, d); extra rows tuned_eps, max_draft, and consulted (1/0) per head i.
   setting layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
   setting oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
       latency_equiv_per_token (the same figure: every call is one row), cascade_layer_equiv_per_token (also
@@ -32,12 +42,30 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.orchestration.results import row
+from pipeline.evaluation.decoding_rows import (
+    METHOD_COLUMN,
+    SPECULATIVE,
+    decoding_row,
+    dssd_choice_rows,
+    oracle_rows,
+    oracle_speculation,
+    ratio_rows,
+    setting_rows,
+)
 
 log = logging.getLogger(__name__)
-
-SPECULATIVE = ("layerskip", "layerskip_grid", "dssd")
-METHOD_COLUMN = "setting"  # the results column that names a decoding row's method
+__all__ = [  # the row helpers are re-exported: callers import them from here
+    "METHOD_COLUMN",
+    "DecodingReport",
+    "LayerSkipTuning",
+    "DSSDTuning",
+    "Setting",
+    "TestRun",
+    "oracle_speculation",
+    "setting_rows",
+    "speed_line",
+    "summary_table",
+]
 SUMMARY_METRICS = (
     "tokens_per_s",
     "speedup_vs_generate",
@@ -141,6 +169,16 @@ class LayerSkipTuning:
 
 
 @dataclass
+class DSSDTuning:
+    """DSSD's grid on the tuning prompts (ε × consulted heads × max_draft) and the chosen setting (None when
+    the grid is empty: no ε to tune over)."""
+
+    grid: list[Setting]
+    best: Setting | None
+    criterion: str
+
+
+@dataclass
 class TestRun:
     """The reported prompts: every setting, interleaved per prompt, and the oracle probe per prompt."""
 
@@ -151,6 +189,19 @@ class TestRun:
     dssd: list[Setting]
     external: list[Setting]
     bounds: list[Any]  # pipeline.engine.OracleBound per prompt (empty without the oracle)
+    layerskip_nobonus: Setting | None = None  # the tuned (head, d) without the bonus token
+    dssd_tuned: Setting | None = None  # DSSD with the setting chosen on the tuning prompts
+
+    @property
+    def lossless(self) -> list[Setting]:
+        """The speculative settings, each checked against greedy on every prompt."""
+        extra = [s for s in (self.layerskip_nobonus, self.dssd_tuned) if s is not None]
+        return [self.layerskip, *self.dssd, *extra]
+
+    @property
+    def engine_settings(self) -> list[Setting]:
+        """Every setting on the engine or `generate`, in report order (generators outside excluded)."""
+        return [self.generate, self.greedy, *self.early_exit, *self.lossless]
 
 
 @dataclass
@@ -160,16 +211,19 @@ class DecodingReport:
     tuning: LayerSkipTuning
     test: TestRun
     per_prompt: list[dict]
+    dssd_tuning: DSSDTuning | None = None
 
     def rows(self) -> list[dict]:
         """Every result row (module docstring)."""
         test, tuning = self.test, self.tuning
         out: list[dict] = []
-        for setting in (test.generate, test.greedy, *test.early_exit, test.layerskip, *test.dssd):
+        for setting in test.engine_settings:
             out += setting_rows(setting, test.generate.tokens_per_s, test.generate.tokens)
+        if test.dssd_tuned is not None:
+            out += dssd_choice_rows(test.dssd_tuned, len(self.head_layers))
         out += [
-            _row("draft_head", tuning.best.head, method="layerskip"),
-            _row("draft_len", tuning.best.draft_len, method="layerskip"),
+            decoding_row("draft_head", tuning.best.head, method="layerskip"),
+            decoding_row("draft_len", tuning.best.draft_len, method="layerskip"),
         ]
         for setting in tuning.grid:
             layer = self.head_layers[setting.head]
@@ -212,13 +266,24 @@ class DecodingReport:
                 out[f"{r['metric']}@{r['eps']:g}"] = r["value"]
             if r[METHOD_COLUMN] == "dssd" and r["metric"] == "speedup_vs_generate":
                 out[f"dssd_speedup@{r['eps']:g}"] = r["value"]
+        tuned = test.dssd_tuned
+        if tuned is not None:
+            out["dssd_tuned_eps"] = tuned.eps
+            out["dssd_tuned_max_draft"] = tuned.strategy.max_draft
+            out["dssd_tuned_heads"] = ",".join(map(str, tuned.strategy.policy.enabled))
+        greedy_tps = test.greedy.tokens_per_s
+        for s in (tuned, test.layerskip, test.layerskip_nobonus):
+            if s is not None:
+                out[f"{s.method}_speed_vs_greedy"] = (
+                    s.tokens_per_s / greedy_tps if greedy_tps > 0 else math.nan
+                )
         return out
 
     def speed_table(self, label: str = "") -> pd.DataFrame:
         """The benchmark's view: one line per test setting with tokens/s (median, min, max over repeats), its
         ratio to `generate` in the same repeat (median), compute and acceptance, and the oracle bound."""
         test = self.test
-        settings = [test.generate, test.greedy, *test.early_exit, test.layerskip, *test.dssd, *test.external]
+        settings = [*test.engine_settings, *test.external]
         lines = [speed_line(s, test.generate, label) for s in settings]
         if test.bounds:
             n_tok = sum(len(b.oracle_cost) for b in test.bounds)
@@ -234,119 +299,6 @@ class DecodingReport:
                 }
             )
         return pd.DataFrame(lines)
-
-
-# --- rows ---------------------------------------------------------------------------------------------------
-
-
-def _row(metric: str, value: float, method: str, **labels: Any) -> dict[str, Any]:
-    return row(metric, value, **{METHOD_COLUMN: method}, **labels)
-
-
-def setting_rows(
-    setting: Setting, generate_tps: float, reference: list[list[int]], **extra: Any
-) -> list[dict]:
-    """The rows of one setting; `reference` is `generate`'s tokens on the same prompts."""
-    # `method` is _row's argument
-    common = {"method": setting.method, "eps": setting.eps, **setting.labels, **extra}
-    out = []
-    summary = setting.summary()
-    summary["speedup_vs_generate"] = summary["tokens_per_s"] / generate_tps if generate_tps > 0 else math.nan
-    for metric, value in summary.items():
-        if not (isinstance(value, float) and math.isnan(value)):
-            out.append(_row(metric, value, **common))
-    if setting.method == "early_exit":
-        same = sum(
-            a == b
-            for ref, toks in zip(reference, setting.tokens, strict=True)
-            for a, b in zip(ref, toks, strict=False)
-        )
-        out.append(_row("agreement", same / sum(map(len, reference)), **common))
-        out += [
-            _row("exit_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("exits_per_head"))
-        ]
-    else:
-        # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist.
-        out.append(_row("identical", float(setting.tokens == reference), **common))
-    if setting.method in SPECULATIVE:
-        out += [
-            _row("draft_frac", f, head=k, **common) for k, f in enumerate(setting.per_head("drafts_per_head"))
-        ]
-    return out
-
-
-RATIOS = {  # row name: the summary metric compared, DSSD / tuned LayerSkip
-    "acceptance_ratio": "acceptance_rate",
-    "accepted_per_verification_ratio": "accepted_per_verification",
-    "layer_equiv_ratio": "layer_equiv_per_token",
-    "latency_equiv_ratio": "latency_equiv_per_token",
-    "speed_ratio": "tokens_per_s",
-}
-
-
-def ratio_rows(dssd: list[Setting], layerskip: Setting) -> list[dict]:
-    """One row per ratio and ε (NaN when undefined, e.g. DSSD drafted nothing at this ε)."""
-    out = []
-    ls = layerskip.summary()
-    for setting in dssd:
-        ds = setting.summary()
-        for name, key in RATIOS.items():
-            a, b = ds.get(key, math.nan), ls.get(key, math.nan)
-            out.append(_row(name, a / b if b > 0 else math.nan, method="dssd_vs_layerskip", eps=setting.eps))
-        if not setting.total("drafted"):
-            log.warning(
-                "DSSD at ε=%g drafted nothing on the test prompts (no head is confident at this ε): it ran "
-                "as greedy decoding; its acceptance ratios are undefined (NaN)",
-                setting.eps,
-            )
-    return out
-
-
-def oracle_speculation(earliest: list[int | None], max_draft: int) -> tuple[int, int]:
-    """An oracle drafter under DSSD's rules: it drafts a token exactly when some head gets it right, stops
-    at the first token no head gets right (that token comes from the verifying pass) or at `max_draft`
-    drafts. Returns (accepted drafts, verifications). The first token (from the prompt's pass) is never
-    drafted."""
-    accepted = verifications = 0
-    i, n = 1, len(earliest)
-    while i < n:
-        cap = min(max_draft, n - i - 1)
-        run = 0
-        while run < cap and earliest[i + run] is not None:
-            run += 1
-        if run:
-            accepted += run
-            verifications += 1
-        i += run + 1
-    return accepted, verifications
-
-
-def oracle_rows(bounds: list[Any], max_draft: int, n_heads: int) -> list[dict]:
-    """The oracle's rows from one `OracleBound` per prompt (none without bounds)."""
-    if not bounds:
-        return []
-    n_tok = sum(len(b.oracle_cost) for b in bounds)
-    accepted = verifications = 0
-    per_head = [0] * n_heads
-    for b in bounds:
-        a, v = oracle_speculation(b.earliest_head, max_draft)
-        accepted, verifications = accepted + a, verifications + v
-        per_head = [x + y for x, y in zip(per_head, b.exits_per_head(), strict=True)]
-    oracle_cost = sum(sum(b.oracle_cost) for b in bounds) / n_tok
-    out = [
-        _row("layer_equiv_per_token", oracle_cost, method="oracle"),
-        _row("latency_equiv_per_token", oracle_cost, method="oracle"),  # every call is one row
-        _row(
-            "cascade_layer_equiv_per_token", sum(sum(b.cascade_cost) for b in bounds) / n_tok, method="oracle"
-        ),
-        _row("exit_frac", sum(per_head) / n_tok, method="oracle", head="all"),
-        _row("acceptance_rate", 1.0, method="oracle"),
-        _row("identical", 1.0, method="oracle"),
-    ]
-    out += [_row("exit_frac", c / n_tok, method="oracle", head=k) for k, c in enumerate(per_head)]
-    if verifications:
-        out.append(_row("accepted_per_verification", accepted / verifications, method="oracle"))
-    return out
 
 
 # --- tables -------------------------------------------------------------------------------------------------

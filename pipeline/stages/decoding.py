@@ -1,11 +1,12 @@
-"""Stage `decoding`: greedy, early exit, the LayerSkip grid and DSSD per ε on real prompts; lossless by check.
+"""Stage `decoding`: greedy, early exit, LayerSkip and DSSD (per ε and tuned) on real prompts; lossless by check.
 
 Prompts: `n_prompts` windows of `prompt_len` tokens from the test split (the reported prompts) and a disjoint
-set of `n_tune_prompts` windows from the validation split (LayerSkip tuning only), each decoding
-`max_new_tokens` tokens. DSSD and early exit use the thresholds of `calibration_method` from the calibrate
-stage. What runs, in which order, how LayerSkip is tuned (`layerskip_select`) and how losslessness is
-enforced: pipeline/evaluation/decoding_harness.py; the rows: pipeline/evaluation/decoding_report.py. A
-lossless method that changes a token raises `LosslessnessError` and nothing is written.
+set of `n_tune_prompts` windows from the validation split (tuning only: LayerSkip's head × d, DSSD's ε ×
+consulted heads × `dssd_max_draft`), each decoding `max_new_tokens` tokens. DSSD and early exit use the
+thresholds of `calibration_method` from the calibrate stage. What runs, in which order, how LayerSkip and
+DSSD are tuned (`layerskip_select`) and how losslessness is enforced: pipeline/evaluation/decoding_harness.py;
+the rows: pipeline/evaluation/decoding_report.py. A lossless method that changes a token raises
+`LosslessnessError` and nothing is written.
 
 Tables: `per_prompt` (one line per split × prompt × method × setting, every statistic of
 `GenerationStats.as_dict()`), `summary` (the logged per-setting table).
@@ -41,6 +42,7 @@ def plan_from_config(cfg: DictConfig, policies: dict[float, Any], eos: int | Non
         policies=policies,
         layerskip_d=[int(x) for x in d.layerskip_d],
         max_draft=int(d.max_draft),
+        dssd_max_draft=[int(x) for x in d.dssd_max_draft],
         layerskip_select=str(d.layerskip_select),
         early_exit_fills=(str(d.early_exit_fill),) if bool(d.early_exit) else (),
         repeats=int(d.repeats),
@@ -95,11 +97,12 @@ def run(ctx: StageContext) -> StageOutput:
         engine, model, list(test.to(ctx.device)), list(tune.to(ctx.device)), plan, progress=ctx.progress
     )
     summary = report.summary_table()
-    best = report.tuning.best
+    best, dssd_best = report.tuning.best, report.test.dssd_tuned
     log.info(
-        "decoding summary (test prompts; LayerSkip head %d d=%d tuned on validation prompts):\n%s",
+        "decoding summary (test prompts; tuned on validation prompts: LayerSkip head %d d=%d, DSSD %s):\n%s",
         best.head,
         best.draft_len,
+        dssd_best.detail if dssd_best is not None else "-",
         summary.to_string(index=False, float_format=lambda x: f"{x:.3g}"),
     )
     ctx.tracker.log_table("decoding_summary", summary)
