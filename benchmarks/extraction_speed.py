@@ -28,33 +28,15 @@ import torch
 
 from pipeline.data.shards import ShardWriter
 from pipeline.models.backbone import decoder_of, default_head_layers, resolve_dtype
+from pipeline.models.pythia_shapes import random_pythia
 from pipeline.stages.extract import extract_split
 
-SHAPES = {  # (layers, d_model, attention heads) of the real checkpoints; all have a 50,304-token vocabulary
-    "pythia-70m": (6, 512, 8),
-    "pythia-160m": (12, 768, 12),
-    "pythia-410m": (24, 1024, 16),
-}
+SHAPES = ("pythia-70m", "pythia-160m", "pythia-410m")
 
 
 def pythia_shaped_model(shape: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A GPT-NeoX with random weights and the named Pythia checkpoint's exact architecture."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    layers, d_model, n_heads = SHAPES[shape]
-    config = GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=d_model,
-        num_hidden_layers=layers,
-        num_attention_heads=n_heads,
-        intermediate_size=4 * d_model,
-        rotary_pct=0.25,
-        max_position_embeddings=2048,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
+    return random_pythia(shape, seed=0, dtype=dtype, device=device)
 
 
 def alternate(

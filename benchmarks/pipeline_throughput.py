@@ -28,32 +28,14 @@ import torch
 from pipeline.data.shards import ShardWriter
 from pipeline.exits.training import train_heads
 from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of, unembedding_of
+from pipeline.models.pythia_shapes import random_pythia
 from pipeline.stages.extract import extract_split
 
-SHAPES = {  # (layers, d_model, heads, vocab) of the real checkpoints
-    "pythia-70m": (6, 512, 8, 50304),
-    "pythia-160m": (12, 768, 12, 50304),
-    "pythia-410m": (24, 1024, 16, 50304),
-}
+SHAPES = ("pythia-70m", "pythia-160m", "pythia-410m")
 
 
 def random_model(shape: str) -> torch.nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    layers, d_model, n_heads, vocab = SHAPES[shape]
-    config = GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=d_model,
-        num_hidden_layers=layers,
-        num_attention_heads=n_heads,
-        intermediate_size=4 * d_model,
-        rotary_pct=0.25,
-        max_position_embeddings=2048,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(config).eval().requires_grad_(False)
+    return random_pythia(shape, seed=0)
 
 
 def find_tiny_model(outputs: Path) -> Path | None:
