@@ -73,32 +73,23 @@ from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy
 from pipeline.exits.thresholds import ExitThresholds
 from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of
+from pipeline.models.pythia_shapes import PYTHIA_SHAPES, pythia_config, random_pythia
 from pipeline.orchestration.store import StageStore
 from pipeline.stages.calibrate import THRESHOLDS_FILE
 
-SHAPES = {  # (layers, d_model, attention heads, vocab): Pythia's real shapes, plus a tiny one
-    "tiny": (4, 64, 4, 256),
-    "pythia-70m": (6, 512, 8, 50304),
-    "pythia-160m": (12, 768, 12, 50304),
-    "pythia-410m": (24, 1024, 16, 50304),
-}
+SHAPES = ("tiny", *PYTHIA_SHAPES)  # Pythia's real shapes (random weights), plus a tiny one
 DEFAULT_EPS = (0.6, 0.8, 0.9, 0.95)
 
 
 def random_model(shape: str, seed: int = 0) -> torch.nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    if shape in PYTHIA_SHAPES:
+        return random_pythia(shape, seed)
+    from transformers import GPTNeoXForCausalLM
 
-    layers, d_model, n_heads, vocab = SHAPES[shape]
-    config = GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=d_model,
-        num_hidden_layers=layers,
-        num_attention_heads=n_heads,
-        intermediate_size=4 * d_model,
-        rotary_pct=0.25,
-        max_position_embeddings=2048,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
+    # Pythia's architecture at a size that decodes in milliseconds: 4 blocks, d_model 64, 256 tokens.
+    config = pythia_config("pythia-70m", vocab_size=256)
+    config.update(
+        {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256}
     )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config).eval().requires_grad_(False)

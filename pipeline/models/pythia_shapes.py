@@ -21,14 +21,15 @@ PYTHIA_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def pythia_config(name: str, vocab_size: int = PYTHIA_VOCAB):
-    """The `GPTNeoXConfig` of a Pythia checkpoint (`vocab_size` may shrink it for quick tests)."""
+def pythia_config(name: str, vocab_size: int = PYTHIA_VOCAB, **overrides):
+    """The `GPTNeoXConfig` of a Pythia checkpoint; `vocab_size` and `overrides` (GPTNeoXConfig arguments) shrink
+    it for quick tests while keeping the architecture."""
     from transformers import GPTNeoXConfig
 
     if name not in PYTHIA_SHAPES:
         raise ValueError(f"unknown Pythia size {name!r}; known: {sorted(PYTHIA_SHAPES)}")
     layers, d_model, n_heads = PYTHIA_SHAPES[name]
-    return GPTNeoXConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=d_model,
         num_hidden_layers=layers,
@@ -39,6 +40,7 @@ def pythia_config(name: str, vocab_size: int = PYTHIA_VOCAB):
         use_parallel_residual=True,
         tie_word_embeddings=False,
     )
+    return GPTNeoXConfig(**{**settings, **overrides})
 
 
 def random_pythia(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
