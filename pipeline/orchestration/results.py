@@ -7,8 +7,8 @@ stage-specific extra columns, e.g. `layer`, `draft_len`, `best`). `model` and `s
 runner. The five *label* columns say what a number is about; each has one meaning, "" where it does not apply:
 
   setting      what was measured in the stage: backbone pretrain; heads trained|logit_lens; early_exit
-               full|early_exit; decoding generate|greedy|early_exit|layerskip|dssd|oracle|layerskip_grid|
-               dssd_vs_layerskip
+               full|early_exit; decoding generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd|
+               dssd_tuned|oracle|layerskip_grid|dssd_vs_layerskip
   split        the data split of an extract row: train|validation|test
   confidence   the confidence metric (entropy, max_prob, prob_margin, logit_margin, saturation): the metric
                scored (metrics rows) or the one the exit thresholds are set on (calibrate, early_exit rows)
@@ -38,11 +38,15 @@ the `layer` column gives the block it reads), "all" for a whole exit policy, emp
               confidence, fill                                   compute_frac (token level)
                                                       e    i     exit_frac
   decoding    setting=generate|greedy|early_exit|     e    -     tokens_per_s, speedup_vs_generate,
-              layerskip|dssd|oracle                              layer_equiv_per_token, acceptance_rate,
-                                                                 accepted_per_verification, identical, ...
+              layerskip|layerskip_nobonus|dssd|                  layer_equiv_per_token, latency_equiv_per_token,
+              dssd_tuned|oracle                                  acceptance_rate (accepted / drafted: the paper
+                                                                 author's), accepted_per_verification (ours),
+                                                                 identical, ...
+  decoding    setting=dssd_tuned                      -    -/i   tuned_eps, max_draft; consulted (per head)
   decoding    setting=layerskip_grid                  -    i     (extra column `draft_len`) the same metrics,
                                                                  on the tuning prompts
-  decoding    setting=dssd_vs_layerskip               e    -     acceptance_ratio, accepted_per_verification_ratio
+  decoding    setting=dssd_vs_layerskip               e    -     acceptance_ratio, accepted_per_verification_ratio,
+                                                                 layer_equiv_ratio, latency_equiv_ratio, speed_ratio
 
 Tables written before these columns existed (cached stage outputs in the store, old runs and sweep summaries)
 carry a single `method` column; `normalize` spreads it over the label columns stage by stage (`from_legacy`).
