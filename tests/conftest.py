@@ -77,6 +77,17 @@ def micro_copy(micro_run, tmp_path):
     return copy
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny models (OpenMP threads spinning against other processes on a
+    2-core machine make every op 10-100x slower), restored after the module so later tests — and the
+    session's micro run, which must match its own subprocess reruns bit for bit — keep the session's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Some tests pin one thread; results are bitwise-reproducible only for a fixed thread count, so every

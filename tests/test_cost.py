@@ -16,8 +16,7 @@ L, HEADS = 4, [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(1)
+def engine(one_thread):
     model = tiny_gpt_neox(num_layers=L, vocab=96).requires_grad_(False)
     heads = EarlyExitHeads.from_backbone(model, HEADS, init="unembedding", seed=0)
     return Engine(model, heads, cost=CostModel(head=2.0, kv_only=0.5))

@@ -14,14 +14,11 @@ from pipeline.evaluation.decoding_harness import (
     ExternalMethod,
     LosslessnessError,
     check_identical,
-    consulting,
-    dssd_grid,
     hf_greedy,
     run_decoding,
-    select_dssd,
-    select_layerskip,
 )
 from pipeline.evaluation.decoding_report import METHOD_COLUMN, Setting, oracle_speculation, speed_line
+from pipeline.evaluation.decoding_tuning import consulting, dssd_grid, select_dssd, select_layerskip
 from pipeline.evaluation.stage_outputs import finished_keys, latest_outputs
 from pipeline.orchestration.store import StageStore
 

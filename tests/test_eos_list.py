@@ -28,8 +28,7 @@ def _hf_greedy(model, prompt: torch.Tensor, eos: int | list[int] | None) -> list
 
 
 @pytest.fixture(scope="module")
-def engine_and_model():
-    torch.set_num_threads(1)
+def engine_and_model(one_thread):
     model = tiny_gpt_neox(num_layers=4, d_model=64, vocab=256).requires_grad_(False)
     model.generation_config.eos_token_id = None
     heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)

@@ -17,8 +17,7 @@ LAYERS, HEADS, VOCAB, SEQ = 4, [0, 1, 2], 96, 32
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
+def setup(one_thread):
     model = tiny_gpt_neox(num_layers=LAYERS, vocab=VOCAB).requires_grad_(False)
     heads = EarlyExitHeads.from_backbone(model, HEADS, init="unembedding", seed=0)
     tokens = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(4))

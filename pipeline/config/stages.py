@@ -67,7 +67,7 @@ def _generation_strategies() -> tuple[str, ...]:
 
 
 def _layerskip_criteria() -> tuple[str, ...]:
-    from pipeline.evaluation.decoding_harness import SELECT_CRITERIA
+    from pipeline.evaluation.decoding_tuning import SELECT_CRITERIA
 
     return SELECT_CRITERIA
 
