@@ -121,13 +121,9 @@ def _entropy_quantiles(engine: Engine, prompts, qs) -> list[list[float]]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP threads spinning
-    against other processes make every op 10-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`, restored after the module)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["neox", "llama"])

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.orchestration.results import head_label
+from pipeline.orchestration.results import LEGACY_METHOD_COLUMN, head_label
 
 EXPECTED = Path(__file__).parent / "data" / "micro_results_expected.csv"
 # Training results depend on the CPU's kernels (AVX2 vs AVX-512 accumulate in different orders, native bf16 vs
@@ -30,24 +30,12 @@ NEW_SETTINGS = ("dssd_tuned", "layerskip_nobonus")
 KEY = ["stage", "method", "eps", "head", "metric"]
 
 
-# The stored expectation has one `method` column; the label column it was split into, by stage
-# (pipeline/orchestration/results.py). early_exit rows are mapped by `legacy_method`.
-METHOD_WAS = {
-    "backbone": "setting",
-    "extract": "split",
-    "heads": "setting",
-    "metrics": "confidence",
-    "calibrate": "calibration",
-    "decoding": "setting",
-}
-
-
 def legacy_method(row: pd.Series) -> str:
-    """The stored `method` of a row in the current format."""
+    """The stored `method` of a row in the current format (the inverse of the results module's mapping)."""
     if row["stage"] == "early_exit":
         # A KV fill (token level), else "full" for the full model, else the calibration method.
         return row["fill"] or ("full" if row["setting"] == "full" else row["calibration"])
-    return row[METHOD_WAS[row["stage"]]]
+    return row[LEGACY_METHOD_COLUMN[row["stage"]]]
 
 
 def comparable(frame: pd.DataFrame) -> pd.DataFrame:

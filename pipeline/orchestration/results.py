@@ -114,7 +114,7 @@ def head_label(value: Any) -> str | None:
 
 
 # The stages whose old `method` column had a single meaning, and the label column it became.
-_LEGACY_METHOD = {
+LEGACY_METHOD_COLUMN = {
     "backbone": "setting",
     "extract": "split",
     "heads": "setting",
@@ -147,7 +147,7 @@ def from_legacy(frame: pd.DataFrame) -> pd.DataFrame:
             frame.loc[calibrated, "calibration"] = method[calibrated]
             frame.loc[fill | calibrated, "setting"] = "early_exit"
         else:
-            column = _LEGACY_METHOD.get(name, "setting")
+            column = LEGACY_METHOD_COLUMN.get(name, "setting")
             frame.loc[rows, column] = method[rows]
     return frame
 
