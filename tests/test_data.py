@@ -67,7 +67,7 @@ def test_token_blocks_budget_errors(tokenizer) -> None:
     with pytest.raises(ValueError) as err:
         token_blocks(source, tokenizer, "validation", n_tokens=1000, seq_len=16)
     message = str(err.value)
-    assert "'validation'" in message and "1,000" in message and "data.budgets.validation" in message
+    assert "validation split" in message and "1,000" in message and "data.budgets.validation" in message
     assert "holds only" in message
     with pytest.raises(ValueError, match="model.tiny.eval_tokens"):
         token_blocks(source, tokenizer, "test", n_tokens=64, seq_len=16, budget_key="model.tiny.eval_tokens")

@@ -97,3 +97,35 @@ def save_npy(path: str | Path, array: np.ndarray) -> tuple[str, int]:
         np.save(out, array, allow_pickle=False)
     assert out.sha256 is not None
     return out.sha256, out.n_bytes
+
+
+# --- content fingerprints of input files (a local model directory) ----------------------------------------
+
+
+def remembered_sha256(path: str | Path, memo_file: str | Path | None = None) -> str:
+    """sha256 of `path`, hashed at most once per version of the file: the digest is kept in `memo_file` (JSON,
+    keyed by absolute path) with the file's identity (device, inode, size, mtime) and reused while the file
+    still has that identity. Rewriting the file (`save_pretrained` of new weights) gives it a new mtime, so it is
+    hashed again. The memo is written atomically; an unreadable one is ignored."""
+    import json
+
+    path = Path(path).resolve()
+    identity = list(_identity(os.stat(path)))
+    memo: dict[str, dict] = {}
+    if memo_file is not None and Path(memo_file).is_file():
+        try:
+            memo = json.loads(Path(memo_file).read_text())
+        except (OSError, ValueError):
+            memo = {}
+    known = memo.get(str(path))
+    if known is not None and known.get("identity") == identity:
+        return str(known["sha256"])
+    digest = recorded_sha256(path) or file_sha256(path)
+    if memo_file is not None:
+        memo[str(path)] = {"identity": identity, "sha256": digest}
+        memo_file = Path(memo_file)
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(memo, indent=1, sort_keys=True))
+        os.replace(partial, memo_file)
+    return digest

@@ -53,6 +53,15 @@ def stdlib_root() -> Path:
 
 
 @dataclass(frozen=True)
+class SplitSize:
+    """What a corpus can say about a split's size without tokenizing it (`TextSource.split_size`)."""
+
+    n_bytes: int  # UTF-8 bytes of text
+    n_documents: int
+    origin: str  # where the numbers come from, for messages: "the corpus files", "the dataset's metadata"
+
+
+@dataclass(frozen=True)
 class CorpusFile:
     relpath: str  # POSIX-style path relative to the corpus root: stable across machines
     sha256: str
@@ -173,6 +182,10 @@ class LocalTextCorpus:
 
     def n_bytes(self, split: str) -> int:
         return sum(f.n_bytes for f in self._split(split))
+
+    def split_size(self, split: str) -> SplitSize:
+        """Bytes and documents (files) of `split`, for the budget preflight (pipeline/data/preflight.py)."""
+        return SplitSize(self.n_bytes(split), len(self._split(split)), "the corpus files")
 
     def documents(self, split: str) -> Iterator[str]:
         """The text of each file in `split`, one document per file, in sorted path order.

@@ -15,11 +15,13 @@ import functools
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pipeline.data.corpus import SPLITS, LocalTextCorpus
+from pipeline.data.corpus import SPLITS, LocalTextCorpus, SplitSize
+from pipeline.orchestration.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,18 @@ class DataUnavailableError(RuntimeError):
     """A configured corpus cannot be read here (e.g. MiniPile without network); the message says what to do."""
 
 
+class BudgetError(ConfigError):
+    """A split holds fewer tokens than its budget asks for; the message names the split, its size, the
+    budget and the fix."""
+
+
 @runtime_checkable
 class TextSource(Protocol):
-    """A corpus split into train / validation / test documents, identified by a content fingerprint."""
+    """A corpus split into train / validation / test documents, identified by a content fingerprint.
+
+    A source may also offer `split_size(split) -> SplitSize | None` (bytes and documents, without
+    tokenizing): the budget preflight (pipeline/data/preflight.py) uses it to settle most budgets at once.
+    """
 
     name: str
 
@@ -48,9 +59,14 @@ class MiniPileSource:
     """MiniPile streamed from the hub (`datasets.load_dataset(..., streaming=True)`), text field "text".
 
     Streaming keeps disk use at zero and reads only as many documents as the budget needs. MiniPile
-    ships its own train / validation / test splits, so no split fractions apply. The fingerprint names the
-    dataset and revision (a streamed hub dataset cannot be hashed without downloading it all); pin
-    `revision` for reproducible caches.
+    ships its own train / validation / test splits (1,000,000 / 500 / 10,000 documents; 5.9 GB / 2.8 MB /
+    58.6 MB of text), so no split fractions apply; `split_size` reads those numbers from the dataset card's
+    metadata. The fingerprint names the dataset and revision (a streamed hub dataset cannot be hashed
+    without downloading it all); pin `revision` for reproducible caches.
+
+    `hub_id` may also be a local directory laid out like the hub repository (README.md with its
+    `dataset_info` metadata, data/<split>-*.parquet): a local copy, read through the same `datasets` calls
+    without the network (the tests use one).
     """
 
     name = "minipile"
@@ -67,24 +83,49 @@ class MiniPileSource:
         key = f"minipile;hub_id={self.hub_id};revision={self.revision or 'main'};field={self.text_field}"
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def documents(self, split: str) -> Iterator[str]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    @property
+    def is_local(self) -> bool:
+        return Path(self.hub_id).is_dir()
+
+    def _require_reachable(self, what: str) -> None:
         from pipeline.models.backbone import hub_reachable
 
         # Streaming has no local cache to fall back on, and `datasets` would otherwise retry for minutes.
-        if not hub_reachable():
+        if not self.is_local and not hub_reachable():
             raise DataUnavailableError(
-                f"cannot stream {self.hub_id!r} ({split}): the Hugging Face hub is unreachable. Use the offline "
-                "corpus instead (data=local_text, the default), or run where the hub is reachable."
+                f"cannot stream {self.hub_id!r} ({what}): the Hugging Face hub is unreachable. Use the offline "
+                "corpus instead (data=local_text, the default), a local copy (data.hub_id=/path/to/minipile), "
+                "or run where the hub is reachable."
             )
+
+    def documents(self, split: str) -> Iterator[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+        self._require_reachable(split)
         from datasets import load_dataset
 
-        dataset = load_dataset(self.hub_id, split=split, streaming=True, revision=self.revision)
+        revision = None if self.is_local else self.revision
+        dataset = load_dataset(self.hub_id, split=split, streaming=True, revision=revision)
         for row in dataset:
             text = row[self.text_field]
             if text:
                 yield text
+
+    def split_size(self, split: str) -> SplitSize | None:
+        """Bytes and documents of `split` from the dataset card's `dataset_info` metadata (one small read,
+        no data streamed); None when the card does not list the split."""
+        info = self._split_infos.get(split)
+        if info is None or not info.num_bytes:
+            return None
+        return SplitSize(int(info.num_bytes), int(info.num_examples), "the dataset's metadata")
+
+    @functools.cached_property
+    def _split_infos(self) -> dict[str, Any]:
+        self._require_reachable("split sizes")
+        from datasets import load_dataset_builder
+
+        revision = None if self.is_local else self.revision
+        return dict(load_dataset_builder(self.hub_id, revision=revision).info.splits or {})
 
     def __repr__(self) -> str:
         return f"MiniPileSource(hub_id={self.hub_id!r}, revision={self.revision!r})"
@@ -148,6 +189,35 @@ def iter_token_ids(source: TextSource, tokenizer: Any, split: str) -> Iterator[l
             yield [*ids, eos]
 
 
+def count_tokens(source: TextSource, tokenizer: Any, split: str, stop_at: int | None = None) -> int:
+    """Tokens in `split` as `token_blocks` streams them (each document + EOS); stops counting once `stop_at`
+    is reached, so checking a budget costs at most the budget's worth of tokenizing."""
+    total = 0
+    for ids in iter_token_ids(source, tokenizer, split):
+        total += len(ids)
+        if stop_at is not None and total >= stop_at:
+            break
+    return total
+
+
+def budget_error(
+    source: TextSource, split: str, budget: int, seq_len: int, available: str, fits: int, key: str
+) -> BudgetError:
+    """The one message for a split too small for its budget: the split, what it holds, the budget, the fix.
+
+    `available` says what the split holds (and how that is known); `fits` is the largest budget it can hold."""
+    name = getattr(source, "name", type(source).__name__)
+    fix = f"lower {key} to at most {fits:,} ({fits // seq_len} blocks of data.seq_len={seq_len})"
+    if name == "local_text":
+        fix += f", or give the split more text (data.split_fractions.{split})"
+    elif name == "minipile":
+        fix += " (MiniPile's splits are fixed: 500 validation and 10,000 test documents)"
+    return BudgetError(
+        f"{key}={int(budget):,} tokens cannot come from the {split} split of {name}: it holds {available}. "
+        f"Fix: {fix}."
+    )
+
+
 def token_blocks(
     source: TextSource,
     tokenizer: Any,
@@ -159,8 +229,8 @@ def token_blocks(
 ) -> torch.LongTensor:
     """The first `n_tokens` tokens of `split` as a `[n_tokens // seq_len, seq_len]` LongTensor.
 
-    The budget is rounded down to whole blocks. Raises ValueError when the split holds fewer tokens than
-    the budget, unless `allow_short`, which returns every whole block there is (at least one); `budget_key`
+    The budget is rounded down to whole blocks. Raises BudgetError (a ConfigError) when the split holds fewer
+    tokens than the budget, unless `allow_short`, which returns every whole block there is (at least one); `budget_key`
     names the config key that set the budget, for the message (default `data.budgets.<split>`).
     """
     if seq_len < 2:
@@ -183,14 +253,8 @@ def token_blocks(
         n_blocks = filled // seq_len
         return out[: n_blocks * seq_len].view(n_blocks, seq_len)
     if filled < needed:
-        hint = f"lower {key}"
-        if getattr(source, "name", None) == "local_text":
-            hint += f" or give the split more text (data.split_fractions.{split})"
-        raise ValueError(
-            f"split {split!r} of {getattr(source, 'name', type(source).__name__)} holds only {filled:,} tokens "
-            f"but the budget asks for {needed:,} ({n_blocks} blocks of seq_len={seq_len}, from {key}="
-            f"{n_tokens:,}); {hint}, or shorten data.seq_len"
-        )
+        fits = filled // seq_len * seq_len
+        raise budget_error(source, split, n_tokens, seq_len, f"only {filled:,} tokens", fits, key)
     return out.view(n_blocks, seq_len)
 
 

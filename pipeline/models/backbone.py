@@ -68,6 +68,47 @@ def _hub_snapshot_cached(hub_id: str, revision: str | None) -> bool:
         return False
 
 
+def is_local_source(source: str | Path) -> bool:
+    """A local model directory (written by `save_pretrained`), as opposed to a hub id or the tiny model."""
+    return str(source) != "tiny" and Path(source).is_dir()
+
+
+def source_revision(source: str | Path, revision: str | None) -> str | None:
+    """The revision that identifies `source`: a hub model's pinned revision; None for a local directory
+    (identified by its content, `local_model_fingerprint`) and for the tiny model (by its settings). A
+    Pythia model config pins `step143000`, which says nothing about a directory it is pointed at."""
+    if str(source) == "tiny" or is_local_source(source):
+        return None
+    return revision
+
+
+# What `load_backbone` reads from a local directory: config, weights (single or sharded, with their index) and
+# tokenizer files. READMEs, logs and hidden folders do not change the model and are left out.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".tiktoken")
+
+
+def local_model_fingerprint(directory: str | Path, memo_file: str | Path | None = None) -> str:
+    """sha256 over the names and contents of a local model directory's weight, config and tokenizer files, so
+    different weights saved into the same directory give a different backbone cache key (and everything
+    downstream of it is recomputed). Each file's digest is remembered in `memo_file` while the file is
+    unchanged (pipeline/data/checksums.py: `remembered_sha256`), so a 5 GB checkpoint is hashed once, not
+    at every start."""
+    from pipeline.data.checksums import remembered_sha256
+
+    directory = Path(directory)
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and not p.name.startswith(".")
+    )
+    if not files:
+        raise BackboneError(f"model directory {str(directory)!r} holds no model files (config.json, weights)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{remembered_sha256(path, memo_file)}\n".encode())
+    return digest.hexdigest()
+
+
 def require_loadable(source: str, revision: str | None) -> None:
     """Fail at once, with the offline alternatives named, when `source` is neither a local directory nor a
     hub model that is cached or reachable (no long retry loops inside transformers)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.data.shards import ShardCorruptError
+from pipeline.data.tokens import DataUnavailableError
 from pipeline.exits.heads import HeadsMismatchError
 from pipeline.models.backbone import BackboneError
 from pipeline.orchestration.store import StageOutputError
@@ -11,6 +12,7 @@ from pipeline.orchestration.validation import ConfigError
 USER_ERRORS: tuple[type[BaseException], ...] = (
     BackboneError,
     ConfigError,
+    DataUnavailableError,
     HeadsMismatchError,
     ShardCorruptError,
     StageOutputError,

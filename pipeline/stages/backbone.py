@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -14,9 +15,12 @@ from pipeline.models.backbone import (
     LOCAL_MODEL_DIR,
     BackboneError,
     backbone_fingerprint,
+    is_local_source,
     load_backbone,
+    local_model_fingerprint,
     num_layers_of,
     require_loadable,
+    source_revision,
     unembedding_of,
 )
 from pipeline.orchestration.results import row
@@ -25,11 +29,19 @@ from pipeline.stages.base import Stage, StageContext, StageOutput
 log = logging.getLogger(__name__)
 
 
+# Digests of local model files, kept between runs so a large checkpoint is hashed once per version.
+FILE_HASHES = "file_hashes.json"
+
+
 def key_facts(cfg: DictConfig) -> dict:
     """The backbone has no group of its own: its output is defined by these facts of the model group (and,
-    for the tiny model, the corpus it pretrains on); not by head_layers or dtype, which only later stages use."""
+    for the tiny model, the corpus it pretrains on); not by head_layers or dtype, which only later stages use.
+    A hub model is its id and pinned revision; a local directory is its content (weights, config and
+    tokenizer files), so re-saving different weights into it recomputes the backbone and everything after."""
     model = cfg.model
-    key = {"source": model.source, "revision": model.revision}
+    key = {"source": model.source, "revision": source_revision(str(model.source), model.revision)}
+    if is_local_source(str(model.source)):
+        key["content"] = local_model_fingerprint(model.source, Path(cfg.paths.cache) / FILE_HASHES)
     if model.source == "tiny":
         from pipeline.data.tokens import make_text_source
 
@@ -68,7 +80,11 @@ def run(ctx: StageContext) -> StageOutput:
         model, _ = load_backbone(
             model_cfg.source, revision=model_cfg.revision, dtype=model_cfg.dtype, with_tokenizer=True
         )
-        record = {"local": False, "source": str(model_cfg.source), "revision": model_cfg.revision}
+        record = {
+            "local": False,
+            "source": str(model_cfg.source),
+            "revision": source_revision(str(model_cfg.source), model_cfg.revision),
+        }
     n_layers, d_model = num_layers_of(model), unembedding_of(model).in_features
     if (n_layers, d_model) != (int(model_cfg.num_layers), int(model_cfg.d_model)):
         raise BackboneError(

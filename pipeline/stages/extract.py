@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.data.shards import ShardWriter
-from pipeline.models.backbone import decoder_of, load_from_stage_output
+from pipeline.models.backbone import LOCAL_MODEL_DIR, decoder_of, load_from_stage_output
 from pipeline.orchestration.results import row
 from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput
@@ -94,25 +94,52 @@ def extract_split(
     return n_tokens
 
 
+def preflight_tokenizer(cfg: DictConfig):
+    """The model's tokenizer when it is at hand without running a stage (a hub model's or a local
+    directory's, or the tiny model's once its backbone stage has finished); None otherwise."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models.backbone import source_revision
+
+    model = cfg.model
+    if model.source == "tiny":
+        from pipeline.orchestration.runner import plan_keys
+        from pipeline.orchestration.store import StageStore
+        from pipeline.stages.backbone import STAGE as BACKBONE
+
+        key = plan_keys(cfg, {"backbone": BACKBONE})[0]["backbone"]
+        store = StageStore(Path(cfg.paths.cache))
+        if not store.is_complete("backbone", str(model.name), key):
+            return None
+        location, revision = store.entry("backbone", str(model.name), key) / LOCAL_MODEL_DIR, None
+    else:
+        location, revision = str(model.source), source_revision(str(model.source), model.revision)
+    try:
+        return AutoTokenizer.from_pretrained(str(location), revision=revision, trust_remote_code=False)
+    except OSError as err:  # not cached and no network: extraction checks the budgets exactly instead
+        log.info(
+            "preflight: no tokenizer for %s (%s); budgets are checked exactly at extraction", model.name, err
+        )
+        return None
+
+
 def check_inputs(cfg: DictConfig) -> None:
-    """Cheap checks before any heavy work: disk space for the estimate, and (offline corpus) whether each
-    split can possibly hold its token budget (a token is at least one byte of text)."""
+    """Cheap checks before any heavy work: disk space for the estimate, and whether every split can hold its
+    token budget (pipeline/data/preflight.py: size bounds first, then an exact count with the model's
+    tokenizer where one is at hand)."""
+    from pipeline.data.preflight import check_budgets
     from pipeline.data.tokens import make_text_source
 
     check_disk(cfg, Path(cfg.paths.cache))
     source = make_text_source(cfg.data)
-    if hasattr(source, "n_bytes"):
-        for split, budget in cfg.data.budgets.items():
-            available = source.n_bytes(split)
-            if int(budget) > available:
-                raise ConfigError(
-                    f"data.budgets.{split}={budget} tokens cannot come from the {split} split: it holds only "
-                    f"{available} bytes of text. Lower data.budgets.{split} or change data.split_fractions"
-                )
+    check_budgets(
+        source, cfg.data.budgets, int(cfg.data.seq_len), load_tokenizer=lambda: preflight_tokenizer(cfg)
+    )
 
 
 def run(ctx: StageContext) -> StageOutput:
     from pipeline.data.tokens import make_text_source, token_blocks
+    from pipeline.models.backbone import source_revision
 
     cfg = ctx.cfg
     model, tokenizer = load_from_stage_output(
@@ -124,7 +151,7 @@ def run(ctx: StageContext) -> StageOutput:
     meta = {
         "model": str(cfg.model.name),
         "source": str(cfg.model.source),
-        "revision": cfg.model.revision,
+        "revision": source_revision(str(cfg.model.source), cfg.model.revision),
         "layers": layers,
         "d_model": d_model,
         "vocab_size": model.get_output_embeddings().out_features,
@@ -135,11 +162,16 @@ def run(ctx: StageContext) -> StageOutput:
     }
     rows = []
     total_tokens, total_seconds = 0, 0.0
-    for split in SPLITS:
-        budget = int(cfg.data.budgets.get(split, 0))
-        if budget <= 0:
-            continue
-        blocks = token_blocks(source, tokenizer, split, budget, int(cfg.data.seq_len))
+    # Every split is tokenized before the first shard is written: a split too small for its budget (one the
+    # preflight could not count, e.g. the tiny model's before its tokenizer existed) fails in seconds, not
+    # after the train split's extraction.
+    budgets = {split: int(cfg.data.budgets.get(split, 0)) for split in SPLITS}
+    split_blocks = {
+        split: token_blocks(source, tokenizer, split, budget, int(cfg.data.seq_len))
+        for split, budget in budgets.items()
+        if budget > 0
+    }
+    for split, blocks in split_blocks.items():
         writer = ShardWriter(
             ctx.out_dir / split,
             n_slots=len(layers) + 1,
