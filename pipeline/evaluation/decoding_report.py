@@ -14,7 +14,9 @@ rows also carry `calibration`, `confidence` (and `fill` for early exit):
       dssd_tuned), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
-      identical (1 = every prompt identical to greedy `generate`; lossless methods only), acceptance_rate,
+      identical (1 = every prompt identical to greedy `generate`; lossless methods only), near_ties (prompts
+      where a lossless method differed from `generate` at a bf16/fp16 near-tie: pipeline/evaluation/
+      losslessness.py; 0 in fp32), acceptance_rate,
       accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
   setting early_exit|dssd|dssd_tuned|layerskip|layerskip_nobonus, head i: exit_frac (early exit) /
@@ -74,6 +76,7 @@ SUMMARY_METRICS = (
     "acceptance_rate",
     "accepted_per_verification",
     "identical",
+    "near_ties",
     "agreement",
 )
 
@@ -97,6 +100,7 @@ class Setting:
     stats: list[Any] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
     repeat_walls: list[list[float]] = field(default_factory=list)
+    near_ties: int = 0  # prompts whose output differed from the reference at a bf16/fp16 near-tie
 
     @property
     def detail(self) -> str:

@@ -50,8 +50,10 @@ def setting_rows(
             for k, f in enumerate(setting.per_head("exits_per_head"))
         ]
     else:
-        # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist.
+        # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist,
+        # unless a bf16/fp16 near-tie (counted) let a token differ.
         out.append(decoding_row("identical", float(setting.tokens == reference), **common))
+        out.append(decoding_row("near_ties", float(setting.near_ties), **common))
     if setting.method in SPECULATIVE:
         out += [
             decoding_row("draft_frac", f, head=k, **common)
