@@ -46,7 +46,7 @@ def upstream(tmp_path_factory):
         json.dumps({"local": True, "source": "tiny", "revision": None})
     )
     torch.manual_seed(0)
-    for split in ("validation", "test"):
+    for split in ("train", "validation", "test"):  # train: where pruned signals take their candidates
         ids = torch.randint(0, 128, (8, 64))
         with torch.no_grad():
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -75,8 +75,9 @@ def test_metrics_stage(upstream, tmp_path):
     out = metrics_stage.run(context(cfg, upstream, tmp_path / "metrics"))
     tokens, aucs, curves = out.tables["token_metrics"], out.tables["auroc"], out.tables["risk_coverage"]
     assert len(tokens) == 512 * len(LAYERS)
-    assert set(aucs["metric"]) == set(cfg.metrics.metrics) and aucs.groupby("head")["best"].sum().eq(1).all()
-    assert len(curves) == len(LAYERS) * len(cfg.metrics.metrics) * cfg.metrics.rc_points
+    signals = metrics_stage.signals(cfg.metrics, 128)  # the metrics, then the pruned signals
+    assert set(aucs["metric"]) == set(signals) and aucs.groupby("head")["best"].sum().eq(1).all()
+    assert len(curves) == len(LAYERS) * len(signals) * cfg.metrics.rc_points
     auroc_rows = [r for r in out.rows if r["metric"] == "auroc"]
     assert len(auroc_rows) == len(aucs) and {r["head"] for r in auroc_rows} == {0, 1, 2}
     assert all(isinstance(out.metrics[f"best_metric/head{h}"], str) for h in range(len(LAYERS)))

@@ -30,10 +30,23 @@ from pipeline.orchestration.validation import ConfigError, check_eps
 # torch; composing a config must not).
 
 
-def _confidence_metrics() -> list[str]:
+def _confidence_signal(name: str) -> str | None:
+    """A metric name, or a pruned signal `<metric>@top<K>` (pipeline/exits/vocab_pruning.py)."""
+    from pipeline.exits.confidence import METRICS, get_metric
+
+    try:
+        get_metric(name)
+    except KeyError as err:
+        if name.partition("@")[0] in METRICS:
+            return str(err.args[0])  # a known metric with a malformed or inapplicable pruning suffix
+        return f"choose one of {sorted(METRICS)}, or <metric>@top<K> over K candidate tokens (logit metrics)"
+    return None
+
+
+def _logit_metrics() -> list[str]:
     from pipeline.exits.confidence import METRICS
 
-    return sorted(METRICS)
+    return sorted(name for name, metric in METRICS.items() if not metric.needs_hidden)
 
 
 def _calibration_methods() -> tuple[str, ...]:
@@ -167,7 +180,15 @@ class MetricsConfig(Settings):
     KEY = "metrics"
     metrics: list[str] = setting(
         factory=lambda: ["entropy", "max_prob", "prob_margin", "logit_margin", "saturation"],
-        check=each(one_of(_confidence_metrics)),
+        check=each(_confidence_signal),
+    )
+    # Cheap confidence: each of `pruned_metrics` on each head's view over the K most frequent train tokens,
+    # K = round(fraction × vocabulary) for each fraction of `pruned_vocab`; reported as `<metric>@top<K>`.
+    pruned_metrics: list[str] = setting(
+        factory=lambda: ["logit_margin", "entropy"], check=each(one_of(_logit_metrics), non_empty=False)
+    )
+    pruned_vocab: list[float] = setting(
+        factory=lambda: [0.125, 0.03125], check=each(within(0, 1, low_open=True), non_empty=False)
     )
     # Validation tokens scored: null = all extracted tokens, else a seeded random subset of this size.
     max_tokens: int | None = setting(None, check=optional(at_least(1)))
@@ -190,7 +211,7 @@ class CalibrateConfig(Settings):
     """Stage `calibrate`: exit thresholds per method × ε; the one declaration of the ε levels."""
 
     KEY = "calibrate"
-    metric: str = setting("entropy", check=one_of(_confidence_metrics))
+    metric: str = setting("entropy", check=_confidence_signal)  # or a pruned signal, e.g. logit_margin@top512
     methods: list[str] = setting(
         factory=lambda: ["empirical", "ltt"], check=each(one_of(_calibration_methods))
     )

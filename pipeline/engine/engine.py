@@ -146,6 +146,7 @@ class DecodeSession:
         cache.hidden[:, position : position + 1] = adapter.embed(self.ids[position : position + 1])
         end = position + 1
         exit_at = policy.evaluated_heads if policy is not None else {}
+        view = policy.head_view(self.engine.heads) if policy is not None else None  # pruned signal: K tokens
         # A hidden-state metric (saturation) compares head k's input with head k-1's input.
         keep_prev = policy is not None and policy.metric_fn.needs_hidden
         prev_head_input: torch.Tensor | None = None
@@ -168,8 +169,8 @@ class DecodeSession:
             if i in exit_at:
                 head = exit_at[i]
                 hidden = out[:, -1:]
-                logits = self.engine.heads(head, hidden.to(self.engine.head_dtype))
-                stats.head_evals += 1
+                logits = view(head, hidden.to(self.engine.head_dtype))
+                stats.head_evals += policy.head_cost  # in full-head units: K/V through a pruned view
                 if policy.exits(head, logits, hidden, prev_head_input):
                     row = logits.reshape(-1, logits.shape[-1])[-1]
                     return StepResult(head, int(row.argmax()), logits=row)

@@ -49,7 +49,7 @@ class GenerationStats:
     exits_per_head: list[int] = field(default_factory=list)
     drafts_per_head: list[int] = field(default_factory=list)
     block_rows: int = 0
-    head_evals: int = 0
+    head_evals: float = 0  # early-exit head evaluations in full-head units (a pruned view over K of V: K/V)
     lm_head_rows: int = 0
     kv_only_rows: int = 0
     prefill_block_rows: int = 0

@@ -183,7 +183,7 @@ def evaluate_tokens(
                 t.positions += index.shape[1]
                 t.exits += np.bincount(index[row], minlength=n_heads + 1)[:n_heads]
                 block_rows, kv_rows = fill_costs(depth[index[row]], num_layers, fill)
-                t.cost += cost.layer_equivalents(block_rows, int(head_evals[index[row]].sum()), kv_rows)
+                t.cost += cost.layer_equivalents(block_rows, float(head_evals[index[row]].sum()), kv_rows)
     if "copy" in fills:
         _evaluate_copy(model, blocks, heads, policy, cost, torch.cat(full_argmax_all), totals["copy"], device)
     return {fill: totals[fill].result(fill, cost.full_token(num_layers)) for fill in fills}

@@ -71,6 +71,7 @@ from pipeline.exits.confidence import ConfidenceMetric, get_metric
 from pipeline.exits.policy import FULL, ExitPolicy
 from pipeline.exits.separation import finite_pairs
 from pipeline.exits.thresholds import METHODS, ExitThresholds, check_delta, check_eps, eps_key
+from pipeline.exits.vocab_pruning import CandidateSet
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,10 @@ def calibrate(
     grid_fraction: float = 0.2,
     grid_points: int = 200,
     seed: int = 0,
+    candidates: CandidateSet | None = None,
 ) -> ExitThresholds:
-    """Thresholds for every method, ε and head, as an `ExitThresholds` artifact."""
+    """Thresholds for every method, ε and head, as an `ExitThresholds` artifact. A pruned signal's `values`
+    come from its candidate set's view of the heads; the set is stored with the thresholds."""
     metric_obj = get_metric(metric)
     eps_list = check_eps(eps)
     delta = check_delta(delta)
@@ -307,6 +310,7 @@ def calibrate(
         thresholds=table,
         n_calibration=int(len(values)),
         settings={"grid_fraction": grid_fraction, "grid_points": grid_points, "seed": seed},
+        candidates=candidates,
     )
 
 

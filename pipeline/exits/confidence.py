@@ -3,14 +3,20 @@
 Every metric is vectorized over tokens (`logits` is [..., vocab]) and declares its direction. The calibration
 and the decoding engine treat them uniformly through `is_confident(value, threshold)`: a token exits when its
 metric is on the confident side of the head's threshold (inclusive).
+
+A *pruned signal* `<metric>@top<K>` is a logit metric computed on a vocabulary-pruned view of the head (its
+logits over K candidate tokens, -inf elsewhere: `pipeline.exits.vocab_pruning`). `get_metric` resolves such a
+name to the base metric with `candidates = K`; the metric functions below accept -inf logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from pipeline.exits.vocab_pruning import parse_signal
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,7 @@ class ConfidenceMetric:
     needs_hidden: bool
     fn: Callable[..., torch.Tensor]
     description: str
+    candidates: int | None = None  # K of a pruned signal (computed on a K-token view of the head)
 
     def __call__(
         self,
@@ -43,7 +50,9 @@ class ConfidenceMetric:
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    # 0 · log 0 = 0: a pruned view's -inf logits would otherwise give 0 · -inf = NaN (unchanged elsewhere).
+    plogp = logp.exp() * logp
+    return -torch.where(torch.isneginf(logp), 0.0, plogp).sum(-1)
 
 
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
@@ -81,6 +90,18 @@ METRICS: dict[str, ConfidenceMetric] = {
 
 
 def get_metric(name: str) -> ConfidenceMetric:
-    if name not in METRICS:
-        raise KeyError(f"unknown confidence metric {name!r}; available: {sorted(METRICS)}")
-    return METRICS[name]
+    """A metric by name; `<metric>@top<K>` gives the logit metric on a K-candidate view of the head."""
+    base, k = parse_signal(name)
+    if base not in METRICS:
+        raise KeyError(
+            f"unknown confidence metric {name!r}; available: {sorted(METRICS)}, or a logit metric over the "
+            f"K most frequent tokens as <metric>@top<K> (e.g. logit_margin@top512)"
+        )
+    metric = METRICS[base]
+    if k is None:
+        return metric
+    if metric.needs_hidden:
+        raise KeyError(
+            f"{name!r}: {base} reads hidden states, not logits; a pruned vocabulary does not apply"
+        )
+    return replace(metric, name=name, candidates=k, description=f"{metric.description}, over {k} candidates")

@@ -70,16 +70,16 @@ class CostModel:
         """One token through the full model: L blocks + the unembedding (either measure)."""
         return self.layer_equivalents(num_layers, 1)
 
-    def exit_costs(self, policy: ExitPolicy, num_layers: int) -> np.ndarray:
+    def exit_costs(self, policy: ExitPolicy, num_layers: int, exit_logits: bool = True) -> np.ndarray:
         """Cost of one token per exit outcome, indexed by exit head k (0..n-1), the full model at index n.
 
         Exiting at head k runs blocks 0..layers[k] and evaluates every enabled head up to k; a token no head
         takes runs all blocks, every enabled head and the unembedding. No KV fill is counted here. Each block
-        and head runs once on the token's row, so both measures agree.
+        and head runs once on the token's row, so both measures agree. A pruned signal's head costs K/V of a
+        head (`ExitPolicy.head_cost`); see `exit_head_evals` for `exit_logits`.
         """
-        return self.layer_equivalents(exit_depths(policy, num_layers), exit_head_evals(policy)).astype(
-            np.float64
-        )
+        heads = exit_head_evals(policy, exit_logits)
+        return self.layer_equivalents(exit_depths(policy, num_layers), heads).astype(np.float64)
 
     def oracle_costs(
         self, earliest_head: Sequence[int | None], head_layers: Sequence[int], num_layers: int
@@ -106,12 +106,19 @@ def exit_depths(policy: ExitPolicy, num_layers: int) -> np.ndarray:
     return np.asarray([layer + 1 for layer in policy.layers] + [num_layers], dtype=np.int64)
 
 
-def exit_head_evals(policy: ExitPolicy) -> np.ndarray:
-    """Vocabulary projections per exit outcome (same indexing as `CostModel.exit_costs`): every enabled head
-    up to the exit; for the full model every enabled head and the unembedding."""
+def exit_head_evals(policy: ExitPolicy, exit_logits: bool = True) -> np.ndarray:
+    """Vocabulary projections per exit outcome, in full-head units (same indexing as `CostModel.exit_costs`):
+    every enabled head up to the exit; for the full model every enabled head and the unembedding.
+
+    A pruned signal (`ExitPolicy.candidates`) evaluates each head over K of V tokens: K/V each. An exited
+    token then also pays its head's full logits when `exit_logits` (the cascade's scoring: token-level
+    evaluation, lm-eval), not when only its token is needed (the engine's drafts and lossy generation)."""
     enabled = np.asarray(policy.enabled, dtype=np.int64)
-    per_head = [int((enabled <= k).sum()) for k in range(policy.n_heads)]
-    return np.asarray(per_head + [len(enabled) + 1], dtype=np.int64)
+    tried = np.asarray([(enabled <= k).sum() for k in range(policy.n_heads)] + [len(enabled)], dtype=np.int64)
+    if policy.candidates is None:
+        return tried + np.r_[np.zeros(policy.n_heads, dtype=np.int64), 1]
+    exit_head = 1.0 if exit_logits else 0.0
+    return tried * policy.head_cost + np.r_[np.full(policy.n_heads, exit_head), 1.0]
 
 
 def fill_costs(depths: np.ndarray, num_layers: int, policy: str) -> tuple[int, int]:

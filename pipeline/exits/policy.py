@@ -21,9 +21,12 @@ has no previous head (the stored shards do not hold the embedding output), so it
 head 0 never exits on saturation — in calibration, in the token-level evaluation and in the engine alike.
 NaN compares False on either side of a threshold, so an undefined value never exits.
 
-Room for a gate. A later cheap signal deciding whether a head is evaluated at all plugs in where
-`evaluated_heads` is read (the engine) and where `cascade` picks the pending positions of a head; the
-decision after evaluation stays `exits` / `decide`.
+Cheap confidence (a vocabulary-pruned head). With a pruned signal (`logit_margin@top512`) the policy carries
+its candidate set (`candidates`, from the thresholds artifact) and every head is evaluated through
+`head_view(heads)`: logits over the K candidates, -inf elsewhere, at K/V of a full head's cost
+(`head_cost`). The engine emits the view's argmax (a DSSD draft is verified anyway); `cascade`, which must
+score a distribution, gives an exited position its head's full logits (one full head where the gate opens).
+See `pipeline.exits.vocab_pruning`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 
 from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.vocab_pruning import CandidateSet, PrunedHeads
 
 ALWAYS = "always"  # threshold of a head that exits every token it sees, without a confidence test
 FULL = -1  # exit head of a token the full model decides
@@ -56,11 +60,14 @@ def _check_threshold(k: int, t: Threshold) -> Threshold:
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """Head layers, one threshold per head and the confidence metric (see the module docstring)."""
+    """Head layers, one threshold per head, the confidence metric and, for a pruned signal, its candidate
+    set (see the module docstring)."""
 
     layers: tuple[int, ...]
     thresholds: tuple[Threshold, ...]
     metric: str = "entropy"
+    candidates: CandidateSet | None = None
+    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.layers)
@@ -75,7 +82,14 @@ class ExitPolicy:
         object.__setattr__(
             self, "thresholds", tuple(_check_threshold(k, t) for k, t in enumerate(self.thresholds))
         )
-        get_metric(self.metric)  # an unknown name fails here, not at the first token
+        k = get_metric(self.metric).candidates  # an unknown name fails here, not at the first token
+        have = None if self.candidates is None else self.candidates.k
+        if k != have:
+            raise ValueError(
+                f"metric {self.metric!r} needs "
+                + (f"a candidate set of {k} tokens" if k else "no candidate set")
+                + f", got {'none' if have is None else f'{have} candidates'} (thresholds file and metric disagree)"
+            )
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -115,8 +129,27 @@ class ExitPolicy:
         """Block index -> head index of every head a token evaluates when it reaches that block."""
         return {self.layers[k]: k for k in self.enabled}
 
+    @property
+    def head_cost(self) -> float:
+        """Cost of one head evaluation in full-head units: K/V through a pruned view, else 1."""
+        return 1.0 if self.candidates is None else self.candidates.cost_fraction
+
+    def head_view(self, heads: nn.Module) -> nn.Module:
+        """What this policy evaluates at a head: `heads` itself, or (pruned signal) their view over the
+        candidate set, built once per heads object."""
+        if self.candidates is None:
+            return heads
+        cached = self._views.get(id(heads))
+        if cached is None or cached[0] is not heads:
+            cached = (heads, PrunedHeads(heads, self.candidates))
+            self._views[id(heads)] = cached
+        return cached[1]
+
     def describe(self) -> dict:
-        return {"metric": self.metric, "layers": list(self.layers), "thresholds": list(self.thresholds)}
+        out = {"metric": self.metric, "layers": list(self.layers), "thresholds": list(self.thresholds)}
+        if self.candidates is not None:
+            out["candidates"] = self.candidates.k
+        return out
 
     # -- the decision -------------------------------------------------------------------------------------------
 
@@ -172,7 +205,8 @@ class ExitPolicy:
         `head_inputs[k]` holds head k's input for every position ([..., d], the residual after block
         `layers[k]`); `heads(k, hidden)` gives head k's logits. With no enabled head `final_logits` is
         returned as is (same tensor), so scoring is bit-identical to the full model. A head is evaluated only
-        on positions no shallower head has taken.
+        on positions no shallower head has taken. With a pruned signal the exit is decided on the head's view
+        and an exited position takes the head's full logits.
         """
         exit_head = torch.full(final_logits.shape[:-1], FULL, dtype=torch.long, device=final_logits.device)
         if not self.enabled:
@@ -180,16 +214,21 @@ class ExitPolicy:
         out = final_logits.clone()
         pending = torch.ones_like(exit_head, dtype=torch.bool)
         head_dtype = next(heads.parameters()).dtype
+        view = self.head_view(heads)
         for k in self.enabled:
             where = pending.nonzero(as_tuple=True)
             if not where[0].numel():
                 break
             hidden = head_inputs[k][where].to(head_dtype)
             prev = head_inputs[k - 1][where].to(head_dtype) if k > 0 else None
-            logits = heads(k, hidden)
+            logits = view(k, hidden)
             take = self.confident(k, self.head_values(k, logits, hidden, prev))
+            if self.candidates is not None:  # the gate opened: score the head's full distribution
+                logits = heads(k, hidden[take])
+            else:
+                logits = logits[take]
             chosen = tuple(index[take] for index in where)
-            out[chosen] = logits[take].to(out.dtype)
+            out[chosen] = logits.to(out.dtype)
             exit_head[chosen] = k
             pending[chosen] = False
         return out, exit_head

@@ -8,7 +8,9 @@ row of it into the exit policy (`pipeline.exits.policy.ExitPolicy`). How the thr
 File format (JSON, `format` = "dssd-exit-thresholds", `version` = 1): `metric` and its `direction` ("lower"
 or "higher" is confident), the head `layers`, the calibrated `eps` as stable strings (`eps_key`), `delta`,
 `cascade`, `n_calibration`, the calibration `settings`, and `thresholds[method][eps_key(ε)][head]` on the
-metric's own scale, `null` meaning "this head never exits at this ε".
+metric's own scale, `null` meaning "this head never exits at this ε". A pruned signal's artifact (metric
+`<metric>@top<K>`) also holds its `candidates` (`vocab_size`, `source`, `token_ids`): decoding evaluates
+heads over exactly the tokens the thresholds were calibrated on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pipeline.exits.confidence import ConfidenceMetric, get_metric
 from pipeline.exits.policy import ExitPolicy
+from pipeline.exits.vocab_pruning import CandidateSet
 from pipeline.orchestration.validation import check_eps as check_eps_config
 
 # The calibration methods an artifact may hold (both implemented in pipeline.exits.calibration).
@@ -72,9 +75,15 @@ class ExitThresholds:
     thresholds: dict[str, dict[str, list[float | None]]]
     n_calibration: int = 0
     settings: dict = field(default_factory=dict)
+    candidates: CandidateSet | None = None  # the candidate set of a pruned signal
 
     def __post_init__(self) -> None:
         metric = get_metric(self.metric)
+        if metric.candidates != (None if self.candidates is None else self.candidates.k):
+            raise ValueError(
+                f"metric {self.metric!r} and the stored candidate set "
+                f"({'none' if self.candidates is None else f'{self.candidates.k} tokens'}) disagree"
+            )
         if metric.lower_is_confident != self.lower_is_confident:
             raise ValueError(
                 f"direction mismatch for metric {self.metric!r}: the registry says "
@@ -113,7 +122,7 @@ class ExitThresholds:
 
     def for_eps(self, method: str, eps: float | str) -> ExitPolicy:
         """The exit policy of one (method, ε): these heads, their thresholds at ε, this metric."""
-        return ExitPolicy(tuple(self.layers), tuple(self._row(method, eps)), self.metric)
+        return ExitPolicy(tuple(self.layers), tuple(self._row(method, eps)), self.metric, self.candidates)
 
     def _row(self, method: str, eps: float | str) -> list[float | None]:
         if method not in self.thresholds:
@@ -124,7 +133,7 @@ class ExitThresholds:
         return list(self.thresholds[method][key])
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "metric": self.metric,
@@ -137,6 +146,9 @@ class ExitThresholds:
             "settings": self.settings,
             "thresholds": self.thresholds,
         }
+        if self.candidates is not None:
+            out["candidates"] = self.candidates.to_dict()
+        return out
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -162,6 +174,7 @@ class ExitThresholds:
             thresholds=data["thresholds"],
             n_calibration=int(data.get("n_calibration", 0)),
             settings=dict(data.get("settings", {})),
+            candidates=CandidateSet.from_dict(data["candidates"]) if data.get("candidates") else None,
         )
 
     @classmethod

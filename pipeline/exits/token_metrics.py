@@ -12,6 +12,11 @@ The table is "long": one row per (token, head), columns
 Saturation (cosine between this head's input and the previous head's input) has no previous head at head 0:
 the shards do not hold the embedding output, so it is NaN there (and NaN never exits, never counts in AUROC).
 Metric values come from `pipeline.exits.policy.head_metric_values`, the definition the exit policy uses.
+
+A pruned signal (`logit_margin@top512`) is computed on the head's view over the K most frequent tokens of a
+`TokenRanking` (pipeline/exits/vocab_pruning.py), the view the exit policy evaluates. `correct` stays the
+head's own (full) argmax against the full model's: the gate decides whether a token exits, the head's
+prediction is what it is judged on.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pipeline.exits.confidence import get_metric
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import head_metric_values
 from pipeline.exits.separation import aurc, auroc
+from pipeline.exits.vocab_pruning import PrunedHeads, TokenRanking
 from pipeline.models.backbone import unembedding_of
 
 
@@ -40,9 +46,16 @@ def compute_token_metrics(
     indices: np.ndarray | None = None,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
+    ranking: TokenRanking | None = None,
 ) -> pd.DataFrame:
-    """The long per-(token, head) table for the tokens `indices` of `reader` (default: all of them)."""
+    """The long per-(token, head) table for the tokens `indices` of `reader` (default: all of them).
+    Pruned signals (`<metric>@top<K>`) take their K candidates from `ranking`."""
     metric_objs = [get_metric(name) for name in metrics]
+    sizes = sorted({m.candidates for m in metric_objs if m.candidates is not None})
+    if sizes and ranking is None:
+        raise ValueError(
+            f"pruned signals {[m.name for m in metric_objs if m.candidates]} need a token ranking"
+        )
     if hasattr(unembedding, "get_output_embeddings"):  # a whole backbone was passed: take its lm_head
         unembedding = unembedding_of(unembedding)
     if reader.n_slots != len(heads) + 1:
@@ -53,6 +66,7 @@ def compute_token_metrics(
     indices = np.arange(len(reader)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = torch.device(device)
     heads = heads.to(device).eval()
+    views = {k: PrunedHeads(heads, ranking.top(k)) for k in sizes}
     unembedding = unembedding.to(device)
     n_heads = len(heads)
     correct = np.empty((len(indices), n_heads), dtype=bool)
@@ -63,11 +77,12 @@ def compute_token_metrics(
         head_hidden, final_hidden = head_hidden.to(device), final_hidden.to(device)
         teacher = unembedding(final_hidden.to(unembedding.weight.dtype)).argmax(-1)
         for k in range(n_heads):
-            logits = heads(k, head_hidden[:, k])
-            correct[rows, k] = (logits.argmax(-1) == teacher).cpu().numpy()
+            logits = {None: heads(k, head_hidden[:, k])}
+            logits.update({size: view(k, head_hidden[:, k]) for size, view in views.items()})
+            correct[rows, k] = (logits[None].argmax(-1) == teacher).cpu().numpy()
             prev = head_hidden[:, k - 1] if k > 0 else None
             for m in metric_objs:
-                value = head_metric_values(m, k, logits, head_hidden[:, k], prev)
+                value = head_metric_values(m, k, logits[m.candidates], head_hidden[:, k], prev)
                 values[m.name][rows, k] = value.float().cpu().numpy()
     # Head-major layout: all tokens of head 0, then head 1, ... (what `wide` relies on being cheap).
     table = pd.DataFrame(

@@ -1,5 +1,8 @@
 """Stage `calibrate`: exit thresholds[method][ε][head] on the validation split (`thresholds.json`), then the
-realized accuracy and coverage of the whole exit policy per method and ε on the test split (disjoint)."""
+realized accuracy and coverage of the whole exit policy per method and ε on the test split (disjoint).
+
+A pruned signal (`calibrate.metric: logit_margin@top512`) is calibrated on the heads' view over the K most
+frequent train tokens; that candidate set is saved in `thresholds.json`, so decoding uses exactly it."""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ import numpy as np
 import torch
 
 from pipeline.exits.calibration import apply_exit_policy, calibrate, evaluate_thresholds
+from pipeline.exits.confidence import get_metric
 from pipeline.exits.token_metrics import wide
 from pipeline.orchestration.results import row
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
-from pipeline.stages.metrics import load_backbone_and_heads, split_metrics
+from pipeline.stages.metrics import load_backbone_and_heads, split_metrics, train_ranking
 
 log = logging.getLogger(__name__)
 THRESHOLDS_FILE = "thresholds.json"
@@ -24,8 +28,10 @@ def run(ctx: StageContext) -> StageOutput:
     c = ctx.cfg.calibrate
     metric = str(c.metric)
     backbone, heads = load_backbone_and_heads(ctx)
-    val = split_metrics(ctx, backbone, heads, "validation", [metric], c)
-    test = split_metrics(ctx, backbone, heads, "test", [metric], c)
+    k = get_metric(metric).candidates
+    ranking = train_ranking(ctx, heads) if k else None
+    val = split_metrics(ctx, backbone, heads, "validation", [metric], c, ranking)
+    test = split_metrics(ctx, backbone, heads, "test", [metric], c, ranking)
     layers = [int(x) for x in val.groupby("head")["layer"].first().sort_index()]
     thresholds = calibrate(
         wide(val, metric),
@@ -39,6 +45,7 @@ def run(ctx: StageContext) -> StageOutput:
         grid_fraction=float(c.ltt.grid_fraction),
         grid_points=int(c.ltt.grid_points),
         seed=int(ctx.cfg.seed),
+        candidates=ranking.top(k) if ranking is not None else None,
     )
     thresholds.save(ctx.out_dir / THRESHOLDS_FILE)
 
