@@ -48,6 +48,9 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
         frame["method"] = frame.apply(legacy_method, axis=1) if len(frame) else ""
     keep = ~frame["metric"].astype(str).str.contains("|".join(TIMING + NEW_METRICS))
     keep &= ~frame["setting"].isin(NEW_SETTINGS) if "setting" in frame else True
+    # Cheap confidence (issue 14): pruned signals and every signal's cost per evaluation are new rows.
+    keep &= ~frame["confidence"].astype(str).str.contains("@top") if "confidence" in frame else True
+    keep &= ~frame["metric"].astype(str).eq("cost_blocks")
     frame = frame[keep]
     if "draft_len" in frame:  # the LayerSkip grid's rows differ only by draft length
         frame["metric"] = frame["metric"].where(
