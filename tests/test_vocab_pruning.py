@@ -107,6 +107,7 @@ def test_policy_needs_the_candidate_set_of_its_signal():
         ExitPolicy(LAYERS, (1.0, None, None), "logit_margin", candidates(16))
     with pytest.raises(ValueError, match="candidate set of 16"):
         ExitPolicy(LAYERS, (1.0, None, None), "logit_margin@top16", candidates(8))
+    assert ExitPolicy.disabled(LAYERS, "logit_margin@top16").enabled == []  # the full model needs no set
     policy = ExitPolicy(LAYERS, (1.0, None, 2.0), "logit_margin@top16", candidates(16))
     assert policy.head_cost == 16 / VOCAB and policy.describe()["candidates"] == 16
     assert ExitPolicy(LAYERS, (1.0, None, 2.0)).head_cost == 1.0

@@ -84,7 +84,8 @@ class ExitPolicy:
         )
         k = get_metric(self.metric).candidates  # an unknown name fails here, not at the first token
         have = None if self.candidates is None else self.candidates.k
-        if k != have:
+        # A policy with every head disabled (the full model) evaluates no head: it needs no candidate set.
+        if k != have and (have is not None or self.enabled):
             raise ValueError(
                 f"metric {self.metric!r} needs "
                 + (f"a candidate set of {k} tokens" if k else "no candidate set")
