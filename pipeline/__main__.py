@@ -7,6 +7,10 @@ import os
 # Idle OpenMP threads must sleep, not spin: with any other process on the machine, spinning threads made
 # 2-thread CPU training up to 7x slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The libraries' own progress bars (transformers' weight loading, datasets, lm-eval's task setup) stay off;
+# the pipeline's bars pass `disable=` explicitly and follow `progress`. tqdm reads this when first imported.
+# Details: pipeline/orchestration/console.py.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -18,6 +22,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.command_line import normalize_argv  # noqa: E402
+from pipeline.orchestration.console import log_files, quiet_console  # noqa: E402
 from pipeline.orchestration.errors import USER_ERRORS  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -30,10 +35,16 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     logging.getLogger().setLevel(str(cfg.get("log_level", "INFO")).upper())
+    # The console shows stage starts/finishes, warnings and the table; the rest goes to the log file only.
+    console = quiet_console()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir).name
     try:
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        if cfg.get("rehearsal"):  # +experiment=pythia_rehearsal: build its local model directory first
+            from pipeline.models.rehearsal import ensure_rehearsal_model
+
+            ensure_rehearsal_model(cfg)
         run_pipeline(cfg, run_dir=run_dir, group=group)
         if cfg.get("figures", True):
             from analysis import build_all_figures
@@ -50,6 +61,11 @@ def main(cfg: DictConfig) -> None:
         if multirun:
             raise
         sys.exit(2)
+    finally:
+        if console.library_warnings:
+            log.info(
+                "%d library warnings (not shown) in %s", console.library_warnings, ", ".join(log_files())
+            )
 
 
 if __name__ == "__main__":

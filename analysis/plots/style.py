@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
@@ -60,7 +61,10 @@ DISPLAY_NAMES = {
     "greedy": "greedy (ours)",
     "early_exit": "early exit",
     "layerskip": "LayerSkip (tuned)",
-    "dssd": "DSSD",
+    "dssd_paper": "DSSD (paper's rule)",
+    "dssd": "DSSD (exit set + γ)",
+    "dssd_tuned": "DSSD (tuned)",
+    "layerskip_nobonus": "LayerSkip, no bonus",
     "oracle": "oracle bound",
     "empirical": "empirical",
     "ltt": "LTT (guaranteed)",
@@ -115,6 +119,9 @@ def output_formats(formats: Iterable[str]) -> Iterator[None]:
 
 
 def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    # Embedding the font in a PDF (pdf.fonttype 42) subsets it through fontTools, which logs hundreds of INFO
+    # lines per file: nothing a reader of the log file needs.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
     paths = []
     for fmt in _ACTIVE_FORMATS.get():
         path = out_dir / f"{name}.{fmt}"

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import pipeline.stages as stages_pkg
 from pipeline.config import check_renamed
 from pipeline.models.backbone import resolve_device
+from pipeline.orchestration.console import route_library_logging
 from pipeline.orchestration.results import RESULTS_FILE, print_table, read_results, to_frame
 from pipeline.orchestration.store import StageStore, stage_key
 from pipeline.orchestration.tracking import make_tracker
@@ -177,6 +178,7 @@ class Runner:
             "seed": int(self.cfg.seed),
         }
         torch.manual_seed(int(self.cfg.seed))
+        route_library_logging()  # Lightning's and transformers' chatter to the log file
         resumable = getattr(stage, "resumable", False)
         with self.store.writing(name, self.model, key, record, resumable=resumable) as (work_dir, rec):
             with make_tracker(self.cfg, name, self.group) as tracker:

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.orchestration.console import stdout_to_log
 from pipeline.orchestration.results import row
 from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
@@ -162,19 +163,20 @@ def run(ctx: StageContext) -> StageOutput:
     for method, eps in settings:
         lm.set_policy(None if eps is None else thresholds.for_eps(method, eps))
         log.info("lm-eval %s ε=%s on %s", method, eps, names)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=ev.limit,
-            num_fewshot=int(ev.num_fewshot),
-            bootstrap_iters=int(ev.bootstrap_iters),
-            log_samples=False,
-            random_seed=int(cfg.seed),
-            numpy_random_seed=int(cfg.seed),
-            torch_random_seed=int(cfg.seed),
-            fewshot_random_seed=int(cfg.seed),
-        )
+        with stdout_to_log(log):  # lm-eval prints a line per bootstrapped metric: the log file's business
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=ev.limit,
+                num_fewshot=int(ev.num_fewshot),
+                bootstrap_iters=int(ev.bootstrap_iters),
+                log_samples=False,
+                random_seed=int(cfg.seed),
+                numpy_random_seed=int(cfg.seed),
+                torch_random_seed=int(cfg.seed),
+                fewshot_random_seed=int(cfg.seed),
+            )
         rows += task_rows(results, lm.exit_stats, policy_labels(method, thresholds.metric), eps)
         label = method if eps is None else f"{method}_eps{eps:g}"
         (ctx.out_dir / LM_EVAL_DIR / f"{label}.json").write_text(
