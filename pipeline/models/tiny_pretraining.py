@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and o
 log = logging.getLogger(__name__)
 
 
-def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+def capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+    """`texts` until `max_bytes` characters have been yielded (the last text is whole)."""
     seen = 0
     for text in texts:
         if seen >= max_bytes:
@@ -156,7 +157,7 @@ def pretrain_tiny_model(
     with _torch_threads(cfg["num_threads"]):
         t0 = time.perf_counter()
         tokenizer = train_tokenizer(
-            _capped(source.documents("train"), int(cfg["tokenizer_max_bytes"])),
+            capped(source.documents("train"), int(cfg["tokenizer_max_bytes"])),
             vocab_size=int(cfg["vocab_size"]),
             min_frequency=int(cfg["tokenizer_min_frequency"]),
             model_max_length=int(cfg["max_position_embeddings"]),
