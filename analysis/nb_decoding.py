@@ -51,6 +51,15 @@ show(res, figures_dir, ["decoding"])
 # %%
 show(res, figures_dir, ["decoding_summary"])
 
+# %% [markdown]
+# ## Per model: every lossless decoder's tokens/s and compute against greedy
+#
+# `dssd_paper` is the paper's rule (every head, no early stop), `dssd` the improved DSSD (the calibrate
+# stage's exit set and adaptive draft length γ), `dssd_tuned` DSSD tuned like LayerSkip on the tuning prompts.
+
+# %%
+show(res, figures_dir, ["decoding_speed"])
+
 # %%
 from analysis.plots import decoding_point
 
@@ -58,7 +67,7 @@ decoding = select(res.frame, stage="decoding")
 summary = []
 for model in res.models:
     rows = decoding[decoding["model"] == model]
-    for setting in ("greedy", "early_exit", "layerskip", "dssd", "oracle"):
+    for setting in ("greedy", "early_exit", "layerskip", "dssd_paper", "dssd", "dssd_tuned", "oracle"):
         if setting in set(rows["setting"]):
             point, eps = decoding_point(rows, setting)
             summary.append({"model": model, "setting": setting, "eps": eps, **point.to_dict()})

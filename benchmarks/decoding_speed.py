@@ -165,6 +165,7 @@ class Target:
     policies: dict[float, ExitPolicy] | None
     prompts: list[torch.Tensor]
     tune_prompts: list[torch.Tensor]
+    thresholds: ExitThresholds | None = None  # the calibrate stage's artifact: the improved DSSD's choices
 
 
 def logit_lens_heads(model: torch.nn.Module) -> EarlyExitHeads:
@@ -202,7 +203,8 @@ def model_dir_target(args: argparse.Namespace) -> Target:
     text = args.text.read_text() if args.text else _default_text()
     prompts = text_prompts(tokenizer, text, args.n_prompts, args.prompt_len)
     tune = text_prompts(tokenizer, text, args.n_tune_prompts, args.prompt_len, offset=args.n_prompts)
-    return Target(str(args.model_dir), model, heads, policies, prompts, tune)
+    table = ExitThresholds.load(args.thresholds) if args.thresholds else None
+    return Target(str(args.model_dir), model, heads, policies, prompts, tune, table)
 
 
 def find_pipeline_outputs(root: Path, model: str = "tiny") -> StageOutputs:
@@ -243,7 +245,8 @@ def pipeline_target(args: argparse.Namespace) -> Target:
         tune_prompts = text_prompts(
             tokenizer, text, args.n_tune_prompts, args.prompt_len, offset=args.n_prompts
         )
-    return Target(f"{args.model} (pipeline outputs)", model, heads, policies, prompts, tune_prompts)
+    table = ExitThresholds.load(calibrated / THRESHOLDS_FILE) if calibrated else None
+    return Target(f"{args.model} (pipeline outputs)", model, heads, policies, prompts, tune_prompts, table)
 
 
 def targets_from_args(args: argparse.Namespace) -> list[Target]:
@@ -263,13 +266,26 @@ def plan_from_args(
     fills: Sequence[str],
     oracle: bool = True,
     external=None,
+    thresholds: ExitThresholds | None = None,
 ) -> DecodingPlan:
+    """The harness's plan; with `thresholds` that hold the improved DSSD's choices (exit sets, per-draft
+    accuracy) also the `dssd` rows and γ in the tuning grid."""
+    accuracy = thresholds.draft_accuracy if thresholds is not None else None
+    exit_sets = (
+        {e: thresholds.exit_set(args.method, e) for e in policies}
+        if thresholds is not None and thresholds.exit_sets
+        else {}
+    )
     return DecodingPlan(
         max_new_tokens=args.new_tokens,
         policies=policies,
         layerskip_d=args.layerskip_d,
         max_draft=args.max_draft,
         dssd_max_draft=args.dssd_max_draft,
+        dssd_gamma=args.dssd_gamma if accuracy is not None else [0.0],
+        exit_sets=exit_sets,
+        draft_accuracy=accuracy,
+        layerskip_select=args.select,
         early_exit_fills=fills,
         repeats=args.repeats,
         warmup=args.warmup,
@@ -284,7 +300,7 @@ def benchmark_target(target: Target, args: argparse.Namespace) -> pd.DataFrame:
     policies = target.policies
     if policies is None:
         policies = calibrate_on_the_fly(engine, target.tune_prompts, args.new_tokens, args.eps)
-    plan = plan_from_args(args, policies, args.fills)
+    plan = plan_from_args(args, policies, args.fills, thresholds=target.thresholds)
     report = run_decoding(engine, model, target.prompts, target.tune_prompts, plan)
     return report.speed_table(target.label)
 
@@ -412,6 +428,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[1, 2, 4, 16],
         help="dssd_tuned: draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts",
+    )
+    parser.add_argument(
+        "--dssd-gamma",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5],
+        help="dssd_tuned: adaptive-stop γ values its grid also tunes over (needs the calibrate stage's thresholds)",
+    )
+    parser.add_argument(
+        "--select",
+        default="layer_equiv_per_token",
+        choices=["layer_equiv_per_token", "latency_equiv_per_token", "tokens_per_s"],
+        help="how LayerSkip's (head, d) and dssd_tuned are chosen on the tuning prompts (the same for both)",
     )
     parser.add_argument("--layerskip-d", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--fills", nargs="+", default=["lazy"], choices=["lazy", "copy", "recompute"])

@@ -197,7 +197,16 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     report = run_decoding(engine, model, prompts[:2], prompts[2:], plan)
     rows = report.rows()
     methods = {r[METHOD_COLUMN] for r in rows}
-    assert {"generate", "greedy", "early_exit", "layerskip", "dssd", "layerskip_grid", "oracle"} <= methods
+    assert {
+        "generate",
+        "greedy",
+        "early_exit",
+        "layerskip",
+        "dssd_paper",
+        "layerskip_grid",
+        "oracle",
+    } <= methods
+    assert "dssd" not in methods  # the improved DSSD needs the calibrate stage's exit sets (none here)
     assert {"dssd_vs_layerskip", "dssd_tuned", "layerskip_nobonus"} <= methods
     # The tuned DSSD: chosen on the tuning prompts from the grid (only head 2 is enabled: 4 draft caps), its
     # choice reported in rows, checked lossless on the test prompts like the paper's DSSD.
@@ -211,7 +220,7 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     nobonus = report.test.layerskip_nobonus
     assert (nobonus.head, nobonus.draft_len) == (report.tuning.best.head, report.tuning.best.draft_len)
     assert nobonus.total("bonus") == 0 and nobonus.tokens == report.test.generate.tokens
-    dssd = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "dssd" and r["head"] is None}
+    dssd = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "dssd_paper" and r["head"] is None}
     assert dssd["drafted_per_token"] > 0 and 0 < dssd["acceptance_rate"] < 1
     # Both cost measures: equal for greedy (one row per call); a verification over k rows is one call.
     greedy = {r["metric"]: r["value"] for r in rows if r[METHOD_COLUMN] == "greedy"}
@@ -229,14 +238,14 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     ]
     table = report.per_prompt_table()
     # tuning: generate, greedy, 6 LayerSkip and 4 DSSD grid settings on 1 prompt; test: generate, greedy, 2
-    # early exit, layerskip, dssd, layerskip_nobonus, dssd_tuned and the external method on 2 prompts
+    # early exit, layerskip, dssd_paper, layerskip_nobonus, dssd_tuned and the external method on 2 prompts
     assert len(table) == 12 + 2 * 9
-    assert all(len(s.repeat_walls[0]) == 2 for s in (report.test.generate, report.test.dssd[0]))
+    assert all(len(s.repeat_walls[0]) == 2 for s in (report.test.generate, report.test.dssd_paper[0]))
     speed = report.speed_table("tiny")
     assert speed.loc[speed["method"] == "reference_again", "identical_to_greedy"].item()
     assert "oracle_bound" in set(speed["method"])
     summary = report.summary_table()
-    assert set(summary["method"]) >= {"generate", "greedy", "layerskip", "dssd", "dssd_tuned", "oracle"}
+    assert set(summary["method"]) >= {"generate", "greedy", "layerskip", "dssd_paper", "dssd_tuned", "oracle"}
     metrics = report.metrics()
     assert not math.isnan(metrics["greedy_speedup_vs_generate"])
     assert metrics["dssd_tuned_heads"] == "2" and metrics["dssd_tuned_speed_vs_greedy"] > 0

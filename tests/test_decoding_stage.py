@@ -33,6 +33,7 @@ def test_micro_config_is_valid(tmp_path):
         (["decoding.layerskip_d=[]"], "layerskip_d"),
         (["decoding.dssd_max_draft=[1,0]"], "dssd_max_draft"),
         (["decoding.dssd_max_draft=[]"], "dssd_max_draft"),
+        (["decoding.dssd_gamma=[1.5]"], "dssd_gamma"),
         (["decoding.n_prompts=0"], "n_prompts"),
         (["decoding.n_tune_prompts=0"], "n_tune_prompts"),
         (["decoding.prompt_len=100", "decoding.max_new_tokens=64"], "maximum sequence length"),
@@ -134,12 +135,34 @@ def test_tuned_dssd_and_the_no_bonus_baseline(rows):
     eps = float(_values(rows, "dssd_tuned", "tuned_eps")["value"].iloc[0])
     assert round(eps, 6) in {0.8, 0.9}
     assert set(_values(rows, "dssd_tuned", "identical")["eps"].round(6)) == {round(eps, 6)}
-    assert int(_values(rows, "dssd_tuned", "max_draft")["value"].iloc[0]) in {1, 2}  # tests/micro.py
+    # tests/micro.py's caps, or the calibrated choice's (calibrate.dssd.max_draft, 16 by default)
+    assert int(_values(rows, "dssd_tuned", "max_draft")["value"].iloc[0]) in {1, 2, 16}
     consulted = rows[(rows["setting"] == "dssd_tuned") & (rows["metric"] == "consulted")]
     assert set(consulted["head"]) == {"0", "1", "2"} and set(consulted["value"]) <= {0.0, 1.0}
     nobonus = _values(rows, "layerskip_nobonus", "layer_equiv_per_token")
     tuned = _values(rows, "layerskip", "layer_equiv_per_token")
     assert len(nobonus) == 1 and len(tuned) == 1
+
+
+def test_paper_rule_and_improved_dssd_rows(rows, micro_run):
+    """dssd_paper (every head, cap decoding.max_draft) and dssd (the calibrate stage's exit set and γ) per ε,
+    both lossless; the dssd rows name exactly the heads and γ stored in thresholds.json."""
+    from pipeline.exits.thresholds import ExitThresholds
+
+    root, _, _ = micro_run
+    for method in ("dssd_paper", "dssd"):
+        assert set(_values(rows, method, "identical")["eps"].round(6)) == {0.8, 0.9}, method
+        assert (_values(rows, method, "identical")["value"] == 1).all()
+    (path,) = list((root / "cache" / "calibrate").rglob("thresholds.json"))
+    thresholds = ExitThresholds.load(path)
+    for eps in (0.8, 0.9):
+        choice = thresholds.exit_set("empirical", eps)
+        at = rows[(rows["setting"] == "dssd") & (rows["eps"].round(6) == eps)]
+        consulted = at[at["metric"] == "consulted"].set_index("head")["value"]
+        assert [k for k in range(3) if consulted[str(k)] == 1.0] == list(choice.heads)
+        assert float(at[at["metric"] == "min_chain_prob"]["value"].iloc[0]) == choice.min_chain_prob
+        assert int(at[at["metric"] == "max_draft"]["value"].iloc[0]) == choice.max_draft
+    assert thresholds.draft_accuracy is not None and thresholds.draft_accuracy.n_heads == 3
 
 
 def test_per_prompt_table(micro_run):
@@ -154,6 +177,7 @@ def test_per_prompt_table(micro_run):
     assert {
         "generate",
         "greedy",
+        "dssd_paper",
         "dssd",
         "dssd_tuned",
         "layerskip",
@@ -230,7 +254,15 @@ def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
     assert (tmp_path / "bench.csv").is_file()
     lossless = frame[
         frame["method"].isin(
-            ["greedy", "layerskip", "layerskip_nobonus", "dssd", "dssd_tuned", "assistant_early_exit"]
+            [
+                "greedy",
+                "layerskip",
+                "layerskip_nobonus",
+                "dssd_paper",
+                "dssd",
+                "dssd_tuned",
+                "assistant_early_exit",
+            ]
         )
     ]
     assert lossless["identical_to_greedy"].all()
@@ -239,6 +271,7 @@ def test_benchmark_from_pipeline_outputs(micro_run, tmp_path):
         "greedy",
         "early_exit",
         "layerskip",
+        "dssd_paper",
         "dssd",
         "dssd_tuned",
         "layerskip_nobonus",

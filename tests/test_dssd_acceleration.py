@@ -220,3 +220,134 @@ def test_gamma_needs_the_accuracy_curve_of_the_policys_metric():
         DSSD(policy, 16, min_chain_prob=0.5)
     with pytest.raises(ValueError, match="same metric"):
         DSSD(policy, 16, 0.5, DraftAccuracy("logit_margin", ((),) * 3, ((0.5,),) * 3))
+
+
+# -- the decoding harness: the three DSSD rows and the extended tuning grid ---------------------------------------
+
+
+def test_dssd_grid_adds_gamma_and_the_calibrated_exit_set():
+    from pipeline.evaluation.decoding_harness import DecodingPlan
+    from pipeline.evaluation.decoding_tuning import dssd_grid
+
+    accuracy = DraftAccuracy("entropy", ((),) * 3, ((0.7,),) * 3)
+    policies = {0.8: ExitPolicy((0, 1, 2), (1.0, None, 2.0))}
+    stored = ExitSetChoice((0,), 0.4, 8, 5.0, 6.0)
+    plan = DecodingPlan(
+        max_new_tokens=4,
+        policies=policies,
+        layerskip_d=[1],
+        dssd_max_draft=[1, 4],
+        dssd_gamma=[0.0, 0.5],
+        exit_sets={0.8: stored},
+        draft_accuracy=accuracy,
+    )
+    seen = [
+        (s.strategy.policy.enabled, s.strategy.max_draft, s.strategy.min_chain_prob) for s in dssd_grid(plan)
+    ]
+    # Each head set: cap 1 (γ cannot matter there), cap 4 × γ ∈ {0, 0.5}; then the calibrated choice.
+    assert seen == [
+        ([0], 1, 0.0),
+        ([0], 4, 0.0),
+        ([0], 4, 0.5),
+        ([2], 1, 0.0),
+        ([2], 4, 0.0),
+        ([2], 4, 0.5),
+        ([0, 2], 1, 0.0),
+        ([0, 2], 4, 0.0),
+        ([0, 2], 4, 0.5),
+        ([0], 8, 0.4),
+    ]
+    with pytest.raises(ValueError, match="needs the per-draft accuracy"):
+        DecodingPlan(max_new_tokens=4, policies=policies, layerskip_d=[1], dssd_gamma=[0.5])
+
+
+def test_harness_reports_the_paper_rule_the_improved_and_the_tuned_dssd():
+    from pipeline.evaluation.decoding_harness import DecodingPlan, run_decoding
+    from pipeline.evaluation.decoding_report import METHOD_COLUMN
+
+    from .conftest import tiny_gpt_neox
+
+    model = tiny_gpt_neox(num_layers=4, d_model=32, vocab=64, seed=3)
+    heads = EarlyExitHeads.from_backbone(model, [0, 1, 2], init="unembedding").eval()
+    engine = Engine(model, heads)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (6,), generator=gen) for _ in range(3)]
+    policy = ExitPolicy((0, 1, 2), (4.16, 4.16, 4.16), "entropy")  # every head exits every token
+    plan = DecodingPlan(
+        max_new_tokens=6,
+        policies={0.8: policy},
+        layerskip_d=[1],
+        max_draft=3,
+        dssd_max_draft=[2],
+        dssd_gamma=[0.0, 0.6],
+        exit_sets={0.8: ExitSetChoice((1,), 0.5, 4, 5.0, 6.0)},
+        draft_accuracy=DraftAccuracy("entropy", ((),) * 3, ((0.6,),) * 3),
+        early_exit_fills=(),
+        layerskip_select="latency_equiv_per_token",
+        oracle=False,
+    )
+    report = run_decoding(engine, model, prompts[:2], prompts[2:], plan)
+    rows = report.rows()
+    by = {(r[METHOD_COLUMN], r["metric"], r["head"]): r["value"] for r in rows}
+    for method in ("dssd_paper", "dssd", "dssd_tuned"):
+        assert by[(method, "identical", None)] == 1.0
+    # The improved DSSD consults head 1 only and stops after two drafts (chain 0.6 >= γ = 0.5, then 0.36).
+    assert [by[("dssd", "consulted", k)] for k in range(3)] == [0.0, 1.0, 0.0]
+    assert by[("dssd", "min_chain_prob", None)] == 0.5 and by[("dssd", "max_draft", None)] == 4
+    improved = report.test.dssd[0]
+    assert improved.total("drafted") <= 2 * improved.total("verifications")
+    assert improved.per_head("drafts_per_head")[0] == improved.per_head("drafts_per_head")[2] == 0
+    # The paper's rule drafts at head 0 (every head enabled, the shallowest exits first).
+    assert report.test.dssd_paper[0].per_head("drafts_per_head")[0] > 0
+    # dssd_tuned: the grid's cheapest in latency-equivalents, γ reported.
+    grid_best = min(s.summary()["latency_equiv_per_token"] for s in report.dssd_tuning.grid)
+    assert report.dssd_tuning.best.summary()["latency_equiv_per_token"] == grid_best
+    assert ("dssd_tuned", "min_chain_prob", None) in by and ("dssd_tuned", "tuned_eps", None) in by
+    # The paper's comparison with LayerSkip is on the paper rule.
+    assert "dssd_paper" in set(report.summary_table()["method"])
+
+
+# -- the decoding speed figure -------------------------------------------------------------------------------------
+
+
+def test_decoding_speed_figure_ratios_to_greedy(tmp_path):
+    from analysis.data import Results
+    from analysis.plots.decoding_speed import decoding_speed, speed_ratios
+    from pipeline.orchestration.results import row, to_frame
+
+    rows = [row("tokens_per_s", 100.0, setting="greedy"), row("layer_equiv_per_token", 8.0, setting="greedy")]
+    for setting, eps, speed, cost in (
+        ("dssd_paper", 0.6, 50.0, 20.0),
+        ("dssd_paper", 0.9, 70.0, 12.0),  # its fastest ε: the one shown
+        ("dssd", 0.9, 120.0, 9.0),
+        ("dssd_tuned", 0.8, 130.0, 9.2),
+        ("layerskip", None, 110.0, 9.6),
+        ("layerskip_nobonus", None, 90.0, 10.4),
+    ):
+        rows += [
+            row("tokens_per_s", speed, setting=setting, eps=eps),
+            row("speedup_vs_generate", speed / 80, setting=setting, eps=eps),
+            row("layer_equiv_per_token", cost, setting=setting, eps=eps),
+        ]
+    frame = to_frame(rows, model="tiny", stage="decoding")
+    table = speed_ratios(frame).set_index("method")
+    assert list(table.index) == ["dssd_paper", "dssd", "dssd_tuned", "layerskip", "layerskip_nobonus"]
+    assert table.loc["dssd_paper", "eps"] == 0.9 and table.loc["dssd_paper", "speed_ratio"] == pytest.approx(
+        0.7
+    )
+    assert table.loc["dssd_tuned", "speed_ratio"] == pytest.approx(1.3)
+    assert table.loc["layerskip_nobonus", "layer_equiv_ratio"] == pytest.approx(1.3)
+    paths = decoding_speed(Results(frame), tmp_path)
+    assert {p.name for p in paths} >= {"decoding_speed_tiny.png"}
+
+
+def test_calibrate_config_rejects_a_flop_budget_below_greedy(tmp_path):
+    from pipeline.orchestration.validation import ConfigError
+    from pipeline.stages import calibrate
+
+    from .micro import compose_micro
+
+    with pytest.raises(ConfigError, match="flop_budget"):
+        calibrate.STAGE.validate(compose_micro(tmp_path / "out", "calibrate.dssd.flop_budget=0.5"))
+    with pytest.raises(ConfigError, match="gamma"):
+        calibrate.STAGE.validate(compose_micro(tmp_path / "out", "calibrate.dssd.gamma=[0.2,1.5]"))

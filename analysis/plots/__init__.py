@@ -13,6 +13,7 @@ partial run still gets every figure it has data for.
   exits.py        (c) calibration of ε, (g) exit distribution: calibration, exit_distribution
   compute.py      (d) accuracy vs compute, (e) scaling with model size: accuracy_compute, size_scaling
   speculative.py  (f) DSSD vs LayerSkip: decoding, decoding_summary
+  decoding_speed.py  (f) tokens/s and compute of every lossless decoder against greedy: decoding_speed
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from analysis.data import Results
 from analysis.plots.compute import accuracy_compute, size_scaling
 from analysis.plots.confidence import auroc_table, confidence_auroc, confidence_histograms, metric_columns
+from analysis.plots.decoding_speed import decoding_speed
 from analysis.plots.exits import calibration, exit_distribution, exit_fractions
 from analysis.plots.heads import heads_depth
 from analysis.plots.speculative import decoding, decoding_point, decoding_summary, layerskip_grid, pick_eps
@@ -38,6 +40,7 @@ FIGURES: dict[str, Callable[[Results, Path], list[Path]]] = {
     "size_scaling": size_scaling,
     "decoding": decoding,
     "decoding_summary": decoding_summary,
+    "decoding_speed": decoding_speed,
 }
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "confidence_histograms",
     "decoding",
     "decoding_point",
+    "decoding_speed",
     "decoding_summary",
     "exit_distribution",
     "exit_fractions",

@@ -68,17 +68,23 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
     """Per model: the LayerSkip (head × draft length) grid as heatmaps, and DSSD vs ε against the tuned
     LayerSkip and the oracle bound, for acceptance rate and accepted tokens per verification."""
     dec = select(res.frame, stage="decoding")
-    metrics = (
-        ("acceptance_rate", "acceptance rate", "acceptance rate"),
-        ("accepted_per_verification", "accepted tokens / verification", "accepted / verification"),
+    metrics = (  # metric, title, short title, cell label format (few digits: cells stay readable)
+        ("acceptance_rate", "acceptance rate", "acceptance rate", "{:.2f}"),
+        ("accepted_per_verification", "accepted tokens / verification", "accepted / verification", "{:.1f}"),
     )
     paths: list[Path] = []
     for model in res.models:
         mrows = dec[dec["model"] == model]
-        if mrows.empty or not mrows["metric"].isin([m for m, _, _ in metrics]).any():
+        if mrows.empty or not mrows["metric"].isin([m for m, *_ in metrics]).any():
             continue
-        fig, axes = new_figure(2, 2, 3.3, 2.5)
-        for j, (metric, title, short) in enumerate(metrics):
+        # A heat-map cell must be wide enough for its label (7 pt, 3-4 characters): ~0.42 in per draft length.
+        n_lengths = (
+            mrows.loc[mrows["setting"] == "layerskip_grid", "draft_len"].nunique()
+            if "draft_len" in mrows
+            else 0
+        )
+        fig, axes = new_figure(2, 2, max(3.3, 0.42 * n_lengths + 1.6), 2.5)
+        for j, (metric, title, short, fmt) in enumerate(metrics):
             grid = layerskip_grid(res, model, metric)
             ax = axes[0, j]
             if grid.empty:
@@ -95,7 +101,7 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
                     grid,
                     float(np.nanmin(values)),
                     float(np.nanmax(values)),
-                    fmt="{:.2f}",
+                    fmt=fmt,
                     bold=[(int(r), int(c)) for r, c in best],
                 )
                 fig.colorbar(image, ax=ax, shrink=0.85)
@@ -110,13 +116,13 @@ def decoding(res: Results, out_dir: Path) -> list[Path]:
 
 def _dssd_vs_eps(ax: Axes, rows: pd.DataFrame, metric: str, title: str) -> None:
     part = rows[rows["metric"] == metric]
-    for k, method in enumerate(("dssd", "oracle", "layerskip")):
+    for k, method in enumerate(("dssd_paper", "dssd", "oracle", "layerskip")):
         series = part[part["setting"] == method]
         if series.empty:
             continue
         color = OKABE_ITO[k]
         by_eps = series[series["eps"].notna()].groupby("eps")["value"].mean()
-        if len(by_eps) > 1 or (len(by_eps) == 1 and method == "dssd"):
+        if len(by_eps) > 1 or (len(by_eps) == 1 and method.startswith("dssd")):
             ax.plot(
                 by_eps.index,
                 by_eps.to_numpy(),
@@ -141,13 +147,15 @@ def decoding_summary(res: Results, out_dir: Path) -> list[Path]:
         select(
             res.frame,
             stage="decoding",
-            setting=["dssd", "layerskip", "oracle"],
+            setting=["dssd_paper", "dssd", "layerskip", "oracle"],
             metric=["acceptance_rate", "accepted_per_verification"],
         ),
         "decoding dssd/layerskip rows",
     )
     models = [m for m in res.models if m in set(dec["model"])]
-    methods = [m for m in ("dssd", "layerskip", "oracle") if m in set(dec["setting"])]
+    methods = [m for m in ("dssd_paper", "dssd", "layerskip", "oracle") if m in set(dec["setting"])]
+    # The paper's headline compares its own DSSD rule with LayerSkip (results from before the rename: `dssd`).
+    paper = "dssd_paper" if "dssd_paper" in methods else "dssd"
     fig, axes = new_figure(1, 2, max(3.0, 0.9 * len(models) + 1.5), 2.6)
     width = 0.8 / len(methods)
     x = np.arange(len(models))
@@ -171,9 +179,9 @@ def decoding_summary(res: Results, out_dir: Path) -> list[Path]:
                 color=OKABE_ITO[k],
                 label=label(method),
             )
-        if "dssd" in values and "layerskip" in values:
+        if paper in values and "layerskip" in values:
             # The paper's headline number: DSSD's gain over the best manually tuned LayerSkip.
-            for xi, d, ls in zip(x, values["dssd"], values["layerskip"], strict=True):
+            for xi, d, ls in zip(x, values[paper], values["layerskip"], strict=True):
                 if np.isfinite(d) and np.isfinite(ls) and ls > 0:
                     ax.annotate(
                         f"{d / ls:.2f}×",
@@ -189,7 +197,7 @@ def decoding_summary(res: Results, out_dir: Path) -> list[Path]:
         ax.margins(y=0.15)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=len(methods))
-    fig.suptitle("DSSD (at its fastest ε) vs tuned LayerSkip; labels: DSSD ÷ LayerSkip")
+    fig.suptitle("DSSD (at its fastest ε) vs tuned LayerSkip; labels: the paper's DSSD rule ÷ LayerSkip")
     return save(fig, out_dir, "decoding_summary")
 
 

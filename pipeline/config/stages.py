@@ -207,6 +207,19 @@ class LttConfig(Settings):
 
 
 @dataclasses.dataclass
+class DSSDChoiceConfig(Settings):
+    """DSSD's exit set and adaptive stop chosen in the calibrate stage (pipeline/exits/exit_set.py)."""
+
+    KEY = "calibrate.dssd"
+    max_draft: int = setting(16, check=at_least(1))  # draft cap of the improved DSSD
+    gamma: list[float] = setting(
+        factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], check=each(within(0, 1))
+    )
+    flop_budget: float | None = setting(1.15, check=optional(at_least(1)))  # × greedy's FLOPs per token
+    accuracy_bins: int = setting(32, check=at_least(1))  # quantile bins of the per-draft accuracy curve
+
+
+@dataclasses.dataclass
 class CalibrateConfig(Settings):
     """Stage `calibrate`: exit thresholds per method × ε; the one declaration of the ε levels."""
 
@@ -221,6 +234,7 @@ class CalibrateConfig(Settings):
     delta: float = setting(0.05, check=within(0, 1, low_open=True, high_open=True))
     cascade: bool = True
     ltt: LttConfig = setting(factory=LttConfig)
+    dssd: DSSDChoiceConfig = setting(factory=DSSDChoiceConfig)
     # Tokens per split (validation: calibration, test: realized accuracy/coverage); null = all.
     max_tokens: int | None = setting(None, check=optional(at_least(1)))
     batch_tokens: int = setting(2048, check=at_least(1), volatile=True)
@@ -321,6 +335,8 @@ class DecodingConfig(Settings):
     max_draft: int = setting(16, check=at_least(1))  # the paper's DSSD rows: cap on drafts per verification
     # dssd_tuned: the draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts.
     dssd_max_draft: list[int] = setting(factory=lambda: [1, 2, 4, 16], check=each(at_least(1)))
+    # dssd_tuned: the adaptive-stop γ values its grid also tunes over (0 = the paper's rule: no early stop).
+    dssd_gamma: list[float] = setting(factory=lambda: [0.0, 0.5], check=each(within(0, 1)))
     layerskip_d: list[int] = setting(factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8], check=each(at_least(1)))
     # How the tuned LayerSkip (head, d) is chosen on the tuning prompts (decoding_harness.SELECT_CRITERIA).
     layerskip_select: str = setting("layer_equiv_per_token", check=one_of(_layerskip_criteria))

@@ -11,17 +11,21 @@ that by default every method produces the same number of tokens and speeds compa
 
 1. Tuning prompts: transformers `generate(do_sample=False)` (the reference), our engine's greedy, the
    LayerSkip grid (every head × d in `layerskip_d`) and the DSSD grid (every ε of `policies` × consulted
-   heads — each single head, and all heads — × `dssd_max_draft`; a head not consulted gets threshold None).
+   heads — each single head, and all heads — × `dssd_max_draft` × adaptive-stop γ in `dssd_gamma`, plus per ε
+   the calibrate stage's exit set, γ and cap; a head not consulted gets threshold None).
    Both grids are tuned by the same criterion, `layerskip_select`: by default the fewest layer-equivalents
    per generated token (= most tokens per unit of verification + drafting compute, the quantity LayerSkip's
    own sweep optimises, measured without wall-clock noise on a shared machine); ties go to more accepted
    tokens per verification, then (LayerSkip) the shallower head and the shorter draft, (DSSD) the smaller
-   draft cap and fewer heads. `"tokens_per_s"` selects by measured speed instead. This phase also warms up
-   every code path before anything reported is timed.
+   draft cap, fewer heads and the smaller γ. `"latency_equiv_per_token"` selects by the deterministic speed
+   proxy, `"tokens_per_s"` by measured speed. This phase also warms up every code path before anything
+   reported is timed.
 2. Test prompts, interleaved per prompt (load changes hit every method alike): `generate`, `greedy`,
    `early_exit` per ε and fill (lossy, optional), the tuned `layerskip`, `layerskip_nobonus` (the same head
-   and d without the bonus token: the paper author's baseline), `dssd` per ε (the paper's rule: every head,
-   cap `max_draft`), `dssd_tuned` (the DSSD grid's choice), generators outside the engine (e.g.
+   and d without the bonus token: the paper author's baseline), `dssd_paper` per ε (the paper's rule:
+   every head, no early stop, cap `max_draft`: the reproduction), `dssd` per ε (the improved DSSD: the
+   calibrate stage's exit set and adaptive stop γ, `exit_sets`), `dssd_tuned` (the DSSD grid's choice),
+   generators outside the engine (e.g.
    transformers' assistant_early_exit), and the oracle bound (greedy with every head probed: the earliest
    head that agrees with the full model, per token).
 3. Losslessness: on every prompt (tuning and test) greedy must equal `generate`, and every LayerSkip / DSSD
@@ -49,7 +53,9 @@ from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Strategy
 from pipeline.evaluation.decoding_report import DecodingReport, DSSDTuning, LayerSkipTuning, Setting, TestRun
 from pipeline.evaluation.decoding_tuning import (
     SELECT_CRITERIA,
+    choice_note,
     dssd_grid,
+    improved_dssd,
     select_dssd,
     select_layerskip,
 )
@@ -78,15 +84,21 @@ class ExternalMethod(NamedTuple):
 @dataclass
 class DecodingPlan:
     """What to run. `policies`: ε -> exit policy (`ExitThresholds.for_eps`), for early exit and DSSD; an empty
-    `early_exit_fills` skips early exit. `max_draft` caps the paper's DSSD rows; `dssd_max_draft` lists the
-    caps the DSSD grid tunes over. `external(tuned)` returns generators outside the engine, built once
-    LayerSkip is tuned (they may reuse its head and draft length)."""
+    `early_exit_fills` skips early exit. `max_draft` caps the paper's DSSD rows (`dssd_paper`);
+    `dssd_max_draft` and `dssd_gamma` list the caps and adaptive-stop γ the DSSD grid tunes over.
+    `exit_sets`: ε -> the calibrate stage's DSSD choice (`ExitThresholds.exit_set`: consulted heads, γ, cap),
+    the improved per-ε rows `dssd` (none without it); `draft_accuracy` is the per-draft accuracy γ reads
+    (`ExitThresholds.draft_accuracy`; needed for any γ > 0). `external(tuned)` returns generators outside the
+    engine, built once LayerSkip is tuned (they may reuse its head and draft length)."""
 
     max_new_tokens: int
     policies: dict[float, Any]
     layerskip_d: Sequence[int]
     max_draft: int = 16
     dssd_max_draft: Sequence[int] = (1, 2, 4, 16)
+    dssd_gamma: Sequence[float] = (0.0,)
+    exit_sets: dict[float, Any] = field(default_factory=dict)
+    draft_accuracy: Any = None
     layerskip_select: str = SELECT_CRITERIA[0]
     early_exit_fills: Sequence[str] = ("lazy",)
     repeats: int = 1
@@ -104,6 +116,15 @@ class DecodingPlan:
             raise ValueError("layerskip_d must list at least one draft length")
         if not self.dssd_max_draft or min(self.dssd_max_draft) < 1:
             raise ValueError(f"dssd_max_draft must list draft caps >= 1, got {list(self.dssd_max_draft)}")
+        if not self.dssd_gamma or any(not 0.0 <= g <= 1.0 for g in self.dssd_gamma):
+            raise ValueError(f"dssd_gamma must list γ values in [0, 1], got {list(self.dssd_gamma)}")
+        if self.draft_accuracy is None and (
+            any(g > 0 for g in self.dssd_gamma) or any(c.min_chain_prob > 0 for c in self.exit_sets.values())
+        ):
+            raise ValueError(
+                "a γ > 0 (dssd_gamma or a stored exit set) needs the per-draft accuracy: pass "
+                "draft_accuracy=ExitThresholds.draft_accuracy (written by the calibrate stage)"
+            )
 
 
 def hf_greedy(
@@ -341,14 +362,23 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
         draft_len=tuned.draft_len,
         strategy=LayerSkip(tuned.head, tuned.draft_len),
     )
-    dssd = [
+    labels = {
+        eps: {"calibration": plan.calibration, "confidence": p.metric} for eps, p in plan.policies.items()
+    }
+    dssd_paper = [  # the paper's rule: every head the ε enables, no early stop, cap `max_draft`
+        Setting("dssd_paper", eps=eps, strategy=DSSD(policy, max_draft=plan.max_draft), labels=labels[eps])
+        for eps, policy in plan.policies.items()
+    ]
+    dssd = [  # the calibrate stage's choice per ε: consulted heads, adaptive stop γ, cap
         Setting(
             "dssd",
             eps=eps,
-            strategy=DSSD(policy, max_draft=plan.max_draft),
-            labels={"calibration": plan.calibration, "confidence": policy.metric},
+            strategy=improved_dssd(policy, plan.exit_sets[eps], plan.draft_accuracy),
+            note=choice_note(plan.exit_sets[eps]),
+            labels=labels[eps],
         )
         for eps, policy in plan.policies.items()
+        if eps in plan.exit_sets
     ]
     external = [
         Setting(m.method, strategy=m.generate, note=m.note)
@@ -365,7 +395,7 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
         chosen = Setting(
             "dssd_tuned",
             eps=dssd_tuned.eps,
-            strategy=DSSD(dssd_tuned.strategy.policy, max_draft=dssd_tuned.strategy.max_draft),
+            strategy=dssd_tuned.strategy,  # strategies hold no state between generations
             note=dssd_tuned.note,
             labels=dict(dssd_tuned.labels),
         )
@@ -374,11 +404,12 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
         Setting("greedy", strategy=Greedy()),
         early_exit,
         layerskip,
-        dssd,
+        dssd_paper,
         external,
         [],
         layerskip_nobonus=nobonus,
         dssd_tuned=chosen,
+        dssd=dssd,
     )
 
 

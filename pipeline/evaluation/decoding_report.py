@@ -8,10 +8,14 @@ Two acceptance measures, not to be confused: `acceptance_rate = accepted / draft
 author's formula (the share of drafts the full model confirms); `accepted_per_verification` (mean drafts
 accepted per verification pass that checked at least one draft) is ours.
 
-Result rows (pipeline/orchestration/results.py); the `setting` column names the method, and early_exit / dssd
-rows also carry `calibration`, `confidence` (and `fill` for early exit):
-  setting generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd|dssd_tuned, eps (early_exit, dssd,
-      dssd_tuned), head -:
+Three DSSD rows: `dssd_paper` (per ε: the paper's rule — every head the ε enables, no early stop, cap
+`max_draft` — the reproduction), `dssd` (per ε: the improved DSSD — the calibrate stage's exit set and
+adaptive-stop γ, pipeline/exits/exit_set.py) and `dssd_tuned` (ε, heads, cap and γ tuned on the tuning prompts).
+
+Result rows (pipeline/orchestration/results.py); the `setting` column names the method, and early_exit /
+dssd* rows also carry `calibration`, `confidence` (and `fill` for early exit):
+  setting generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd_paper|dssd|dssd_tuned, eps
+      (early_exit, dssd*), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
       identical (1 = every prompt identical to greedy `generate`; lossless methods only), near_ties (prompts
@@ -19,18 +23,20 @@ rows also carry `calibration`, `confidence` (and `fill` for early exit):
       losslessness.py; 0 in fp32), acceptance_rate,
       accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
-  setting early_exit|dssd|dssd_tuned|layerskip|layerskip_nobonus, head i: exit_frac (early exit) /
+  setting early_exit|dssd*|layerskip|layerskip_nobonus, head i: exit_frac (early exit) /
       draft_frac (drafts by head i per token).
   setting layerskip: draft_head, draft_len (the tuned setting). layerskip_nobonus is the same (head, d)
       without a bonus token after a fully accepted draft (the paper author's LayerSkip baseline).
-  setting dssd_tuned: DSSD with (ε, consulted heads, max_draft) chosen on the tuning prompts by the same
-      criterion as LayerSkip's (head, d); extra rows tuned_eps, max_draft, and consulted (1/0) per head i.
+  setting dssd|dssd_tuned: what the DSSD consults: rows max_draft, min_chain_prob (γ; 0 = no early stop) and
+      consulted (1/0) per head i; dssd_tuned (chosen on the tuning prompts by the same criterion as
+      LayerSkip's (head, d)) also tuned_eps.
   setting layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
   setting oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
       latency_equiv_per_token (the same figure: every call is one row), cascade_layer_equiv_per_token (also
       paying each shallower head), exit_frac (head all and per head), acceptance_rate (1 by construction) and
       accepted_per_verification of an oracle drafter under the same `max_draft` cap, identical.
-  setting dssd_vs_layerskip, eps e: DSSD / tuned LayerSkip: acceptance_ratio, accepted_per_verification_ratio,
+  setting dssd_vs_layerskip, eps e: dssd_paper / tuned LayerSkip (the paper's comparison): acceptance_ratio,
+      accepted_per_verification_ratio,
       layer_equiv_ratio, latency_equiv_ratio, speed_ratio.
 """
 
@@ -190,17 +196,18 @@ class TestRun:
     greedy: Setting
     early_exit: list[Setting]
     layerskip: Setting
-    dssd: list[Setting]
+    dssd_paper: list[Setting]  # the paper's rule per ε: every head, no early stop, cap `max_draft`
     external: list[Setting]
     bounds: list[Any]  # pipeline.engine.OracleBound per prompt (empty without the oracle)
     layerskip_nobonus: Setting | None = None  # the tuned (head, d) without the bonus token
     dssd_tuned: Setting | None = None  # DSSD with the setting chosen on the tuning prompts
+    dssd: list[Setting] = field(default_factory=list)  # the improved DSSD per ε (calibrated exit set and γ)
 
     @property
     def lossless(self) -> list[Setting]:
         """The speculative settings, each checked against greedy on every prompt."""
         extra = [s for s in (self.layerskip_nobonus, self.dssd_tuned) if s is not None]
-        return [self.layerskip, *self.dssd, *extra]
+        return [self.layerskip, *self.dssd_paper, *self.dssd, *extra]
 
     @property
     def engine_settings(self) -> list[Setting]:
@@ -223,8 +230,8 @@ class DecodingReport:
         out: list[dict] = []
         for setting in test.engine_settings:
             out += setting_rows(setting, test.generate.tokens_per_s, test.generate.tokens)
-        if test.dssd_tuned is not None:
-            out += dssd_choice_rows(test.dssd_tuned, len(self.head_layers))
+        for setting in [*test.dssd, *([test.dssd_tuned] if test.dssd_tuned is not None else [])]:
+            out += dssd_choice_rows(setting, len(self.head_layers))
         out += [
             decoding_row("draft_head", tuning.best.head, method="layerskip"),
             decoding_row("draft_len", tuning.best.draft_len, method="layerskip"),
@@ -241,7 +248,7 @@ class DecodingReport:
                 if r["head"] is None:  # per-head draft fractions of a one-head drafter carry no information
                     r["head"] = setting.head
                     out.append(r)
-        out += ratio_rows(test.dssd, test.layerskip)
+        out += ratio_rows(test.dssd_paper, test.layerskip)
         out += oracle_rows(test.bounds, self.max_draft, len(self.head_layers))
         return out
 
@@ -268,12 +275,13 @@ class DecodingReport:
                 "accepted_per_verification_ratio",
             ):
                 out[f"{r['metric']}@{r['eps']:g}"] = r["value"]
-            if r[METHOD_COLUMN] == "dssd" and r["metric"] == "speedup_vs_generate":
-                out[f"dssd_speedup@{r['eps']:g}"] = r["value"]
+            if r[METHOD_COLUMN] in ("dssd", "dssd_paper") and r["metric"] == "speedup_vs_generate":
+                out[f"{r[METHOD_COLUMN]}_speedup@{r['eps']:g}"] = r["value"]
         tuned = test.dssd_tuned
         if tuned is not None:
             out["dssd_tuned_eps"] = tuned.eps
             out["dssd_tuned_max_draft"] = tuned.strategy.max_draft
+            out["dssd_tuned_gamma"] = tuned.strategy.min_chain_prob
             out["dssd_tuned_heads"] = ",".join(map(str, tuned.strategy.policy.enabled))
         greedy_tps = test.greedy.tokens_per_s
         for s in (tuned, test.layerskip, test.layerskip_nobonus):
@@ -310,13 +318,13 @@ class DecodingReport:
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
     """One line per method/ε (tuned LayerSkip and oracle included, grid excluded) with the main metrics and,
-    on DSSD lines, the ratios to the tuned LayerSkip."""
+    on the paper-rule DSSD lines, the ratios to the tuned LayerSkip."""
     lines: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["head"] is not None or r[METHOD_COLUMN] == "layerskip_grid":
             continue
-        if r[METHOD_COLUMN] == "dssd_vs_layerskip":
-            lines.setdefault(("dssd", r["eps"]), {})[r["metric"]] = r["value"]
+        if r[METHOD_COLUMN] == "dssd_vs_layerskip":  # the paper's comparison: its DSSD rule vs LayerSkip
+            lines.setdefault(("dssd_paper", r["eps"]), {})[r["metric"]] = r["value"]
         elif r["metric"] in SUMMARY_METRICS:
             lines.setdefault((r[METHOD_COLUMN], r["eps"]), {})[r["metric"]] = r["value"]
     columns = [*SUMMARY_METRICS, "acceptance_ratio", "accepted_per_verification_ratio"]

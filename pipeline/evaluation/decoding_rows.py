@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 
 METHOD_COLUMN = "setting"  # the results column that names a decoding row's method
 # Methods that draft and verify: their rows carry acceptance and per-head draft fractions.
-SPECULATIVE = ("layerskip", "layerskip_grid", "layerskip_nobonus", "dssd", "dssd_grid", "dssd_tuned")
+SPECULATIVE = (
+    "layerskip",
+    "layerskip_grid",
+    "layerskip_nobonus",
+    "dssd_paper",
+    "dssd",
+    "dssd_grid",
+    "dssd_tuned",
+)
 
 
 def decoding_row(metric: str, value: float, method: str, **labels: Any) -> dict[str, Any]:
@@ -72,7 +80,8 @@ RATIOS = {  # row name: the summary metric compared, DSSD / tuned LayerSkip
 
 
 def ratio_rows(dssd: list[Setting], layerskip: Setting) -> list[dict]:
-    """One row per ratio and ε (NaN when undefined, e.g. DSSD drafted nothing at this ε)."""
+    """One row per ratio and ε (NaN when undefined, e.g. DSSD drafted nothing at this ε); `dssd` are the
+    paper-rule settings (the paper's comparison)."""
     out = []
     ls = layerskip.summary()
     for setting in dssd:
@@ -138,17 +147,16 @@ def oracle_rows(bounds: list[Any], max_draft: int, n_heads: int) -> list[dict]:
     return out
 
 
-def dssd_choice_rows(tuned: Setting, n_heads: int) -> list[dict]:
-    """What the tuned DSSD consults: its ε (`tuned_eps`), its draft cap (`max_draft`) and, per head,
-    `consulted` (1 when the head may draft, 0 when its threshold is None)."""
-    strategy = tuned.strategy
+def dssd_choice_rows(setting: Setting, n_heads: int) -> list[dict]:
+    """What a DSSD setting (`dssd` per ε, `dssd_tuned`) consults: its draft cap (`max_draft`), its adaptive
+    stop (`min_chain_prob`, γ; 0 = none) and, per head, `consulted` (1 when the head may draft, 0 when its
+    threshold is None); `dssd_tuned` also its ε (`tuned_eps`)."""
+    strategy, common = setting.strategy, {"method": setting.method, "eps": setting.eps}
     enabled = set(strategy.policy.enabled)
-    out = [
-        decoding_row("tuned_eps", tuned.eps, method=tuned.method, eps=tuned.eps),
-        decoding_row("max_draft", strategy.max_draft, method=tuned.method, eps=tuned.eps),
-    ]
+    out = [decoding_row("tuned_eps", setting.eps, **common)] if setting.method == "dssd_tuned" else []
     out += [
-        decoding_row("consulted", float(k in enabled), method=tuned.method, eps=tuned.eps, head=k)
-        for k in range(n_heads)
+        decoding_row("max_draft", strategy.max_draft, **common),
+        decoding_row("min_chain_prob", strategy.min_chain_prob, **common),
     ]
+    out += [decoding_row("consulted", float(k in enabled), **common, head=k) for k in range(n_heads)]
     return out

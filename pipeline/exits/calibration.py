@@ -68,6 +68,9 @@ from scipy.special import xlogy
 from scipy.stats import binom
 
 from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.cost import CostModel
+from pipeline.exits.draft_stop import DEFAULT_BINS, fit_draft_accuracy
+from pipeline.exits.exit_set import DEFAULT_GAMMAS, DraftCosts, choose_exit_sets
 from pipeline.exits.policy import FULL, ExitPolicy
 from pipeline.exits.separation import finite_pairs
 from pipeline.exits.thresholds import METHODS, ExitThresholds, check_delta, check_eps, eps_key
@@ -312,6 +315,46 @@ def calibrate(
         settings={"grid_fraction": grid_fraction, "grid_points": grid_points, "seed": seed},
         candidates=candidates,
     )
+
+
+def add_dssd_choices(
+    thresholds: ExitThresholds,
+    values: np.ndarray,
+    correct: np.ndarray,
+    cost: CostModel,
+    num_layers: int,
+    max_draft: int = 16,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    flop_budget: float | None = 1.15,
+    accuracy_bins: int = DEFAULT_BINS,
+) -> None:
+    """Store DSSD's choices beyond the paper in `thresholds`, from the same calibration tokens: the per-draft
+    accuracy curve (pipeline/exits/draft_stop.py) and, per method and ε, the consulted heads and γ of least
+    simulated cost (pipeline/exits/exit_set.py)."""
+    thresholds.draft_accuracy = fit_draft_accuracy(values, correct, thresholds.metric, accuracy_bins)
+    policies = {m: {eps_key(e): thresholds.for_eps(m, e) for e in thresholds.eps} for m in thresholds.methods}
+    any_policy = next(iter(next(iter(policies.values())).values()))
+    thresholds.exit_sets = choose_exit_sets(
+        policies,
+        values,
+        correct,
+        thresholds.draft_accuracy,
+        DraftCosts.of(cost, any_policy, num_layers),
+        max_draft,
+        gammas,
+        flop_budget,
+    )
+    for method, by_eps in thresholds.exit_sets.items():
+        for key, choice in by_eps.items():
+            log.info(
+                "DSSD %s ε=%s: consult heads %s, γ=%g (simulated %.2f latency-eq, %.2f layer-eq per token)",
+                method,
+                key,
+                list(choice.heads),
+                choice.min_chain_prob,
+                choice.latency_equiv_per_token,
+                choice.layer_equiv_per_token,
+            )
 
 
 # --- applying a policy ----------------------------------------------------------------------------------------

@@ -183,11 +183,23 @@ class ExitPolicy:
         prev_hidden: torch.Tensor | None = None,
     ) -> bool:
         """Per-token form (the engine's step): does the one token of `logits` [..., 1, vocab] exit at head k?"""
+        return self.exit_value(k, logits, hidden, prev_hidden) is not None
+
+    def exit_value(
+        self,
+        k: int,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        prev_hidden: torch.Tensor | None = None,
+    ) -> float | None:
+        """`exits` with the metric value that decided it: None when the token does not exit at head k, else
+        its metric value (NaN at an `ALWAYS` head, which tests nothing). DSSD's adaptive draft length reads
+        the value (pipeline/exits/draft_stop.py) without computing the metric twice."""
         threshold = self.thresholds[k]
         if threshold is None or threshold == ALWAYS:
-            return threshold == ALWAYS
+            return math.nan if threshold == ALWAYS else None
         value = self.head_values(k, logits, hidden, prev_hidden).reshape(-1)[0].item()
-        return bool(self.metric_fn.is_confident(value, threshold))
+        return value if self.metric_fn.is_confident(value, threshold) else None
 
     def decide(self, values: np.ndarray) -> np.ndarray:
         """Vectorised over stored metric values [n, n_heads]: the exit head of every token (FULL = -1)."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.exits.confidence import ConfidenceMetric, get_metric
+from pipeline.exits.draft_stop import DraftAccuracy
+from pipeline.exits.exit_set import ExitSetChoice
 from pipeline.exits.policy import ExitPolicy
 from pipeline.exits.vocab_pruning import CandidateSet
 from pipeline.orchestration.validation import check_eps as check_eps_config
@@ -76,6 +78,10 @@ class ExitThresholds:
     n_calibration: int = 0
     settings: dict = field(default_factory=dict)
     candidates: CandidateSet | None = None  # the candidate set of a pruned signal
+    # DSSD beyond the paper (calibrate stage): per-draft accuracy per head (adaptive draft length) and, per
+    # method and ε key, the heads DSSD consults, its γ and draft cap (pipeline/exits/exit_set.py).
+    draft_accuracy: DraftAccuracy | None = None
+    exit_sets: dict[str, dict[str, ExitSetChoice]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         metric = get_metric(self.metric)
@@ -111,6 +117,34 @@ class ExitThresholds:
                         raise ValueError(
                             f"thresholds[{method!r}][{key!r}] holds {t!r}: expected a finite number or null"
                         )
+        self._check_exit_sets()
+
+    def _check_exit_sets(self) -> None:
+        for method, by_eps in self.exit_sets.items():
+            if method not in self.thresholds or set(by_eps) != set(self.thresholds[method]):
+                raise ValueError(
+                    f"exit_sets[{method!r}] has ε keys {sorted(by_eps)}; expected those of its thresholds"
+                )
+            for key, choice in by_eps.items():
+                if any(not 0 <= k < len(self.layers) for k in choice.heads):
+                    raise ValueError(f"exit_sets[{method!r}][{key!r}] names heads {list(choice.heads)}")
+        if self.draft_accuracy is not None and (
+            self.draft_accuracy.n_heads != len(self.layers) or self.draft_accuracy.metric != self.metric
+        ):
+            raise ValueError(
+                f"draft_accuracy is for {self.draft_accuracy.n_heads} heads of {self.draft_accuracy.metric!r}, "
+                f"the thresholds for {len(self.layers)} heads of {self.metric!r}"
+            )
+
+    def exit_set(self, method: str, eps: float | str) -> ExitSetChoice:
+        """DSSD's stored choice at one (method, ε): consulted heads, γ, draft cap."""
+        key = eps_key(eps)
+        if key not in self.exit_sets.get(method, {}):
+            raise KeyError(
+                f"no DSSD exit set for {method!r} at ε={key} in these thresholds (written before exit sets "
+                "existed?): rerun the calibrate stage"
+            )
+        return self.exit_sets[method][key]
 
     @property
     def methods(self) -> list[str]:
@@ -148,6 +182,13 @@ class ExitThresholds:
         }
         if self.candidates is not None:
             out["candidates"] = self.candidates.to_dict()
+        if self.draft_accuracy is not None:
+            out["draft_accuracy"] = self.draft_accuracy.to_dict()
+        if self.exit_sets:
+            out["exit_sets"] = {
+                m: {key: choice.to_dict() for key, choice in by_eps.items()}
+                for m, by_eps in self.exit_sets.items()
+            }
         return out
 
     def save(self, path: str | Path) -> None:
@@ -175,6 +216,13 @@ class ExitThresholds:
             n_calibration=int(data.get("n_calibration", 0)),
             settings=dict(data.get("settings", {})),
             candidates=CandidateSet.from_dict(data["candidates"]) if data.get("candidates") else None,
+            draft_accuracy=DraftAccuracy.from_dict(data["draft_accuracy"])
+            if data.get("draft_accuracy")
+            else None,
+            exit_sets={
+                m: {key: ExitSetChoice.from_dict(c) for key, c in by_eps.items()}
+                for m, by_eps in data.get("exit_sets", {}).items()
+            },
         )
 
     @classmethod

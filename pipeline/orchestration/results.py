@@ -7,8 +7,9 @@ stage-specific extra columns, e.g. `layer`, `draft_len`, `best`). `model` and `s
 runner. The five *label* columns say what a number is about; each has one meaning, "" where it does not apply:
 
   setting      what was measured in the stage: backbone pretrain; heads trained|logit_lens; early_exit
-               full|early_exit; decoding generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd|
-               dssd_tuned|oracle|layerskip_grid|dssd_vs_layerskip
+               full|early_exit; decoding generate|greedy|early_exit|layerskip|layerskip_nobonus|
+               dssd_paper (the paper's DSSD rule)|dssd (the improved DSSD: calibrated exit set and adaptive
+               draft length)|dssd_tuned|oracle|layerskip_grid|dssd_vs_layerskip
   split        the data split of an extract row: train|validation|test
   confidence   the confidence metric (entropy, max_prob, prob_margin, logit_margin, saturation): the metric
                scored (metrics rows) or the one the exit thresholds are set on (calibrate, early_exit rows)
@@ -38,18 +39,20 @@ the `layer` column gives the block it reads), "all" for a whole exit policy, emp
               confidence, fill                                   compute_frac (token level)
                                                       e    i     exit_frac
   decoding    setting=generate|greedy|early_exit|     e    -     tokens_per_s, speedup_vs_generate,
-              layerskip|layerskip_nobonus|dssd|                  layer_equiv_per_token, latency_equiv_per_token,
-              dssd_tuned|oracle                                  acceptance_rate (accepted / drafted: the paper
+              layerskip|layerskip_nobonus|dssd_paper|            layer_equiv_per_token, latency_equiv_per_token,
+              dssd|dssd_tuned|oracle                             acceptance_rate (accepted / drafted: the paper
                                                                  author's), accepted_per_verification (ours),
                                                                  identical, ...
-  decoding    setting=dssd_tuned                      -    -/i   tuned_eps, max_draft; consulted (per head)
+  decoding    setting=dssd|dssd_tuned                 e    -/i   max_draft, min_chain_prob (γ), tuned_eps
+                                                                 (dssd_tuned); consulted (per head)
   decoding    setting=layerskip_grid                  -    i     (extra column `draft_len`) the same metrics,
                                                                  on the tuning prompts
   decoding    setting=dssd_vs_layerskip               e    -     acceptance_ratio, accepted_per_verification_ratio,
                                                                  layer_equiv_ratio, latency_equiv_ratio, speed_ratio
 
 Tables written before these columns existed (cached stage outputs in the store, old runs and sweep summaries)
-carry a single `method` column; `normalize` spreads it over the label columns stage by stage (`from_legacy`).
+carry a single `method` column; `normalize` spreads it over the label columns stage by stage (`from_legacy`),
+renaming the settings renamed since (`RENAMED_SETTINGS`: their `dssd` was the paper's rule, `dssd_paper` now).
 """
 
 from __future__ import annotations
@@ -124,6 +127,11 @@ LEGACY_METHOD_COLUMN = {
 }
 
 
+# Settings renamed since the `method` format, per stage: old name -> current name. Issue 14 made `dssd` the
+# improved DSSD; the paper's rule, which old tables call `dssd`, is `dssd_paper`.
+RENAMED_SETTINGS = {"decoding": {"dssd": "dssd_paper"}}
+
+
 def from_legacy(frame: pd.DataFrame) -> pd.DataFrame:
     """A table in the format before the label columns (one `method` column) in the current format. Its
     early_exit rows are the only ones whose `method` meant three things: `full`, a KV fill (those rows also
@@ -148,7 +156,7 @@ def from_legacy(frame: pd.DataFrame) -> pd.DataFrame:
             frame.loc[fill | calibrated, "setting"] = "early_exit"
         else:
             column = LEGACY_METHOD_COLUMN.get(name, "setting")
-            frame.loc[rows, column] = method[rows]
+            frame.loc[rows, column] = method[rows].replace(RENAMED_SETTINGS.get(name, {}))
     return frame
 
 

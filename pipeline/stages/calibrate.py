@@ -12,9 +12,11 @@ import math
 import numpy as np
 import torch
 
-from pipeline.exits.calibration import apply_exit_policy, calibrate, evaluate_thresholds
+from pipeline.exits.calibration import add_dssd_choices, apply_exit_policy, calibrate, evaluate_thresholds
 from pipeline.exits.confidence import get_metric
+from pipeline.exits.cost import CostModel
 from pipeline.exits.token_metrics import wide
+from pipeline.models.backbone import num_layers_of
 from pipeline.orchestration.results import row
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 from pipeline.stages.metrics import load_backbone_and_heads, split_metrics, train_ranking
@@ -46,6 +48,17 @@ def run(ctx: StageContext) -> StageOutput:
         grid_points=int(c.ltt.grid_points),
         seed=int(ctx.cfg.seed),
         candidates=ranking.top(k) if ranking is not None else None,
+    )
+    add_dssd_choices(  # DSSD's per-draft accuracy, consulted heads and γ per method × ε (docs/design.md §1.6)
+        thresholds,
+        wide(val, metric),
+        wide(val, "correct"),
+        CostModel.for_model(backbone),
+        num_layers_of(backbone),
+        max_draft=int(c.dssd.max_draft),
+        gammas=[float(g) for g in c.dssd.gamma],
+        flop_budget=None if c.dssd.flop_budget is None else float(c.dssd.flop_budget),
+        accuracy_bins=int(c.dssd.accuracy_bins),
     )
     thresholds.save(ctx.out_dir / THRESHOLDS_FILE)
 

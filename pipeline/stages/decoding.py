@@ -1,5 +1,9 @@
 """Stage `decoding`: greedy, early exit, LayerSkip and DSSD (per ε and tuned) on real prompts; lossless by check.
 
+DSSD appears three times: `dssd_paper` (the paper's rule per ε: every head, no early stop, cap `max_draft`),
+`dssd` (per ε, the improved DSSD the calibrate stage chose: consulted heads and adaptive stop γ) and
+`dssd_tuned` (tuned on the tuning prompts over ε × heads × `dssd_max_draft` × `dssd_gamma`).
+
 Prompts: `n_prompts` windows of `prompt_len` tokens from the test split (the reported prompts) and a disjoint
 set of `n_tune_prompts` windows from the validation split (tuning only: LayerSkip's head × d, DSSD's ε ×
 consulted heads × `dssd_max_draft`), each decoding `max_new_tokens` tokens. DSSD and early exit use the
@@ -27,6 +31,7 @@ from pipeline.evaluation.decoding_harness import (
     prompt_windows,
     run_decoding,
 )
+from pipeline.exits.thresholds import ExitThresholds
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 from pipeline.stages.calibrate import THRESHOLDS_FILE
 
@@ -34,15 +39,26 @@ log = logging.getLogger(__name__)
 __all__ = ["STAGE", "LosslessnessError", "run"]
 
 
-def plan_from_config(cfg: DictConfig, policies: dict[float, Any], eos: int | None, pad: int) -> DecodingPlan:
-    """The harness's plan from the `decoding` config group."""
+def plan_from_config(
+    cfg: DictConfig,
+    policies: dict[float, Any],
+    eos: int | None,
+    pad: int,
+    thresholds: ExitThresholds | None = None,
+) -> DecodingPlan:
+    """The harness's plan from the `decoding` config group; `thresholds` (the calibrate stage's artifact)
+    supplies the improved DSSD's exit set and γ per ε and the per-draft accuracy curve."""
     d = cfg.decoding
+    method = str(d.calibration_method)
     return DecodingPlan(
         max_new_tokens=int(d.max_new_tokens),
         policies=policies,
         layerskip_d=[int(x) for x in d.layerskip_d],
         max_draft=int(d.max_draft),
         dssd_max_draft=[int(x) for x in d.dssd_max_draft],
+        dssd_gamma=[float(x) for x in d.dssd_gamma],
+        exit_sets={e: thresholds.exit_set(method, e) for e in policies} if thresholds is not None else {},
+        draft_accuracy=thresholds.draft_accuracy if thresholds is not None else None,
         layerskip_select=str(d.layerskip_select),
         early_exit_fills=(str(d.early_exit_fill),) if bool(d.early_exit) else (),
         repeats=int(d.repeats),
@@ -57,7 +73,6 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.data.tokens import make_text_source
     from pipeline.engine import Engine
     from pipeline.exits.heads import EarlyExitHeads
-    from pipeline.exits.thresholds import ExitThresholds
     from pipeline.models.backbone import load_from_stage_output
 
     cfg, d = ctx.cfg, ctx.cfg.decoding
@@ -78,7 +93,7 @@ def run(ctx: StageContext) -> StageOutput:
     )
     eos = tokenizer.eos_token_id if bool(d.stop_at_eos) else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    plan = plan_from_config(cfg, policies, eos, pad)
+    plan = plan_from_config(cfg, policies, eos, pad, thresholds)
     engine = Engine(model, heads)
     log.info(
         "decoding: %d test prompts, %d tuning prompts, %d+%d tokens; %s thresholds (%s) for ε=%s; heads at "
