@@ -22,6 +22,7 @@ class StepResult:
     token: int  # that head's argmax, or the full model's argmax for this position
     final_tokens: list[int] | None = None  # full model's argmax for every row verified in this pass
     logits: torch.Tensor | None = None  # [vocab] logits this position's token was taken from
+    value: float = float("nan")  # the exiting head's metric value (DSSD's adaptive draft length reads it)
 
 
 @dataclass
@@ -171,9 +172,10 @@ class DecodeSession:
                 hidden = out[:, -1:]
                 logits = view(head, hidden.to(self.engine.head_dtype))
                 stats.head_evals += policy.head_cost  # in full-head units: K/V through a pruned view
-                if policy.exits(head, logits, hidden, prev_head_input):
+                value = policy.exit_value(head, logits, hidden, prev_head_input)
+                if value is not None:
                     row = logits.reshape(-1, logits.shape[-1])[-1]
-                    return StepResult(head, int(row.argmax()), logits=row)
+                    return StepResult(head, int(row.argmax()), logits=row, value=value)
             if keep_prev and i in head_index:
                 prev_head_input = out[:, -1:]
         if probe is not None:
