@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.engine.adapters import BackboneAdapter, adapter_for
 from pipeline.engine.cache import JaggedKVCache
+from pipeline.engine.sampling import Sampling, sample
 from pipeline.engine.stats import GenerationStats, OracleBound
 from pipeline.exits.cost import CostModel
 from pipeline.exits.policy import FULL, ExitPolicy
@@ -18,11 +19,15 @@ from pipeline.exits.policy import FULL, ExitPolicy
 
 @dataclass
 class StepResult:
+    """What one step produced. `token` is the next token as the exiting head or the full model chose it: its
+    argmax (greedy) or a draw from `probs` (sampling)."""
+
     head: int | None  # the head the token exited at, or None when it reached the final layer
-    token: int  # that head's argmax, or the full model's argmax for this position
-    final_tokens: list[int] | None = None  # full model's argmax for every row verified in this pass
+    token: int  # that head's choice, or the full model's choice for this position
+    final_tokens: list[int] | None = None  # greedy: full model's argmax for every row verified in this pass
     logits: torch.Tensor | None = None  # [vocab] logits this position's token was taken from
-    value: float = float("nan")  # the exiting head's metric value (DSSD's adaptive draft length reads it)
+    final_logits: torch.Tensor | None = None  # [rows, vocab] full model's logits of every verified row
+    probs: torch.Tensor | None = None  # sampling: the distribution `token` was drawn from (a draft's q)
 
 
 @dataclass
@@ -55,8 +60,12 @@ class DecodeSession:
         eos_token_id: int | Sequence[int] | None,
         strategy_name: str,
         extra_capacity: int = 0,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
     ):
         self.engine = engine
+        self.sampling = sampling  # None: greedy (argmax) decoding
+        self.generator = generator
         self.adapter: BackboneAdapter = engine.adapter
         self.prompt_len = int(prompt.numel())
         self.max_new_tokens = max_new_tokens
@@ -103,6 +112,14 @@ class DecodeSession:
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.out)
 
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The token taken from one position's logits [vocab]: the argmax (greedy), or a draw from the
+        sampling distribution, returned with it (None when greedy)."""
+        if self.sampling is None:
+            return int(logits.argmax()), None
+        probs = self.sampling.probs(logits)
+        return sample(probs, self.generator), probs
+
     # -- compute primitives ------------------------------------------------------------------------------------
 
     def prefill(self, probe: list[list[int]] | None = None) -> int:
@@ -125,7 +142,10 @@ class DecodeSession:
         self.stats.block_calls += adapter.num_layers
         self.stats.lm_head_rows += 1
         self.stats.lm_head_calls += 1
-        return int(adapter.logits(cache.hidden[:, n - 1 : n]).argmax(-1).view(-1)[0])
+        logits = adapter.logits(cache.hidden[:, n - 1 : n])
+        if self.sampling is None:
+            return int(logits.argmax(-1).view(-1)[0])
+        return self.choose(logits.view(-1))[0]
 
     def step(
         self,
@@ -138,9 +158,10 @@ class DecodeSession:
         """Run token `token` at `position` up the stack, lazily filling each block's pending positions first.
 
         At each block where `policy` evaluates a head, the head runs on this token and the token exits there
-        when `policy.exits` says so. Otherwise it reaches the final layer; the full model's argmax is then
-        computed for rows [verify_from, position] (all drafts since the last verification, in one batch) or
-        for this row only.
+        when `policy.exits` says so; its token is that head's choice (`choose`). Otherwise it reaches the final
+        layer; the full model's logits are then computed for rows [verify_from, position] (all drafts since
+        the last verification, in one batch) or for this row only, and the token is the full model's choice
+        for the last row (greedy: `final_tokens` holds the argmax of every row).
         """
         adapter, cache, stats = self.adapter, self.cache, self.stats
         self.ids[position] = token
@@ -172,10 +193,10 @@ class DecodeSession:
                 hidden = out[:, -1:]
                 logits = view(head, hidden.to(self.engine.head_dtype))
                 stats.head_evals += policy.head_cost  # in full-head units: K/V through a pruned view
-                value = policy.exit_value(head, logits, hidden, prev_head_input)
-                if value is not None:
+                if policy.exits(head, logits, hidden, prev_head_input):
                     row = logits.reshape(-1, logits.shape[-1])[-1]
-                    return StepResult(head, int(row.argmax()), logits=row, value=value)
+                    token, probs = self.choose(row)
+                    return StepResult(head, token, logits=row, probs=probs)
             if keep_prev and i in head_index:
                 prev_head_input = out[:, -1:]
         if probe is not None:
@@ -184,8 +205,11 @@ class DecodeSession:
         logits = adapter.logits(cache.hidden[:, first:end])
         stats.lm_head_rows += end - first
         stats.lm_head_calls += 1
-        tokens = logits.argmax(-1).view(-1).tolist()
-        return StepResult(None, tokens[-1], tokens, logits[0, -1])
+        if self.sampling is None:
+            tokens = logits.argmax(-1).view(-1).tolist()
+            return StepResult(None, tokens[-1], tokens, logits[0, -1], final_logits=logits[0])
+        token, probs = self.choose(logits[0, -1])
+        return StepResult(None, token, None, logits[0, -1], final_logits=logits[0], probs=probs)
 
     def _head_token(self, head: int, hidden: torch.Tensor) -> int:
         self.stats.head_evals += 1
@@ -219,7 +243,8 @@ class DecodeSession:
 class Engine:
     """Layer-wise decoding of one causal LM with optional early-exit heads.
 
-    `Engine(model, heads, cost=None)`; `generate(input_ids, strategy, max_new_tokens, eos_token_id)`.
+    `Engine(model, heads, cost=None)`;
+    `generate(input_ids, strategy, max_new_tokens, eos_token_id, sampling=None, generator=None)`.
     The cache buffers are allocated once and reused, so an engine is meant for one thread at a time.
     """
 
@@ -272,10 +297,13 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         strategy_name: str = "",
         extra_capacity: int = 0,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
     ) -> DecodeSession:
         """A fresh decoding state on this engine's cache (invalidates any earlier session)."""
+        prompt = self._prompt(input_ids)
         return DecodeSession(
-            self, self._prompt(input_ids), max_new_tokens, eos_token_id, strategy_name, extra_capacity
+            self, prompt, max_new_tokens, eos_token_id, strategy_name, extra_capacity, sampling, generator
         )
 
     @torch.inference_mode()
@@ -285,11 +313,30 @@ class Engine:
         strategy,
         max_new_tokens: int,
         eos_token_id: int | Sequence[int] | None = None,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
     ) -> GenerationResult:
-        """Decode up to `max_new_tokens` tokens after `input_ids` with `strategy` (see `strategies`)."""
+        """Decode up to `max_new_tokens` tokens after `input_ids` with `strategy` (see `strategies`).
+
+        `sampling=None` decodes greedily; a `Sampling` draws every token instead (the speculative strategies
+        with the speculative-sampling rule, so that they stay exact in distribution), with random numbers
+        from `generator` (torch's global generator when None): the same generator state gives the same
+        tokens for the same strategy, prompt and machine."""
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(
+                f"sampling must be a Sampling(temperature, top_k, top_p) or None (greedy), got {sampling!r}"
+            )
         strategy.validate(self)
         t0 = time.perf_counter()
-        sess = self.session(input_ids, max_new_tokens, eos_token_id, strategy.name, strategy.extra_capacity)
+        sess = self.session(
+            input_ids,
+            max_new_tokens,
+            eos_token_id,
+            strategy.name,
+            strategy.extra_capacity,
+            sampling,
+            generator,
+        )
         if not sess.done:
             first = sess.prefill()
             if sess.emit(first, "prefill_tokens"):

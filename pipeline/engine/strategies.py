@@ -2,14 +2,17 @@
 
 Each strategy is a small object with `run(session, first_token)`: the session has already run the prompt
 and emitted the full model's first token. Strategies only decide *where* tokens exit and *when* to verify;
-the engine's step does the compute and the counting.
+the engine's step does the compute, the counting and the choice of each token (argmax, or a draw when the
+session samples; the speculative strategies then verify drafts with the speculative-sampling rule).
 """
 
 from __future__ import annotations
 
+import torch
+
 from pipeline.engine.engine import DecodeSession, Engine, StepResult
+from pipeline.engine.sampling import verify_drafts
 from pipeline.exits.cost import FILL_POLICIES
-from pipeline.exits.draft_stop import DraftAccuracy
 from pipeline.exits.policy import ExitPolicy
 
 
@@ -115,6 +118,11 @@ class _Speculative(Strategy):
     """Draft with early exits, verify with the final layer over all drafts at once, keep the longest
     matching prefix. Output is exactly greedy decoding of the full model.
 
+    With sampling, drafts are drawn from the exiting head's distribution q and verified by the
+    speculative-sampling rule (`sampling.verify_drafts`): kept with probability min(1, p(x)/q(x)), the first
+    rejected one replaced by a draw from normalize(max(0, p - q)), the bonus token drawn from p. The output is
+    then distributed exactly as sampling from the full model (docs/design.md §1.8).
+
     `bonus`: after a verification where every draft matched, the verifying pass has also computed the full
     model's next token (from the row of the last draft) and emits it as a bonus. Without the bonus (the
     DSSD paper author's LayerSkip baseline) that token is dropped: the row of the last draft is cropped from
@@ -124,10 +132,6 @@ class _Speculative(Strategy):
 
     max_draft: int
     bonus: bool = True
-    # Adaptive draft length (DSSD): stop drafting once the estimated probability that every pending draft is
-    # accepted falls below `min_chain_prob` (pipeline/exits/draft_stop.py); 0 never stops early.
-    min_chain_prob: float = 0.0
-    draft_accuracy: DraftAccuracy | None = None
 
     def _policy(self, engine: Engine) -> ExitPolicy:
         raise NotImplementedError
@@ -140,31 +144,26 @@ class _Speculative(Strategy):
             base = position
             drafts: list[int] = []
             draft_heads: list[int] = []
+            draft_probs: list[torch.Tensor] = []  # sampling: the distribution q each draft was drawn from
             # A verification pass with the bonus yields one more token, so never draft past the output budget.
             cap = min(self.max_draft, session.remaining - int(self.bonus))
-            chain = 1.0  # estimated probability that every pending draft is accepted
             while True:
-                forced = len(drafts) >= cap or (drafts and drafts[-1] in eos) or chain < self.min_chain_prob
+                forced = len(drafts) >= cap or (drafts and drafts[-1] in eos)
                 result = session.step(position, token, None if forced else policy, verify_from=base)
                 if result.head is None:
                     break
                 drafts.append(result.token)
                 draft_heads.append(result.head)
-                if self.draft_accuracy is not None:
-                    chain *= self.draft_accuracy(result.head, result.value)
+                draft_probs.append(result.probs)
                 position += 1
                 token = result.token
-            # `result.final_tokens[j]` is the full model's token after row base + j.
-            full = result.final_tokens
             stats.full_passes += 1
             stats.drafted += len(drafts)
             for head in draft_heads:
                 stats.drafts_per_head[head] += 1
             if drafts:
                 stats.verifications += 1
-            matched = 0
-            while matched < len(drafts) and drafts[matched] == full[matched]:
-                matched += 1
+            matched, next_token = self._verify(session, drafts, draft_probs, result)
             for j in range(matched):
                 session.accepted_per_head[draft_heads[j]] += 1
                 if not session.emit(drafts[j], "accepted"):
@@ -176,66 +175,57 @@ class _Speculative(Strategy):
                 token = drafts[-1]
                 continue
             kind = "corrections" if matched < len(drafts) else ("bonus" if drafts else "full_tokens")
-            token = full[matched]
+            token = next_token
             # Rows after the first mismatch were computed from a wrong token: drop them from every layer.
             position = base + matched + 1
             session.crop(position)
             if not session.emit(token, kind):
                 return
 
+    @staticmethod
+    def _verify(
+        session: DecodeSession, drafts: list[int], draft_probs: list[torch.Tensor], result: StepResult
+    ) -> tuple[int, int]:
+        """How many drafts the verification pass `result` keeps, and the full model's token after them (the
+        correction of the first rejected draft, or the bonus token of the row after the last draft)."""
+        if session.sampling is None:
+            # Greedy: keep the longest prefix equal to the full model's argmax; `full[j]` is its token after
+            # row base + j.
+            full = result.final_tokens
+            matched = 0
+            while matched < len(drafts) and drafts[matched] == full[matched]:
+                matched += 1
+            return matched, full[matched]
+        if not drafts:
+            return 0, result.token
+        p = session.sampling.probs(result.final_logits[: len(drafts)])
+        matched, replacement = verify_drafts(p, torch.stack(draft_probs), drafts, session.generator)
+        # Every draft kept: the bonus token is the step's own draw from p of the last row.
+        return matched, result.token if replacement is None else replacement
+
 
 class DSSD(_Speculative):
     """Dynamic self-speculative decoding: draft while some head is confident (per-head thresholds for one
     ε), stop drafting when a token finds no confident head (it then reaches the final layer, which
-    verifies every draft in the same pass) or at `max_draft` drafts.
-
-    Adaptive draft length: with `draft_accuracy` (per-draft accuracy from calibration) and
-    `min_chain_prob=γ > 0`, drafting also stops once the product of the pending drafts' accuracies falls
-    below γ (pipeline/exits/draft_stop.py). γ = 0 is the paper's rule."""
+    verifies every draft in the same pass) or at `max_draft` drafts."""
 
     name = "dssd"
 
-    def __init__(
-        self,
-        policy: ExitPolicy,
-        max_draft: int = 16,
-        min_chain_prob: float = 0.0,
-        draft_accuracy: DraftAccuracy | None = None,
-    ):
+    def __init__(self, policy: ExitPolicy, max_draft: int = 16):
         if max_draft < 0:
             raise ValueError("max_draft must be >= 0")
-        if not 0.0 <= min_chain_prob <= 1.0:
-            raise ValueError(f"min_chain_prob (γ) must lie in [0, 1], got {min_chain_prob}")
-        if min_chain_prob > 0 and draft_accuracy is None:
-            raise ValueError(
-                "min_chain_prob > 0 needs draft_accuracy (the calibrate stage's per-draft accuracy: "
-                "ExitThresholds.draft_accuracy)"
-            )
         self.policy = _as_policy(policy, "DSSD")
-        if draft_accuracy is not None and draft_accuracy.metric != self.policy.metric:
-            raise ValueError(
-                f"draft_accuracy is a function of {draft_accuracy.metric!r} but the policy exits on "
-                f"{self.policy.metric!r}: calibrate both on the same metric"
-            )
         self.max_draft = max_draft
         self.extra_capacity = max_draft
-        self.min_chain_prob = float(min_chain_prob)
-        self.draft_accuracy = draft_accuracy if min_chain_prob > 0 else None
 
     def validate(self, engine: Engine) -> None:
         _check_policy(engine, self.policy)
-        if self.draft_accuracy is not None and self.draft_accuracy.n_heads != len(engine.head_layers):
-            raise ValueError(
-                f"draft_accuracy covers {self.draft_accuracy.n_heads} heads, the engine has "
-                f"{len(engine.head_layers)}"
-            )
 
     def describe(self) -> dict:
         return {
             "strategy": self.name,
             "metric": self.policy.metric,
             "max_draft": self.max_draft,
-            "min_chain_prob": self.min_chain_prob,
             "thresholds": list(self.policy.thresholds),
         }
 
