@@ -28,6 +28,7 @@ class StepResult:
     logits: torch.Tensor | None = None  # [vocab] logits this position's token was taken from
     final_logits: torch.Tensor | None = None  # [rows, vocab] full model's logits of every verified row
     probs: torch.Tensor | None = None  # sampling: the distribution `token` was drawn from (a draft's q)
+    value: float = float("nan")  # the exiting head's metric value (DSSD's adaptive draft length reads it)
 
 
 @dataclass
@@ -193,10 +194,11 @@ class DecodeSession:
                 hidden = out[:, -1:]
                 logits = view(head, hidden.to(self.engine.head_dtype))
                 stats.head_evals += policy.head_cost  # in full-head units: K/V through a pruned view
-                if policy.exits(head, logits, hidden, prev_head_input):
+                value = policy.exit_value(head, logits, hidden, prev_head_input)
+                if value is not None:
                     row = logits.reshape(-1, logits.shape[-1])[-1]
                     token, probs = self.choose(row)
-                    return StepResult(head, token, logits=row, probs=probs)
+                    return StepResult(head, token, logits=row, probs=probs, value=value)
             if keep_prev and i in head_index:
                 prev_head_input = out[:, -1:]
         if probe is not None:

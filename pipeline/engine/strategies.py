@@ -13,6 +13,7 @@ import torch
 from pipeline.engine.engine import DecodeSession, Engine, StepResult
 from pipeline.engine.sampling import verify_drafts
 from pipeline.exits.cost import FILL_POLICIES
+from pipeline.exits.draft_stop import DraftAccuracy
 from pipeline.exits.policy import ExitPolicy
 
 
@@ -132,6 +133,10 @@ class _Speculative(Strategy):
 
     max_draft: int
     bonus: bool = True
+    # Adaptive draft length (DSSD): stop drafting once the estimated probability that every pending draft is
+    # accepted falls below `min_chain_prob` (pipeline/exits/draft_stop.py); 0 never stops early.
+    min_chain_prob: float = 0.0
+    draft_accuracy: DraftAccuracy | None = None
 
     def _policy(self, engine: Engine) -> ExitPolicy:
         raise NotImplementedError
@@ -147,14 +152,17 @@ class _Speculative(Strategy):
             draft_probs: list[torch.Tensor] = []  # sampling: the distribution q each draft was drawn from
             # A verification pass with the bonus yields one more token, so never draft past the output budget.
             cap = min(self.max_draft, session.remaining - int(self.bonus))
+            chain = 1.0  # estimated probability that every pending draft is accepted
             while True:
-                forced = len(drafts) >= cap or (drafts and drafts[-1] in eos)
+                forced = len(drafts) >= cap or (drafts and drafts[-1] in eos) or chain < self.min_chain_prob
                 result = session.step(position, token, None if forced else policy, verify_from=base)
                 if result.head is None:
                     break
                 drafts.append(result.token)
                 draft_heads.append(result.head)
                 draft_probs.append(result.probs)
+                if self.draft_accuracy is not None:
+                    chain *= self.draft_accuracy(result.head, result.value)
                 position += 1
                 token = result.token
             stats.full_passes += 1
@@ -207,25 +215,55 @@ class _Speculative(Strategy):
 class DSSD(_Speculative):
     """Dynamic self-speculative decoding: draft while some head is confident (per-head thresholds for one
     ε), stop drafting when a token finds no confident head (it then reaches the final layer, which
-    verifies every draft in the same pass) or at `max_draft` drafts."""
+    verifies every draft in the same pass) or at `max_draft` drafts.
+
+    Adaptive draft length: with `draft_accuracy` (per-draft accuracy from calibration) and
+    `min_chain_prob=γ > 0`, drafting also stops once the product of the pending drafts' accuracies falls
+    below γ (pipeline/exits/draft_stop.py). γ = 0 is the paper's rule."""
 
     name = "dssd"
 
-    def __init__(self, policy: ExitPolicy, max_draft: int = 16):
+    def __init__(
+        self,
+        policy: ExitPolicy,
+        max_draft: int = 16,
+        min_chain_prob: float = 0.0,
+        draft_accuracy: DraftAccuracy | None = None,
+    ):
         if max_draft < 0:
             raise ValueError("max_draft must be >= 0")
+        if not 0.0 <= min_chain_prob <= 1.0:
+            raise ValueError(f"min_chain_prob (γ) must lie in [0, 1], got {min_chain_prob}")
+        if min_chain_prob > 0 and draft_accuracy is None:
+            raise ValueError(
+                "min_chain_prob > 0 needs draft_accuracy (the calibrate stage's per-draft accuracy: "
+                "ExitThresholds.draft_accuracy)"
+            )
         self.policy = _as_policy(policy, "DSSD")
+        if draft_accuracy is not None and draft_accuracy.metric != self.policy.metric:
+            raise ValueError(
+                f"draft_accuracy is a function of {draft_accuracy.metric!r} but the policy exits on "
+                f"{self.policy.metric!r}: calibrate both on the same metric"
+            )
         self.max_draft = max_draft
         self.extra_capacity = max_draft
+        self.min_chain_prob = float(min_chain_prob)
+        self.draft_accuracy = draft_accuracy if min_chain_prob > 0 else None
 
     def validate(self, engine: Engine) -> None:
         _check_policy(engine, self.policy)
+        if self.draft_accuracy is not None and self.draft_accuracy.n_heads != len(engine.head_layers):
+            raise ValueError(
+                f"draft_accuracy covers {self.draft_accuracy.n_heads} heads, the engine has "
+                f"{len(engine.head_layers)}"
+            )
 
     def describe(self) -> dict:
         return {
             "strategy": self.name,
             "metric": self.policy.metric,
             "max_draft": self.max_draft,
+            "min_chain_prob": self.min_chain_prob,
             "thresholds": list(self.policy.thresholds),
         }
 
