@@ -12,7 +12,7 @@ from pipeline.exits.calibration import add_dssd_choices, calibrate
 from pipeline.exits.confidence import entropy
 from pipeline.exits.cost import CostModel
 from pipeline.exits.draft_stop import DraftAccuracy, fit_draft_accuracy, pool_adjacent_violators
-from pipeline.exits.exit_set import DraftCosts, ExitSetChoice, choose_exit_set, simulate_dssd
+from pipeline.exits.exit_set import DraftCosts, ExitSetChoice, choose_exit_set, exits_at, simulate_dssd
 from pipeline.exits.heads import EarlyExitHeads
 from pipeline.exits.policy import ExitPolicy
 from pipeline.exits.thresholds import ExitThresholds
@@ -161,6 +161,18 @@ def _greedy(model, prompt: torch.Tensor) -> list[int]:
             prompt.view(1, -1),
             do_sample=False,
             max_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
+        )
+    return out[0, prompt.numel() :].tolist()
+
+
+def _greedy_n(model, prompt: torch.Tensor, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            prompt.view(1, -1),
+            do_sample=False,
+            max_new_tokens=n,
             pad_token_id=0,
             attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
         )
@@ -351,3 +363,45 @@ def test_calibrate_config_rejects_a_flop_budget_below_greedy(tmp_path):
         calibrate.STAGE.validate(compose_micro(tmp_path / "out", "calibrate.dssd.flop_budget=0.5"))
     with pytest.raises(ConfigError, match="gamma"):
         calibrate.STAGE.validate(compose_micro(tmp_path / "out", "calibrate.dssd.gamma=[0.2,1.5]"))
+
+
+def test_the_simulation_prices_a_generation_like_the_engine(one_thread):
+    """Replaying DSSD's rounds over a greedy generation's own per-position head values (what the engine's
+    steps see) gives the engine's latency- and layer-equivalents per token exactly when every draft is made on
+    the true prefix — one draft per round (max_draft=1) — up to the last round (the engine caps drafting by
+    the tokens left). With longer drafts the engine keeps drafting after a rejected draft on a wrong prefix,
+    whose confidence the calibration tokens do not hold: the simulation is then an estimate (exit_set.py)."""
+    model = _model("neox")
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)
+    engine = Engine(model, heads)
+    prompt, n_new = torch.arange(3, 9), 120
+    with torch.no_grad():
+        tokens = _greedy_n(model, prompt, n_new)
+        ids = torch.cat([prompt, torch.tensor(tokens)])
+        out = model(ids.view(1, -1), output_hidden_states=True)
+        final = out.logits[0].argmax(-1)
+        logits = [heads(k, out.hidden_states[layer + 1][0]) for k, layer in enumerate(HEAD_LAYERS)]
+        values = torch.stack([entropy(x) for x in logits], 1).numpy()
+        correct = torch.stack([x.argmax(-1) == final for x in logits], 1).numpy()
+    # Position len(prompt) + i consumes generated token i and predicts token i + 1: the rounds' predictions.
+    first = len(prompt)
+    values, correct = values[first : first + n_new - 1], correct[first : first + n_new - 1]
+    policy = ExitPolicy(HEAD_LAYERS, [float(np.quantile(values[:, k], 0.6)) for k in range(3)], "entropy")
+    costs = DraftCosts.of(engine.cost, policy, engine.num_layers)
+    rows = np.arange(len(values))
+    for heads_used in ((0, 1, 2), (1,), (0, 2)):
+        sub = policy.with_thresholds(
+            [t if k in heads_used else None for k, t in enumerate(policy.thresholds)]
+        )
+        exit_head = exits_at(sub, values, heads_used)
+        column = np.maximum(exit_head, 0)
+        sim = simulate_dssd(exit_head, correct[rows, column], np.ones(len(rows)), heads_used, costs, 1)
+        result = engine.generate(prompt, DSSD(sub, 1), n_new)
+        assert result.tokens == tokens
+        stats = result.stats
+        # The engine's first token comes from the prompt's pass (greedy's cost): leave it out.
+        latency = (stats.latency_equivalents - costs.greedy) / (stats.generated - 1)
+        flops = (stats.layer_equivalents - costs.greedy) / (stats.generated - 1)
+        assert stats.drafted > 10
+        assert sim.latency_equiv_per_token == pytest.approx(latency, rel=0.01), heads_used
+        assert sim.layer_equiv_per_token == pytest.approx(flops, rel=0.01), heads_used
