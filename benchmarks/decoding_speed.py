@@ -14,6 +14,7 @@ Usage:
     python benchmarks/decoding_speed.py --model-dir M --heads-dir H --thresholds T.json [--eps 0.8 0.9]
     python benchmarks/decoding_speed.py --shapes tiny pythia-70m pythia-160m   # random weights, real shapes
     python benchmarks/decoding_speed.py --no-llama            # skip the Llama / assistant_early_exit section
+    python benchmarks/decoding_speed.py --temperature 0.7 1.0 [--top-k 50] [--top-p 0.9]   # also sampled
 
 With --from-outputs (the default), the stage store under <outputs>/cache gives the latest finished `calibrate`
 entry for the model and the backbone, heads and extract entries it was computed from (its upstream keys), so
@@ -39,6 +40,13 @@ where the LayerSkip setting (head, d) and the tuned DSSD (ε, consulted heads, d
 layer-equivalents per token. Besides the paper's DSSD per ε (every head, cap --max-draft), the table shows
 `dssd_tuned` and `layerskip_nobonus` (the tuned LayerSkip without the bonus token: the paper author's baseline). With --model-dir and a
 tokenizer, prompts are windows of real text (--text, default: a standard-library module's source).
+
+With --temperature T..., each model also gets one sampled table per temperature T > 0 (top-k / top-p from
+--top-k / --top-p): the engine's greedy (ancestral sampling from the full model, the reference), early exit
+and the paper's DSSD per ε, and LayerSkip (with and without bonus) tuned again at that temperature on the
+tuning prompts (by layer-equivalents per token). DSSD and LayerSkip use speculative sampling (exact in
+distribution: tests/test_sampling.py), so outputs are not compared token by token. Prompt i is drawn with a
+generator seeded --seed + i, the same seed in every repeat, so the repeats time identical work.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import platform
+import statistics
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +67,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.engine import Engine, Greedy
+from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Sampling
 from pipeline.evaluation.decoding_harness import (
     DecodingPlan,
     ExternalMethod,
@@ -66,6 +76,7 @@ from pipeline.evaluation.decoding_harness import (
     run_decoding,
 )
 from pipeline.evaluation.decoding_report import Setting
+from pipeline.evaluation.decoding_tuning import select_layerskip
 from pipeline.evaluation.stage_outputs import StageOutputs, latest_outputs
 from pipeline.exits.calibration import calibrate
 from pipeline.exits.confidence import get_metric
@@ -294,7 +305,8 @@ def plan_from_args(
     )
 
 
-def benchmark_target(target: Target, args: argparse.Namespace) -> pd.DataFrame:
+def benchmark_target(target: Target, args: argparse.Namespace) -> list[pd.DataFrame]:
+    """The greedy speed table, then one sampled table per --temperature."""
     model, heads = target.model.eval().requires_grad_(False), target.heads.eval()
     engine = Engine(model, heads)
     policies = target.policies
@@ -302,7 +314,88 @@ def benchmark_target(target: Target, args: argparse.Namespace) -> pd.DataFrame:
         policies = calibrate_on_the_fly(engine, target.tune_prompts, args.new_tokens, args.eps)
     plan = plan_from_args(args, policies, args.fills, thresholds=target.thresholds)
     report = run_decoding(engine, model, target.prompts, target.tune_prompts, plan)
-    return report.speed_table(target.label)
+    frames = [report.speed_table(target.label)]
+    for temperature in args.temperature:
+        frames.append(sampled_table(engine, target, policies, args, temperature))
+    return frames
+
+
+# -- sampling (--temperature) ---------------------------------------------------------------------------------
+
+
+def run_sampled(
+    engine: Engine, setting: Setting, prompt: torch.Tensor, index: int, sampling: Sampling, args
+) -> None:
+    """`setting` on one prompt: warmup + repeats, each drawing with a generator seeded `args.seed + index`
+    (identical work in every repeat); the result and the median wall time are appended to `setting`."""
+    walls = []
+    for repeat in range(args.warmup + args.repeats):
+        generator = torch.Generator().manual_seed(args.seed + index)
+        result = engine.generate(
+            prompt, setting.strategy, args.new_tokens, sampling=sampling, generator=generator
+        )
+        result.stats.check()
+        if repeat >= args.warmup:
+            walls.append(result.stats.wall_time_s)
+    setting.tokens.append(result.tokens)
+    setting.stats.append(result.stats)
+    setting.repeat_walls.append(walls)
+    setting.wall.append(statistics.median(walls))
+
+
+def sampled_table(
+    engine: Engine, target: Target, policies: dict[float, ExitPolicy], args, temperature: float
+) -> pd.DataFrame:
+    """One line per method at `temperature` (module docstring), LayerSkip tuned at that temperature."""
+    sampling = Sampling(temperature, args.top_k, args.top_p)
+    grid = [
+        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
+        for k in range(len(engine.head_layers))
+        for d in args.layerskip_d
+    ]
+    for i, prompt in enumerate(target.tune_prompts):
+        for setting in grid:
+            run_sampled(engine, setting, prompt, i, sampling, args)
+    best = select_layerskip(grid)
+    greedy = Setting("greedy", strategy=Greedy())
+    settings = [
+        greedy,
+        *[Setting("early_exit", eps=e, strategy=EarlyExit(p)) for e, p in policies.items()],
+        Setting("layerskip", head=best.head, draft_len=best.draft_len, strategy=best.strategy),
+        Setting(
+            "layerskip_nobonus",
+            head=best.head,
+            draft_len=best.draft_len,
+            strategy=LayerSkip(best.head, best.draft_len, bonus=False),
+        ),
+        *[
+            Setting("dssd_paper", eps=e, strategy=DSSD(p, max_draft=args.max_draft))
+            for e, p in policies.items()
+        ],
+    ]
+    for i, prompt in enumerate(target.prompts):  # interleaved per prompt, as in the greedy benchmark
+        for setting in settings:
+            run_sampled(engine, setting, prompt, i, sampling, args)
+    lines = []
+    for setting in settings:
+        speeds = setting.tokens_per_s_by_repeat()
+        ratios = [s / g for s, g in zip(speeds, greedy.tokens_per_s_by_repeat(), strict=True)]
+        summary = setting.summary()
+        lines.append(
+            {
+                "model": target.label,
+                **sampling.describe(),
+                "method": setting.method,
+                "setting": setting.detail or "engine",
+                "tokens_per_s": statistics.median(speeds),
+                "ratio_vs_greedy": statistics.median(ratios),
+                "layer_eq_per_token": summary["layer_equiv_per_token"],
+                "latency_eq_per_token": summary["latency_equiv_per_token"],
+                "acceptance_rate": summary.get("acceptance_rate", math.nan),
+                "accepted_per_verification": summary.get("accepted_per_verification", math.nan),
+            }
+        )
+    return pd.DataFrame(lines)
 
 
 # -- Llama: transformers' assistant_early_exit next to our LayerSkip -----------------------------------------
@@ -445,6 +538,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layerskip-d", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--fills", nargs="+", default=["lazy"], choices=["lazy", "copy", "recompute"])
     parser.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also benchmark sampling at these temperatures (> 0; the greedy table is always shown)",
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="top-k of --temperature sampling (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top-p of --temperature sampling (1: off)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed --seed + i")
+    parser.add_argument(
         "--llama",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -459,7 +562,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (1 is stable on a shared machine; ratios are per setting)",
     )
     parser.add_argument("--csv", type=Path, default=Path("outputs/benchmarks/decoding_speed.csv"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for temperature in args.temperature:
+        try:  # invalid sampling values fail here, before any model is loaded
+            Sampling(temperature, args.top_k, args.top_p)
+        except ValueError as err:
+            parser.error(f"--temperature {temperature:g} / --top-k / --top-p: {err}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
@@ -467,9 +576,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     frames = []
     for target in targets_from_args(args):
-        frame = benchmark_target(target, args)
-        frames.append(frame)
-        _print(frame, target.label, args)
+        for frame in benchmark_target(target, args):
+            frames.append(frame)
+            _print(frame, target.label, args)
     if args.llama:
         frame = llama_assistant_benchmark(args.llama_shape, args)
         frames.append(frame)
@@ -491,7 +600,8 @@ def _print(frame: pd.DataFrame, label: str, args) -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
     }
-    print(f"\n# decoding speed on {label}; {json.dumps(machine)}")
+    sampled = f", sampling T={frame['temperature'].iloc[0]:g}" if "temperature" in frame else ""
+    print(f"\n# decoding speed on {label}{sampled}; {json.dumps(machine)}")
     shown = frame.drop(columns=["model"]).dropna(axis=1, how="all")
     try:
         print(shown.to_markdown(index=False, floatfmt=".3g"))
