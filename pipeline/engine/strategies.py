@@ -128,7 +128,8 @@ class _Speculative(Strategy):
     model's next token (from the row of the last draft) and emits it as a bonus. Without the bonus (the
     DSSD paper author's LayerSkip baseline) that token is dropped: the row of the last draft is cropped from
     the cache and the next round consumes the last draft again at the same position, so the output stays
-    greedy decoding (the dropped token is what that row recomputes) at the price of one recomputed row.
+    greedy decoding (the dropped token is what that row recomputes) at the price of one recomputed row;
+    with sampling the next round drafts that position afresh, still exact in distribution.
     """
 
     max_draft: int
