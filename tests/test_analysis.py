@@ -26,7 +26,7 @@ from analysis.plots import FIGURES, FORMATS
 from pipeline.orchestration.results import COLUMNS
 from tests.fixtures_results import MODELS, write_run, write_sweep
 
-PER_MODEL = ["confidence_hist", "calibration", "decoding"]
+PER_MODEL = ["confidence_hist", "calibration", "decoding", "decoding_speed"]
 GLOBAL = [
     "confidence_auroc",
     "heads_depth",

@@ -217,6 +217,8 @@ class DSSDChoiceConfig(Settings):
     )
     flop_budget: float | None = setting(1.15, check=optional(at_least(1)))  # × greedy's FLOPs per token
     accuracy_bins: int = setting(32, check=at_least(1))  # quantile bins of the per-draft accuracy curve
+    # The first validation tokens the exit-set replay reads (in order; null = all).
+    max_tokens: int | None = setting(16384, check=optional(at_least(1)))
 
 
 @dataclasses.dataclass

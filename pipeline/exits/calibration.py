@@ -327,11 +327,14 @@ def add_dssd_choices(
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     flop_budget: float | None = 1.15,
     accuracy_bins: int = DEFAULT_BINS,
+    max_tokens: int | None = 16384,
 ) -> None:
     """Store DSSD's choices beyond the paper in `thresholds`, from the same calibration tokens: the per-draft
-    accuracy curve (pipeline/exits/draft_stop.py) and, per method and ε, the consulted heads and γ of least
-    simulated cost (pipeline/exits/exit_set.py)."""
+    accuracy curve (pipeline/exits/draft_stop.py, all tokens) and, per method and ε, the consulted heads and γ
+    of least simulated cost (pipeline/exits/exit_set.py) over the first `max_tokens` tokens in order (None:
+    all; the replay is sequential, so a prefix rather than a random subset)."""
     thresholds.draft_accuracy = fit_draft_accuracy(values, correct, thresholds.metric, accuracy_bins)
+    values, correct = values[:max_tokens], correct[:max_tokens]
     policies = {m: {eps_key(e): thresholds.for_eps(m, e) for e in thresholds.eps} for m in thresholds.methods}
     any_policy = next(iter(next(iter(policies.values())).values()))
     thresholds.exit_sets = choose_exit_sets(

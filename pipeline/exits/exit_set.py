@@ -100,9 +100,11 @@ class SimulatedCost:
     tokens: int
 
 
-def _leading_true(mask: np.ndarray) -> np.ndarray:
-    """Per row of a [n, W] boolean array: how many entries from the left are True."""
-    return np.cumprod(mask, axis=1).sum(axis=1)
+def _next_true(mask: np.ndarray) -> np.ndarray:
+    """For each index t, the smallest u >= t with mask[u] (len(mask) when none)."""
+    n = len(mask)
+    where = np.where(mask, np.arange(n), n)
+    return np.minimum.accumulate(where[::-1])[::-1]
 
 
 def simulate_dssd(
@@ -132,21 +134,20 @@ def simulate_dssd(
     column = np.maximum(exit_head, 0)
     checks = np.where(drafts, checks_upto[column], 0.0)
     depth = np.where(drafts, np.asarray(costs.layers)[column] + 1, 0)  # blocks a draft calls
-    # Windows of the next `width` tokens from every start (padding: no draft past the end).
-    pad = np.zeros(width, dtype=bool)
-    window = np.lib.stride_tricks.sliding_window_view
-    can = window(np.concatenate([drafts, pad]), width)[:n]
-    ok = window(np.concatenate([np.asarray(draft_correct, bool) & drafts, pad]), width)[:n]
-    log_acc = np.log(np.clip(np.where(drafts, draft_accuracy, 1.0), 1e-300, 1.0))
-    chain_after = np.exp(np.cumsum(window(np.concatenate([log_acc, np.zeros(width)]), width)[:n], axis=1))
-    chain_before = np.concatenate([np.ones((n, 1)), chain_after[:, :-1]], axis=1)
-    allowed = can & (chain_before >= min_chain_prob)
-    n_drafts = _leading_true(allowed)
-    accepted = _leading_true(allowed & ok)
+    index = np.arange(n)
+    # From each start s: the run of exiting tokens (drafting stops at the first that finds no confident head),
+    # the cap, and the chain estimate — draft j may follow while prod_{u<j} accuracy[s+u] >= γ, i.e. while
+    # P[s+j] - P[s] <= -log γ for the prefix sums P of -log accuracy (non-decreasing: one binary search).
+    run = _next_true(~drafts) - index
+    neg_log = -np.log(np.clip(np.where(drafts, draft_accuracy, 1.0), 1e-300, 1.0))
+    prefix = np.concatenate([[0.0], np.cumsum(neg_log)])
+    budget = -math.log(min_chain_prob) if min_chain_prob > 0 else math.inf
+    by_chain = np.searchsorted(prefix, prefix[:n] + budget, side="right") - index
+    n_drafts = np.minimum(np.minimum(run, width), by_chain)
+    accepted = np.minimum(n_drafts, _next_true(~(np.asarray(draft_correct, bool) & drafts)) - index)
     # Drafting stopped by the cap or γ: the verification step tests no head; otherwise its token found no
     # confident head after testing every consulted one.
-    last_chain = chain_after[np.arange(n), np.maximum(n_drafts - 1, 0)]
-    stopped = (n_drafts == width) | ((n_drafts > 0) & (last_chain < min_chain_prob))
+    stopped = (n_drafts == width) | ((n_drafts > 0) & (prefix[index + n_drafts] - prefix[:n] > budget))
     verify_checks = np.where(stopped, 0.0, all_checks)
     prefix_checks = np.concatenate([[0.0], np.cumsum(checks)])
     prefix_depth = np.concatenate([[0], np.cumsum(depth)])
@@ -154,15 +155,15 @@ def simulate_dssd(
     draft_checks = prefix_checks[end] - prefix_checks[:n]
     latency = (prefix_depth[end] - prefix_depth[:n]) + draft_checks + costs.greedy + verify_checks
     flops = (n_drafts + 1) * costs.greedy + draft_checks + verify_checks
-    # Walk the rounds: each starts right after the tokens the previous one emitted.
-    step = (accepted + 1).tolist()
-    starts, s = [], 0
-    while s < n:
-        starts.append(s)
-        s += step[s]
-    starts = np.asarray(starts, dtype=np.int64)
-    tokens = int((accepted[starts] + 1).sum())
-    return SimulatedCost(float(latency[starts].sum() / tokens), float(flops[starts].sum() / tokens), tokens)
+    # Walk the rounds from token 0 — each starts right after the tokens the previous one emitted — by
+    # doubling: after k steps, total[s] sums 2^k consecutive rounds from s (the end, n, absorbs with cost 0).
+    following = np.append(np.minimum(index + accepted + 1, n), n)
+    total = np.vstack([np.stack([latency, flops, accepted + 1.0], axis=1), np.zeros((1, 3))])
+    for _ in range(max(1, math.ceil(math.log2(n + 1)))):
+        total = total + total[following]
+        following = following[following]
+    latency_sum, flops_sum, tokens = total[0]
+    return SimulatedCost(float(latency_sum / tokens), float(flops_sum / tokens), int(round(tokens)))
 
 
 def exits_at(policy: ExitPolicy, values: np.ndarray, heads: Sequence[int]) -> np.ndarray:

@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> StageOutput:
         gammas=[float(g) for g in c.dssd.gamma],
         flop_budget=None if c.dssd.flop_budget is None else float(c.dssd.flop_budget),
         accuracy_bins=int(c.dssd.accuracy_bins),
+        max_tokens=None if c.dssd.max_tokens is None else int(c.dssd.max_tokens),
     )
     thresholds.save(ctx.out_dir / THRESHOLDS_FILE)
 
