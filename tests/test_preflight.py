@@ -158,3 +158,17 @@ def test_impossible_validation_budget_fails_before_any_extraction(micro_copy):
     assert "Traceback" not in output and "BudgetError: data.budgets.validation=200,000" in output
     assert "counted with the model's tokenizer" in output
     assert not list((micro_copy / "cache" / "extract").rglob(f"*/{runner.keys['extract']}*/{SUCCESS_FILE}"))
+
+
+def test_budget_the_preflight_could_not_count_fails_before_the_first_shard(micro_copy, monkeypatch):
+    """The tiny model's tokenizer exists only after pretraining, so a cold run's preflight defers the count;
+    extraction then tokenizes every split before writing its first shard."""
+    import pipeline.stages.extract as extract
+    from pipeline.orchestration.runner import Runner
+
+    monkeypatch.setattr(extract, "preflight_tokenizer", lambda cfg: None)  # as before pretraining
+    runner = Runner(compose_micro(micro_copy, "data.budgets.validation=200000"))
+    with pytest.raises(BudgetError, match=r"validation split of local_text: it holds only [0-9,]+ tokens"):
+        runner.run()
+    assert runner.status["backbone"] == "reused"
+    assert not list((micro_copy / "cache" / "extract").rglob(f"{runner.keys['extract']}*/**/*.npy"))
