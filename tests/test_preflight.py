@@ -172,3 +172,20 @@ def test_budget_the_preflight_could_not_count_fails_before_the_first_shard(micro
         runner.run()
     assert runner.status["backbone"] == "reused"
     assert not list((micro_copy / "cache" / "extract").rglob(f"{runner.keys['extract']}*/**/*.npy"))
+
+
+def test_a_finished_extraction_is_not_preflighted_again(micro_copy, monkeypatch):
+    """Its key holds the budgets, so a rerun of later stages reads no corpus (MiniPile: no network)."""
+    import pipeline.data.preflight as preflight
+    from pipeline.orchestration.runner import Runner
+
+    class PreflightRan(Exception):
+        pass
+
+    def check_budgets(*args, **kwargs):
+        raise PreflightRan
+
+    monkeypatch.setattr(preflight, "check_budgets", check_budgets)
+    Runner(compose_micro(micro_copy)).validate()
+    with pytest.raises(PreflightRan):  # a changed budget is a new extraction: checked
+        Runner(compose_micro(micro_copy, "data.budgets.test=2048")).validate()

@@ -94,6 +94,22 @@ def extract_split(
     return n_tokens
 
 
+def _finished_stage(cfg: DictConfig, name: str) -> Path | None:
+    """The finished output of stage `name` for this config (the runner's key rule), or None."""
+    from pipeline.orchestration.runner import available_stages, plan_keys
+    from pipeline.orchestration.store import StageStore
+
+    stages = available_stages()
+    needed = {up: stages[up] for up in stages if up == name or up in stages[name].upstream}
+    key = plan_keys(cfg, needed)[0][name]
+    store = StageStore(Path(cfg.paths.cache))
+    return (
+        store.entry(name, str(cfg.model.name), key)
+        if store.is_complete(name, str(cfg.model.name), key)
+        else None
+    )
+
+
 def preflight_tokenizer(cfg: DictConfig):
     """The model's tokenizer when it is at hand without running a stage (a hub model's or a local
     directory's, or the tiny model's once its backbone stage has finished); None otherwise."""
@@ -103,15 +119,10 @@ def preflight_tokenizer(cfg: DictConfig):
 
     model = cfg.model
     if model.source == "tiny":
-        from pipeline.orchestration.runner import plan_keys
-        from pipeline.orchestration.store import StageStore
-        from pipeline.stages.backbone import STAGE as BACKBONE
-
-        key = plan_keys(cfg, {"backbone": BACKBONE})[0]["backbone"]
-        store = StageStore(Path(cfg.paths.cache))
-        if not store.is_complete("backbone", str(model.name), key):
+        backbone = _finished_stage(cfg, "backbone")
+        if backbone is None:
             return None
-        location, revision = store.entry("backbone", str(model.name), key) / LOCAL_MODEL_DIR, None
+        location, revision = backbone / LOCAL_MODEL_DIR, None
     else:
         location, revision = str(model.source), source_revision(str(model.source), model.revision)
     try:
@@ -126,10 +137,13 @@ def preflight_tokenizer(cfg: DictConfig):
 def check_inputs(cfg: DictConfig) -> None:
     """Cheap checks before any heavy work: disk space for the estimate, and whether every split can hold its
     token budget (pipeline/data/preflight.py: size bounds first, then an exact count with the model's
-    tokenizer where one is at hand)."""
+    tokenizer where one is at hand). A finished extraction for this config needs neither (its key holds the
+    budgets), so a rerun of later stages reads no corpus and needs no network."""
     from pipeline.data.preflight import check_budgets
     from pipeline.data.tokens import make_text_source
 
+    if _finished_stage(cfg, "extract") is not None:
+        return
     check_disk(cfg, Path(cfg.paths.cache))
     source = make_text_source(cfg.data)
     check_budgets(
