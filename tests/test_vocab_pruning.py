@@ -175,8 +175,16 @@ def test_engine_counts_a_pruned_head_at_k_over_v_and_emits_the_candidate_argmax(
     full_cost = engine.cost.layer_equivalents(s.block_rows, s.head_evals + s.lm_head_rows)
     assert s.layer_equivalents == pytest.approx(full_cost)
     always = ExitPolicy(LAYERS, (ALWAYS, None, None), "logit_margin@top32", cands)
-    tokens = engine.generate(prompt, EarlyExit(always), 6).tokens
-    assert all(t in cands.token_ids for t in tokens[1:])  # every token after the prefill's is a candidate
+    # Lossy early exit emits the exiting head's own prediction (its full logits: one more head evaluation).
+    lossy = engine.generate(prompt, EarlyExit(always), 6)
+    assert lossy.tokens == engine.generate(prompt, EarlyExit(ExitPolicy.fixed_head(LAYERS, 0)), 6).tokens
+    assert lossy.stats.head_evals == pytest.approx(5 * (32 / VOCAB + 1))
+    # The step itself (DSSD's drafts) emits the best candidate, and verification keeps DSSD lossless.
+    with torch.inference_mode():
+        session = engine.session(prompt, 4)
+        step = session.step(len(prompt), session.prefill(), always)
+    assert step.head == 0 and step.token in cands.token_ids
+    assert engine.generate(prompt, DSSD(always), 6).tokens == result.tokens
 
 
 # --- the stages and a round trip --------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class EarlyExit(Strategy):
         if result.head is None:
             session.stats.full_passes += 1
         else:
+            if self.policy.candidates is not None:
+                result = _full_head(session, position, result)
             session.stats.exits_per_head[result.head] += 1
             if self.fill == "copy":
                 session.copy_fill(position, session.engine.head_layers[result.head])
@@ -113,6 +115,19 @@ class EarlyExit(Strategy):
             position += 1
             if not session.emit(token, "full_tokens" if result.head is None else "exited"):
                 return
+
+
+def _full_head(session: DecodeSession, position: int, result: StepResult) -> StepResult:
+    """A pruned signal's gate opened at `result.head` (its logits cover only the candidates): lossy early exit
+    emits the head's own prediction from its full logits, as calibrated and as the scoring cascade does
+    (pipeline/exits/vocab_pruning.py). One full head evaluation; the position's hidden state in the cache is
+    the head's input (the step stopped at the head's block)."""
+    engine = session.engine
+    hidden = session.cache.hidden[:, position : position + 1].to(engine.head_dtype)
+    logits = engine.heads(result.head, hidden).reshape(-1)
+    session.stats.head_evals += 1
+    token, probs = session.choose(logits)
+    return StepResult(result.head, token, logits=logits, probs=probs, value=result.value)
 
 
 class _Speculative(Strategy):
