@@ -112,7 +112,7 @@ def exit_head_evals(policy: ExitPolicy, exit_logits: bool = True) -> np.ndarray:
 
     A pruned signal (`ExitPolicy.candidates`) evaluates each head over K of V tokens: K/V each. An exited
     token then also pays its head's full logits when `exit_logits` (the cascade's scoring: token-level
-    evaluation, lm-eval), not when only its token is needed (the engine's drafts and lossy generation)."""
+    evaluation, lm-eval, lossy generation), not when only its token is needed (DSSD's drafts)."""
     enabled = np.asarray(policy.enabled, dtype=np.int64)
     tried = np.asarray([(enabled <= k).sum() for k in range(policy.n_heads)] + [len(enabled)], dtype=np.int64)
     if policy.candidates is None:

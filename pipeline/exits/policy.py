@@ -24,8 +24,9 @@ NaN compares False on either side of a threshold, so an undefined value never ex
 Cheap confidence (a vocabulary-pruned head). With a pruned signal (`logit_margin@top512`) the policy carries
 its candidate set (`candidates`, from the thresholds artifact) and every head is evaluated through
 `head_view(heads)`: logits over the K candidates, -inf elsewhere, at K/V of a full head's cost
-(`head_cost`). The engine emits the view's argmax (a DSSD draft is verified anyway); `cascade`, which must
-score a distribution, gives an exited position its head's full logits (one full head where the gate opens).
+(`head_cost`). The engine's step emits the view's argmax (a DSSD draft is verified anyway); lossy early exit
+(`cascade`, the `EarlyExit` strategy) gives an exited position its head's full logits (one full head where
+the gate opens).
 See `pipeline.exits.vocab_pruning`.
 """
 

@@ -12,10 +12,10 @@ its predecessor's next token, so this is the next-token frequency). It is fixed 
 travels inside the thresholds artifact (`ExitThresholds.candidates`), so decoding uses exactly the set the
 thresholds were calibrated on.
 
-What a token exiting through a view emits: the engine (DSSD drafts, lossy generation) takes the view's argmax,
-the most likely *candidate*; DSSD stays lossless because verification decides. The vectorised cascade
-(token-level evaluation, lm-eval scoring) needs a distribution, not a token, and gives an exited position its
-head's full logits (one full head evaluation where the gate opens: `ExitPolicy.cascade`).
+What a token exiting through a view emits: the engine's step (DSSD's drafts) takes the view's argmax, the most
+likely *candidate*; DSSD stays lossless because verification decides. Lossy early exit emits the head's own
+prediction: where the gate opens it evaluates the head's full logits once (`ExitPolicy.cascade` for scoring,
+the `EarlyExit` strategy for generation), which is what calibration judges (the head's full argmax).
 """
 
 from __future__ import annotations
