@@ -24,6 +24,7 @@ from omegaconf import DictConfig  # noqa: E402
 from pipeline.command_line import normalize_argv  # noqa: E402
 from pipeline.orchestration.console import log_files, quiet_console  # noqa: E402
 from pipeline.orchestration.errors import USER_ERRORS  # noqa: E402
+from pipeline.orchestration.validation import ConfigError  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("pipeline")
@@ -40,6 +41,8 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir).name
     try:
+        if cfg.get("figures", True):
+            figure_formats(cfg)  # a typo fails now, not after the stages ran
         run_dir = Path(hydra_cfg.runtime.output_dir)
         if cfg.get("rehearsal"):  # +experiment=pythia_rehearsal: build its local model directory first
             from pipeline.models.rehearsal import ensure_rehearsal_model
@@ -49,7 +52,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("figures", True):
             from analysis import build_all_figures
 
-            figures = build_all_figures(run_dir, run_dir / "figures")
+            figures = build_all_figures(run_dir, run_dir / "figures", formats=figure_formats(cfg))
             log.info(
                 "%d figure files in %s (rebuild: python -m analysis %s)",
                 len(figures),
@@ -66,6 +69,18 @@ def main(cfg: DictConfig) -> None:
             log.info(
                 "%d library warnings (not shown) in %s", console.library_warnings, ", ".join(log_files())
             )
+
+
+def figure_formats(cfg: DictConfig) -> list[str]:
+    """`figure_formats`, checked against the formats the figures can be saved in."""
+    from analysis.plots import FORMATS
+
+    value = cfg.get("figure_formats") or ["png"]
+    formats = [value] if isinstance(value, str) else [str(f) for f in value]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"figure_formats {unknown} unknown; choose from {list(FORMATS)}")
+    return formats
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class HeadsConfig(Settings):
     warmup_steps: int = setting(50, check=at_least(0))
     min_lr_ratio: float = setting(0.0, check=within(0, 1))
     batch_tokens: int = setting(1024, check=at_least(1))  # per device
-    max_steps: int = setting(1500, check=at_least(1))
+    max_steps: int = setting(500, check=at_least(1))
     val_tokens: int = setting(8192, check=at_least(1))
     val_every_n_steps: int = setting(250, check=at_least(1))
     checkpoint_every_n_steps: int | None = setting(None, check=optional(at_least(1)))
@@ -262,7 +262,7 @@ class OfflineTasksConfig(Settings):
 
     KEY = "early_exit.offline"
     split: str = setting("test", check=one_of(("train", "validation", "test")))
-    n_examples: int = setting(300, check=at_least(1))  # per task
+    n_examples: int = setting(200, check=at_least(1))  # per task
     n_choices: int = setting(4, check=at_least(2))  # next-line task: the true line + distractors
     context_lines: int = setting(6, check=at_least(0))
     seed: int = 0
@@ -271,7 +271,7 @@ class OfflineTasksConfig(Settings):
 @dataclasses.dataclass
 class TokenEvalConfig(Settings):
     KEY = "early_exit.token_eval"
-    n_tokens: int = setting(4096, check=at_least(0))  # test-split tokens, teacher forced; 0 skips it
+    n_tokens: int = setting(2048, check=at_least(0))  # test-split tokens, teacher forced; 0 skips it
     fills: list[str] = setting(
         factory=lambda: ["lazy", "copy", "recompute"], check=each(one_of(_fill_policies))
     )

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 64,
     "tokenizer_min_frequency": 2,
     "tokenizer_max_bytes": 64_000_000,
-    "precision": "bf16-mixed",
+    "precision": "fp32",
     "num_threads": 2,
     "seed": 0,
 }

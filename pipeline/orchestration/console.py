@@ -21,9 +21,10 @@ import logging
 import sys
 from collections.abc import Iterator
 
-# Loggers whose INFO lines reach the console: the run's own summary lines (`pipeline`, from __main__) and
-# one line per stage start/finish (the runner) — not the stages' detail lines, which go to the log file...
-CONSOLE_INFO_LOGGERS = ("pipeline", "pipeline.orchestration.runner")
+# Loggers whose INFO lines reach the console: the run's own summary lines (`pipeline`, from __main__), one
+# line per stage start/finish (the runner) and the rehearsal model's build (a minute before the first stage)
+# — not the stages' detail lines, which go to the log file...
+CONSOLE_INFO_LOGGERS = ("pipeline", "pipeline.orchestration.runner", "pipeline.models.rehearsal")
 # ...and, with their children, the sweep's end-of-multirun summary and Hydra's launcher (which job starts).
 CONSOLE_INFO_PREFIXES = ("pipeline.sweep", "hydra")
 # Loggers whose warnings are the project's own and reach the console.

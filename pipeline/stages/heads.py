@@ -18,7 +18,6 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.stages import world_size
-from pipeline.exits.training import CHECKPOINT_DIR, train_heads
 from pipeline.models.backbone import load_from_stage_output
 from pipeline.orchestration.results import row
 from pipeline.orchestration.validation import ConfigError
@@ -68,6 +67,9 @@ def result_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(ctx: StageContext) -> StageOutput:
+    # Imported here: Lightning takes seconds to import, and a rerun that reuses the heads never needs it.
+    from pipeline.exits.training import CHECKPOINT_DIR, train_heads
+
     cfg = ctx.cfg
     layers = [int(x) for x in cfg.model.head_layers]
     meta = read_meta(ctx.inputs["extract"])
