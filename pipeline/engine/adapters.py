@@ -11,6 +11,7 @@ Adding an architecture = one subclass implementing `_qkv` (projections + rotary)
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,19 @@ class BackboneAdapter:
         self.vocab_size = self.unembedding.out_features
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        # Losslessness needs a verification pass over k rows to compute what greedy's one-row steps compute.
+        # In bf16/fp16 it would not: attention over k query rows rounds differently from attention over one
+        # (CPU kernels), and logits rounded to 8/11 significant bits tie often. So for such models attention
+        # and the final norm + LM head run in fp32 (the head on fp32 copies made once: the model must not
+        # change under an engine); fp32/fp64 models run their own modules unchanged (docs/design.md §9).
+        low_precision = self.dtype in (torch.float16, torch.bfloat16)
+        if low_precision:
+            self.head_norm = copy.deepcopy(self.final_norm).float()
+            self.head_proj = copy.deepcopy(self.unembedding).float()
+        else:
+            self.head_norm, self.head_proj = self.final_norm, self.unembedding
+        self.logits_dtype = self.head_proj.weight.dtype
+        self.attention_dtype = torch.float32 if low_precision else self.dtype
         rope = dict(getattr(self.config, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") in ("dynamic", "longrope"):
             # These rescale the frequencies with the running sequence length; a position table computed once
@@ -109,7 +123,9 @@ class BackboneAdapter:
         raise NotImplementedError
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(self.final_norm(hidden))
+        """Final norm + LM head of [1, rows, d] final-block outputs, in `logits_dtype` (fp32 for a bf16/fp16
+        model, the model's dtype otherwise)."""
+        return self.head_proj(self.head_norm(hidden.to(self.logits_dtype)))
 
     # -- architecture-specific ----------------------------------------------------------------------------------
 
@@ -130,9 +146,16 @@ class BackboneAdapter:
             if window is not None:
                 mask &= k_pos > q_pos - window
         gqa = query.shape[1] != keys.shape[1]
-        return F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=gqa
+        dtype = self.attention_dtype  # fp32 for a bf16/fp16 model (see __init__), a no-op otherwise
+        out = F.scaled_dot_product_attention(
+            query.to(dtype),
+            keys.to(dtype),
+            values.to(dtype),
+            attn_mask=mask,
+            scale=self.scaling,
+            enable_gqa=gqa,
         )
+        return out.to(query.dtype)
 
     scaling: float
 

@@ -28,9 +28,11 @@ that by default every method produces the same number of tokens and speeds compa
    generators outside the engine (e.g.
    transformers' assistant_early_exit), and the oracle bound (greedy with every head probed: the earliest
    head that agrees with the full model, per token).
-3. Losslessness: on every prompt (tuning and test) greedy must equal `generate`, and every LayerSkip / DSSD
-   output and the oracle probe's tokens must equal it too, token for token — in bf16/fp16 up to near-ties
-   (pipeline/evaluation/losslessness.py), counted per setting (`near_ties`). A mismatch raises
+3. Losslessness: on every prompt (tuning and test) the engine's greedy must equal `generate`, and every
+   LayerSkip / DSSD output and the oracle probe's tokens must equal the engine's greedy, token for token — in
+   bf16/fp16 up to near-ties (pipeline/evaluation/losslessness.py), counted per setting (`near_ties`).
+   Checking the speculative methods against the engine's greedy (same kernels) rather than `generate` means a
+   near-tie between the engine and transformers cannot hide a later difference. A mismatch raises
    `LosslessnessError`. Generators outside the engine are compared, not enforced (`identical_to_greedy`).
 
 Timing: each run is repeated `repeats` times (after `warmup` untimed runs) back to back; a prompt's wall time
@@ -331,14 +333,23 @@ def tune(
     generate, greedy = Setting("generate"), Setting("greedy", strategy=Greedy())
     for i, prompt in enumerate(prompts):
         ref = runner.run(generate, prompt, "tune", i)
-        tokens = runner.run(greedy, prompt, "tune", i)
+        greedy_tokens = runner.run(greedy, prompt, "tune", i)
         judged_by = {"prompt": prompt, "engine": runner.engine}
         check_identical(
-            ref, tokens, "greedy (engine)", "transformers generate", "tuning", i, **judged_by, setting=greedy
+            ref,
+            greedy_tokens,
+            "greedy (engine)",
+            "transformers generate",
+            "tuning",
+            i,
+            **judged_by,
+            setting=greedy,
         )
         for setting in (*layerskip_grid, *dssd_grid):
             tokens = runner.run(setting, prompt, "tune", i)
-            check_identical(ref, tokens, setting.label, "greedy", "tuning", i, **judged_by, setting=setting)
+            check_identical(
+                greedy_tokens, tokens, setting.label, "greedy", "tuning", i, **judged_by, setting=setting
+            )
     best = select_layerskip(layerskip_grid, plan.layerskip_select)
     return LayerSkipTuning(generate, greedy, list(layerskip_grid), best, plan.layerskip_select)
 
@@ -417,11 +428,11 @@ def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor,
     """Phase 2 on one prompt: every setting in turn, lossless ones checked; returns the oracle bound (None
     without the oracle)."""
     ref = runner.run(test.generate, prompt, "test", index)
-    tokens = runner.run(test.greedy, prompt, "test", index)
+    greedy_tokens = runner.run(test.greedy, prompt, "test", index)
     judged_by = {"prompt": prompt, "engine": runner.engine}
     check_identical(
         ref,
-        tokens,
+        greedy_tokens,
         "greedy (engine)",
         "transformers generate",
         "test",
@@ -433,13 +444,17 @@ def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor,
         runner.run(setting, prompt, "test", index)
     for setting in test.lossless:
         tokens = runner.run(setting, prompt, "test", index)
-        check_identical(ref, tokens, setting.label, "greedy", "test", index, **judged_by, setting=setting)
+        check_identical(
+            greedy_tokens, tokens, setting.label, "greedy", "test", index, **judged_by, setting=setting
+        )
     for setting in test.external:
         runner.run(setting, prompt, "test", index)
     if not runner.plan.oracle:
         return None
     bound = runner.engine.oracle_bound(prompt, runner.plan.max_new_tokens, runner.plan.eos_token_id)
-    check_identical(ref, bound.tokens, "oracle probe (greedy)", "greedy", "test", index, **judged_by)
+    check_identical(
+        greedy_tokens, bound.tokens, "oracle probe (greedy)", "greedy", "test", index, **judged_by
+    )
     return bound
 
 

@@ -19,8 +19,8 @@ dssd* rows also carry `calibration`, `confidence` (and `fill` for early exit):
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
       identical (1 = every prompt identical to greedy `generate`; lossless methods only), near_ties (prompts
-      where a lossless method differed from `generate` at a bf16/fp16 near-tie: pipeline/evaluation/
-      losslessness.py; 0 in fp32), acceptance_rate,
+      where a lossless method differed from its reference at a bf16/fp16 near-tie — `generate` for greedy, the
+      engine's greedy for LayerSkip/DSSD: pipeline/evaluation/losslessness.py; 0 in fp32), acceptance_rate,
       accepted_per_verification, drafted_per_token (speculative methods);
       early_exit: agreement (share of positions equal to greedy; lossy, so no `identical`).
   setting early_exit|dssd*|layerskip|layerskip_nobonus, head i: exit_frac (early exit) /

@@ -59,7 +59,7 @@ def setting_rows(
         ]
     else:
         # Lossless methods: the run would have raised on any mismatch, so this is 1 by the time rows exist,
-        # unless a bf16/fp16 near-tie (counted) let a token differ.
+        # unless a bf16/fp16 near-tie (counted: near_ties, here or on greedy's row) let a token differ.
         out.append(decoding_row("identical", float(setting.tokens == reference), **common))
         out.append(decoding_row("near_ties", float(setting.near_ties), **common))
     if setting.method in SPECULATIVE:
