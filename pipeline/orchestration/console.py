@@ -79,8 +79,9 @@ def quiet_console() -> ConsoleFilter:
 def route_library_logging() -> None:
     """Lightning and transformers print through console handlers of their own (Lightning's tips, transformers'
     warnings) instead of leaving that to the root logger: detach those handlers and let the records
-    propagate, so the console filter and the log file see them. Called before a stage computes; every stage
-    that computes loads a model, so importing transformers here costs nothing extra."""
+    propagate, so the console filter and the log file see them. Called before a stage computes (every stage
+    that computes loads a model, so importing transformers here costs nothing extra) and by the heads stage
+    once it has imported Lightning."""
     import transformers.utils.logging  # noqa: F401  (creates transformers' handler, so it can be detached)
 
     for name in SELF_PRINTING_LIBRARIES:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.stages import world_size
 from pipeline.models.backbone import load_from_stage_output
+from pipeline.orchestration.console import route_library_logging
 from pipeline.orchestration.results import row
 from pipeline.orchestration.validation import ConfigError
 from pipeline.stages.base import Stage, StageContext, StageOutput
@@ -69,6 +70,8 @@ def result_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def run(ctx: StageContext) -> StageOutput:
     # Imported here: Lightning takes seconds to import, and a rerun that reuses the heads never needs it.
     from pipeline.exits.training import CHECKPOINT_DIR, train_heads
+
+    route_library_logging()  # Lightning, just imported, prints its tips through a console handler of its own
 
     cfg = ctx.cfg
     layers = [int(x) for x in cfg.model.head_layers]
