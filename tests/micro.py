@@ -52,6 +52,7 @@ MICRO = [
     "decoding.layerskip_d=[1,2]",
     "decoding.max_draft=6",
     "decoding.dssd_max_draft=[1,2]",
+    "decoding.layerskip_select=layer_equiv_per_token",  # the criterion the stored expectation was made with
     "logger=none",
     "progress=false",
     "figures=false",
