@@ -21,6 +21,7 @@ Usage:
     python benchmarks/bf16_losslessness.py --attention model-dtype  # fp32 head only
     python benchmarks/bf16_losslessness.py --head model-dtype       # fp32 attention only
     python benchmarks/bf16_losslessness.py --prompts 10 --seeds 0 1 --dtype float16
+    python benchmarks/bf16_losslessness.py --device cuda            # GPU kernels
 """
 
 from __future__ import annotations
@@ -109,14 +110,21 @@ def in_model_dtype(engine: Engine, head: bool, attention: bool) -> Engine:
 
 
 def measure(
-    arch: str, seed: int, n_prompts: int, new_tokens: int, dtype: torch.dtype, head: str, attention: str
+    arch: str,
+    seed: int,
+    n_prompts: int,
+    new_tokens: int,
+    dtype: torch.dtype,
+    head: str,
+    attention: str,
+    device: str = "cpu",
 ) -> dict:
-    model = random_model(arch, seed, dtype)
+    model = random_model(arch, seed, dtype).to(device)
     # fp32 heads, as `EarlyExitHeads.load` gives the decoding stage whatever the backbone's dtype.
-    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=seed).float()
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=seed).float().to(device)
     engine = in_model_dtype(Engine(model, heads), head == "model-dtype", attention == "model-dtype")
     judge = Engine(model, heads)  # classifies with the fp32-head reference logits in both modes
-    prompts = random_prompts(n_prompts, seed + 1000)
+    prompts = [p.to(device) for p in random_prompts(n_prompts, seed + 1000)]
     settings = strategies(entropy_policies(model, heads, prompts))
     counts: Counter = Counter()
     gaps_ulps: list[float] = []
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head", choices=["fp32", "model-dtype"], default="fp32")
     parser.add_argument("--attention", choices=["fp32", "model-dtype"], default="fp32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: GPU kernels round differently")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype)
@@ -153,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     all_gaps: list[float] = []
     for arch in args.archs:
         for seed in args.seeds:
-            result = measure(arch, seed, args.prompts, args.new_tokens, dtype, args.head, args.attention)
+            result = measure(
+                arch, seed, args.prompts, args.new_tokens, dtype, args.head, args.attention, args.device
+            )
             counts, gaps = result["counts"], result["gaps_ulps"]
             total.update(counts)
             all_gaps += gaps
