@@ -90,8 +90,10 @@ class DecodingPlan:
     `dssd_max_draft` and `dssd_gamma` list the caps and adaptive-stop γ the DSSD grid tunes over.
     `exit_sets`: ε -> the calibrate stage's DSSD choice (`ExitThresholds.exit_set`: consulted heads, γ, cap),
     the improved per-ε rows `dssd` (none without it); `draft_accuracy` is the per-draft accuracy γ reads
-    (`ExitThresholds.draft_accuracy`; needed for any γ > 0). `external(tuned)` returns generators outside the
-    engine, built once LayerSkip is tuned (they may reuse its head and draft length)."""
+    (`ExitThresholds.draft_accuracy`; needed for any γ > 0). `dssd_policies`: ε -> the improved DSSD's exit
+    policy (`dssd`, `dssd_tuned`) where it has a signal of its own (`dssd_thresholds.json`); empty: `policies`.
+    `external(tuned)` returns generators outside the engine, built once LayerSkip is tuned (they may reuse its
+    head and draft length)."""
 
     max_new_tokens: int
     policies: dict[float, Any]
@@ -101,6 +103,7 @@ class DecodingPlan:
     dssd_gamma: Sequence[float] = (0.0,)
     exit_sets: dict[float, Any] = field(default_factory=dict)
     draft_accuracy: Any = None
+    dssd_policies: dict[float, Any] = field(default_factory=dict)
     layerskip_select: str = SELECT_CRITERIA[0]
     early_exit_fills: Sequence[str] = ("lazy",)
     repeats: int = 1
@@ -127,6 +130,11 @@ class DecodingPlan:
                 "a γ > 0 (dssd_gamma or a stored exit set) needs the per-draft accuracy: pass "
                 "draft_accuracy=ExitThresholds.draft_accuracy (written by the calibrate stage)"
             )
+
+    @property
+    def improved_policies(self) -> dict[float, Any]:
+        """ε -> the exit policy of the improved DSSD (`dssd`, the `dssd_tuned` grid)."""
+        return self.dssd_policies or self.policies
 
 
 def hf_greedy(
@@ -386,9 +394,9 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
             eps=eps,
             strategy=improved_dssd(policy, plan.exit_sets[eps], plan.draft_accuracy),
             note=choice_note(plan.exit_sets[eps]),
-            labels=labels[eps],
+            labels={"calibration": plan.calibration, "confidence": policy.metric},
         )
-        for eps, policy in plan.policies.items()
+        for eps, policy in plan.improved_policies.items()
         if eps in plan.exit_sets
     ]
     external = [

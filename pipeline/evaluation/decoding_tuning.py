@@ -81,14 +81,14 @@ def choice_note(choice: ExitSetChoice) -> str:
 
 
 def dssd_grid(plan: DecodingPlan) -> list[Setting]:
-    """DSSD's tuning grid: every ε × consulted-head set × `dssd_max_draft` × `dssd_gamma`, plus per ε the
+    """DSSD's tuning grid on its own signal (`plan.improved_policies`): every ε × consulted-head set × `dssd_max_draft` × `dssd_gamma`, plus per ε the
     calibrate stage's choice (`plan.exit_sets`) when the grid does not already hold it. The head sets are each
     head the ε's thresholds enable on its own, and all of them together (one set when a single head is
     enabled, the empty set — greedy through the engine — when none is). γ > 0 is skipped at a cap of 1 (it
     could only stop drafting after the last draft anyway)."""
     grid = []
     gammas = sorted(set(plan.dssd_gamma))
-    for eps, policy in plan.policies.items():
+    for eps, policy in plan.improved_policies.items():  # the improved DSSD's signal
         labels = {"calibration": plan.calibration, "confidence": policy.metric}
         enabled = policy.enabled
         head_sets = [[k] for k in enabled] + ([enabled] if len(enabled) != 1 else [])
