@@ -30,6 +30,12 @@ SPECULATIVE = (
 )
 
 
+# Sampled decoding (decoding.sampling, temperature T > 0) writes its rows under the method's name with this
+# prefix (`sampled_dssd_paper`, ...) and the temperature in the `temperature` column, so that every reader
+# selecting today's greedy settings by name keeps reading greedy rows only.
+SAMPLED_PREFIX = "sampled_"
+
+
 def decoding_row(metric: str, value: float, method: str, **labels: Any) -> dict[str, Any]:
     return row(metric, value, **{METHOD_COLUMN: method}, **labels)
 
@@ -159,4 +165,27 @@ def dssd_choice_rows(setting: Setting, n_heads: int) -> list[dict]:
         decoding_row("min_chain_prob", strategy.min_chain_prob, **common),
     ]
     out += [decoding_row("consulted", float(k in enabled), **common, head=k) for k in range(n_heads)]
+    return out
+
+
+def sampled_rows(setting: Setting, temperature: float, greedy_tps: float, **extra: Any) -> list[dict]:
+    """The rows of one setting decoded by sampling at `temperature`: setting `sampled_<method>`, column
+    `temperature`; the summary metrics, `speedup_vs_greedy` (tokens/s over the sampled greedy's on the same
+    prompts: ancestral sampling from the full model) and per-head draft fractions. No `identical` row:
+    sampled outputs differ from one another by design; DSSD and LayerSkip are exact in distribution, which
+    tests/test_sampling.py proves (chi-square), not a token-by-token check."""
+    common = {"method": SAMPLED_PREFIX + setting.method, "eps": setting.eps, **setting.labels, **extra}
+    common["temperature"] = temperature
+    summary = setting.summary()
+    summary["speedup_vs_greedy"] = summary["tokens_per_s"] / greedy_tps if greedy_tps > 0 else math.nan
+    out = [
+        decoding_row(metric, value, **common)
+        for metric, value in summary.items()
+        if not (isinstance(value, float) and math.isnan(value))
+    ]
+    if setting.method in SPECULATIVE:
+        out += [
+            decoding_row("draft_frac", f, head=k, **common)
+            for k, f in enumerate(setting.per_head("drafts_per_head"))
+        ]
     return out

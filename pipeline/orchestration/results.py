@@ -49,6 +49,13 @@ the `layer` column gives the block it reads), "all" for a whole exit policy, emp
                                                                  on the tuning prompts
   decoding    setting=dssd_vs_layerskip               e    -     acceptance_ratio, accepted_per_verification_ratio,
                                                                  layer_equiv_ratio, latency_equiv_ratio, speed_ratio
+  decoding    setting=sampled_<method> (greedy|       e    -/i   decoding.sampling, T > 0 (extra column
+              layerskip|layerskip_nobonus|dssd_paper|            `temperature`): the same metrics without
+              dssd|layerskip_grid|dssd_vs_layerskip)             `identical` (exact in distribution, not per token),
+                                                                 speedup_vs_greedy instead of speedup_vs_generate
+
+The greedy rows (T = 0) carry no `temperature` (empty); sampled rows carry it and a `sampled_` setting, so a
+reader that picks today's settings by name never mixes temperatures.
 
 Tables written before these columns existed (cached stage outputs in the store, old runs and sweep summaries)
 carry a single `method` column; `normalize` spreads it over the label columns stage by stage (`from_legacy`),
@@ -72,7 +79,7 @@ COLUMNS = ["model", "stage", *LABELS, "eps", "head", "metric", "value"]
 RESULTS_FILE = "results.csv"
 FILLS = ("lazy", "copy", "recompute")
 # Extra columns that hold numbers (written as floats when a stage mixes them with empty cells).
-NUMERIC_EXTRAS = ("layer", "draft_len")
+NUMERIC_EXTRAS = ("layer", "draft_len", "temperature")
 
 
 def row(
