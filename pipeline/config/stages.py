@@ -9,6 +9,7 @@ and `decoding.eps` pick subsets of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -321,6 +322,16 @@ class EarlyExitConfig(Settings):
 # --- decoding ---------------------------------------------------------------------------------------------------
 
 
+def _temperatures(values: list[float]) -> str | None:
+    """decoding.sampling: finite temperatures >= 0 (0 = the greedy run, which always runs)."""
+    bad = [
+        v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf
+    ]
+    if bad:
+        return f"has {bad}: list temperatures >= 0 (0 = greedy only), e.g. decoding.sampling=[0.0,0.7,1.0]"
+    return None
+
+
 @dataclasses.dataclass
 class DecodingConfig(Settings):
     """Stage `decoding`: greedy / early exit / LayerSkip grid / DSSD on real prompts."""
@@ -346,6 +357,8 @@ class DecodingConfig(Settings):
     early_exit_fill: str = setting("lazy", check=one_of(_fill_policies))
     stop_at_eos: bool = False
     repeats: int = setting(1, check=at_least(1))  # timed runs per prompt and setting (median wall time)
+    # Temperatures: each T > 0 adds a sampled run (pipeline/evaluation/decoding_sampled.py); [0.0]: greedy only.
+    sampling: list[float] = setting(factory=lambda: [0.0], check=_temperatures)
 
     def check(self, cfg: DictConfig) -> None:
         check_eps_subset(cfg, "decoding.eps", self.eps)

@@ -31,6 +31,7 @@ from pipeline.evaluation.decoding_harness import (
     prompt_windows,
     run_decoding,
 )
+from pipeline.evaluation.decoding_sampled import run_sampled_decoding
 from pipeline.exits.thresholds import ExitThresholds
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
 from pipeline.stages.calibrate import THRESHOLDS_FILE
@@ -122,9 +123,31 @@ def run(ctx: StageContext) -> StageOutput:
     )
     ctx.tracker.log_table("decoding_summary", summary)
     metrics = report.metrics()
-    ctx.tracker.summary({k: v for k, v in metrics.items() if isinstance(v, int | float)})
     tables = {"per_prompt": report.per_prompt_table(), "summary": summary}
-    return StageOutput(rows=report.rows(), metrics=metrics, tables=tables)
+    rows = report.rows()
+    if any(float(t) > 0 for t in d.sampling):  # decoding.sampling: the sampled runs on the same prompts
+        sampled = run_sampled_decoding(
+            engine,
+            report,
+            list(test.to(ctx.device)),
+            list(tune.to(ctx.device)),
+            plan,
+            d.sampling,
+            int(cfg.seed),
+        )
+        sampled_summary = sampled.summary_table()
+        log.info(
+            "decoding by sampling (test prompts; seed %d + prompt index; exact in distribution, no identity "
+            "check):\n%s",
+            int(cfg.seed),
+            sampled_summary.to_string(index=False, float_format=lambda x: f"{x:.3g}"),
+        )
+        ctx.tracker.log_table("decoding_sampled_summary", sampled_summary)
+        rows += sampled.rows()
+        metrics.update(sampled.metrics())
+        tables.update(sampled_per_prompt=sampled.per_prompt_table(), sampled_summary=sampled_summary)
+    ctx.tracker.summary({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    return StageOutput(rows=rows, metrics=metrics, tables=tables)
 
 
 STAGE = Stage(
