@@ -86,7 +86,7 @@ from pipeline.exits.thresholds import ExitThresholds
 from pipeline.models.backbone import default_head_layers, load_backbone, num_layers_of
 from pipeline.models.pythia_shapes import PYTHIA_SHAPES, pythia_config, random_pythia
 from pipeline.orchestration.store import StageStore
-from pipeline.stages.calibrate import THRESHOLDS_FILE
+from pipeline.stages.calibrate import DSSD_THRESHOLDS_FILE, THRESHOLDS_FILE, load_calibration
 
 SHAPES = ("tiny", *PYTHIA_SHAPES)  # Pythia's real shapes (random weights), plus a tiny one
 DEFAULT_EPS = (0.6, 0.8, 0.9, 0.95)
@@ -176,7 +176,9 @@ class Target:
     policies: dict[float, ExitPolicy] | None
     prompts: list[torch.Tensor]
     tune_prompts: list[torch.Tensor]
-    thresholds: ExitThresholds | None = None  # the calibrate stage's artifact: the improved DSSD's choices
+    # The improved DSSD's thresholds (its signal's, with exit sets and per-draft accuracy: dssd_thresholds.json,
+    # or thresholds.json where one signal serves both; pipeline/stages/calibrate.py).
+    thresholds: ExitThresholds | None = None
 
 
 def logit_lens_heads(model: torch.nn.Module) -> EarlyExitHeads:
@@ -214,7 +216,14 @@ def model_dir_target(args: argparse.Namespace) -> Target:
     text = args.text.read_text() if args.text else _default_text()
     prompts = text_prompts(tokenizer, text, args.n_prompts, args.prompt_len)
     tune = text_prompts(tokenizer, text, args.n_tune_prompts, args.prompt_len, offset=args.n_prompts)
-    table = ExitThresholds.load(args.thresholds) if args.thresholds else None
+    dssd_path = args.dssd_thresholds or args.thresholds
+    if (
+        args.thresholds
+        and not args.dssd_thresholds
+        and (args.thresholds.parent / DSSD_THRESHOLDS_FILE).is_file()
+    ):
+        dssd_path = args.thresholds.parent / DSSD_THRESHOLDS_FILE  # the calibrate stage's pair
+    table = ExitThresholds.load(dssd_path) if dssd_path else None
     return Target(str(args.model_dir), model, heads, policies, prompts, tune, table)
 
 
@@ -256,7 +265,7 @@ def pipeline_target(args: argparse.Namespace) -> Target:
         tune_prompts = text_prompts(
             tokenizer, text, args.n_tune_prompts, args.prompt_len, offset=args.n_prompts
         )
-    table = ExitThresholds.load(calibrated / THRESHOLDS_FILE) if calibrated else None
+    table = load_calibration(calibrated).dssd if calibrated else None
     return Target(f"{args.model} (pipeline outputs)", model, heads, policies, prompts, tune_prompts, table)
 
 
@@ -279,8 +288,8 @@ def plan_from_args(
     external=None,
     thresholds: ExitThresholds | None = None,
 ) -> DecodingPlan:
-    """The harness's plan; with `thresholds` that hold the improved DSSD's choices (exit sets, per-draft
-    accuracy) also the `dssd` rows and γ in the tuning grid."""
+    """The harness's plan; `thresholds` are the improved DSSD's (its signal's policies, and with its choices
+    — exit sets, per-draft accuracy — also the `dssd` rows and γ in the tuning grid)."""
     accuracy = thresholds.draft_accuracy if thresholds is not None else None
     exit_sets = (
         {e: thresholds.exit_set(args.method, e) for e in policies}
@@ -296,6 +305,7 @@ def plan_from_args(
         dssd_gamma=args.dssd_gamma if accuracy is not None else [0.0],
         exit_sets=exit_sets,
         draft_accuracy=accuracy,
+        dssd_policies={e: thresholds.for_eps(args.method, e) for e in policies} if thresholds else {},
         layerskip_select=args.select,
         early_exit_fills=fills,
         repeats=args.repeats,
@@ -503,6 +513,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, help="a saved model (overrides --from-outputs)")
     parser.add_argument("--heads-dir", type=Path, help="trained heads for --model-dir (default: logit lens)")
     parser.add_argument("--thresholds", type=Path, help="thresholds file from the calibrate stage")
+    parser.add_argument(
+        "--dssd-thresholds",
+        type=Path,
+        help="the improved DSSD's thresholds (default: dssd_thresholds.json next to --thresholds if there, "
+        "else --thresholds)",
+    )
     parser.add_argument("--method", default="empirical", help="calibration method in the thresholds file")
     parser.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS))
     parser.add_argument(

@@ -153,7 +153,7 @@ def test_paper_rule_and_improved_dssd_rows(rows, micro_run):
     for method in ("dssd_paper", "dssd"):
         assert set(_values(rows, method, "identical")["eps"].round(6)) == {0.8, 0.9}, method
         assert (_values(rows, method, "identical")["value"] == 1).all()
-    (path,) = list((root / "cache" / "calibrate").rglob("thresholds.json"))
+    (path,) = list((root / "cache" / "calibrate").rglob("dssd_thresholds.json"))  # the improved DSSD's signal
     thresholds = ExitThresholds.load(path)
     for eps in (0.8, 0.9):
         choice = thresholds.exit_set("empirical", eps)
@@ -163,6 +163,19 @@ def test_paper_rule_and_improved_dssd_rows(rows, micro_run):
         assert float(at[at["metric"] == "min_chain_prob"]["value"].iloc[0]) == choice.min_chain_prob
         assert int(at[at["metric"] == "max_draft"]["value"].iloc[0]) == choice.max_draft
     assert thresholds.draft_accuracy is not None and thresholds.draft_accuracy.n_heads == 3
+
+
+def test_rows_name_the_signal_they_exit_on(rows, micro_run):
+    """Early exit and dssd_paper exit on the paper's signal (calibrate.metric), dssd and dssd_tuned on the
+    improved DSSD's (calibrate.dssd.metric: 12.5% of the micro model's 1,024 tokens)."""
+    for setting, signal in [
+        ("early_exit", "entropy"),
+        ("dssd_paper", "entropy"),
+        ("dssd", "logit_margin@top128"),
+        ("dssd_tuned", "logit_margin@top128"),
+    ]:
+        measured = rows[(rows["setting"] == setting) & (rows["metric"] == "layer_equiv_per_token")]
+        assert len(measured) and set(measured["confidence"]) == {signal}, setting
 
 
 def test_per_prompt_table(micro_run):

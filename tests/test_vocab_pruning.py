@@ -23,7 +23,10 @@ from pipeline.exits.vocab_pruning import (
     pruned_signal_name,
     pruned_sizes,
     rank_tokens,
+    resolve_signal,
+    vocab_share,
 )
+from pipeline.orchestration.validation import ConfigError
 from pipeline.stages import calibrate as calibrate_stage
 from pipeline.stages import metrics as metrics_stage
 from tests.conftest import tiny_gpt_neox
@@ -205,14 +208,27 @@ def test_metrics_stage_reports_pruned_signals_with_their_cost(upstream, tmp_path
 
 
 def test_calibrate_with_a_pruned_signal_then_dssd_is_greedy(upstream, tmp_path):  # noqa: F811
+    """The paper's signal (entropy) into thresholds.json, the improved DSSD's pruned one (as a share of the
+    vocabulary) into dssd_thresholds.json with its candidate set, per-draft accuracy and exit sets; DSSD on
+    the pruned thresholds, the paper's rule and the improved choice alike, reproduces greedy."""
     eps = [0.3, 0.6, 0.9]
-    cfg = make_cfg(calibrate={"metric": "logit_margin@top32", "eps": eps})
+    cfg = make_cfg(calibrate={"metric": "entropy", "dssd.metric": "logit_margin@top25%", "eps": eps})
     calibrate_stage.STAGE.validate(cfg)
     out_dir = tmp_path / "calibrate"
-    calibrate_stage.run(context(cfg, upstream, out_dir))
-    thresholds = ExitThresholds.load(out_dir / calibrate_stage.THRESHOLDS_FILE)
+    out = calibrate_stage.run(context(cfg, upstream, out_dir))
+    paper, thresholds = calibrate_stage.load_calibration(out_dir)
+    assert paper.metric == "entropy" and paper.candidates is None and not paper.exit_sets
+    assert thresholds.metric == "logit_margin@top32"  # 25% of 128 tokens
     ranking = rank_tokens(upstream["extract"] / "train", VOCAB)
     assert thresholds.candidates == ranking.top(32)
+    assert thresholds.draft_accuracy is not None and thresholds.draft_accuracy.metric == thresholds.metric
+    assert set(thresholds.exit_sets) == {"empirical", "ltt"}
+    # Both signals' calibration rows, each labelled with its signal; the pruned one's policy table too.
+    labelled = {(r["confidence"], r["metric"]) for r in out.rows}
+    for signal in ("entropy", "logit_margin@top32"):
+        assert {(signal, m) for m in ("threshold", "exit_frac", "accuracy", "coverage")} <= labelled
+    assert set(out.tables) == {"policy", "dssd_policy"}
+    from pipeline.evaluation.decoding_tuning import improved_dssd
     from pipeline.models.backbone import load_from_stage_output
 
     model, _ = load_from_stage_output(
@@ -225,7 +241,38 @@ def test_calibrate_with_a_pruned_signal_then_dssd_is_greedy(upstream, tmp_path):
         greedy = engine.generate(prompt, Greedy(), 12).tokens
         for method in ("empirical", "ltt"):
             for e in eps:
-                result = engine.generate(prompt, DSSD(thresholds.for_eps(method, e)), 12)
-                assert result.tokens == greedy, (method, e, seed)
-                drafted += result.stats.drafted
+                policy = thresholds.for_eps(method, e)
+                choice = thresholds.exit_set(method, e)
+                for strategy in (DSSD(policy), improved_dssd(policy, choice, thresholds.draft_accuracy)):
+                    result = engine.generate(prompt, strategy, 12)
+                    assert result.tokens == greedy, (method, e, seed, strategy)
+                    drafted += result.stats.drafted
     assert drafted > 0  # the pruned gate did let drafts through: the round trip exercised it
+
+
+def test_one_signal_for_both_gives_one_thresholds_file(upstream, tmp_path):  # noqa: F811
+    cfg = make_cfg(
+        calibrate={"metric": "logit_margin@top32", "dssd.metric": "logit_margin@top32", "eps": [0.6]}
+    )
+    out_dir = tmp_path / "calibrate"
+    calibrate_stage.run(context(cfg, upstream, out_dir))
+    assert not (out_dir / calibrate_stage.DSSD_THRESHOLDS_FILE).exists()
+    paper, dssd = calibrate_stage.load_calibration(out_dir)
+    assert paper is dssd and paper.exit_sets and paper.candidates.k == 32
+
+
+def test_signal_shares_of_the_vocabulary():
+    assert resolve_signal("logit_margin@top12.5%", 4096) == "logit_margin@top512"
+    assert resolve_signal("entropy@top100%", 128) == "entropy@top128"
+    assert resolve_signal("logit_margin@top512", 128) == "logit_margin@top512"  # a fixed K stays as given
+    assert vocab_share("entropy") is None
+    for bad in ("logit_margin@top0%", "logit_margin@top150%", "logit_margin@topx%"):
+        with pytest.raises(KeyError, match="<P>%"):
+            vocab_share(bad)
+    with pytest.raises(ConfigError, match="vocabulary has 128"):
+        calibrate_stage.signal_for_model("calibrate.dssd.metric", "logit_margin@top512", 128)
+    # The config check accepts a share of a logit metric and names the problem otherwise.
+    with pytest.raises(ConfigError, match="P <= 100"):
+        calibrate_stage.STAGE.validate(make_cfg(calibrate={"dssd.metric": "logit_margin@top200%"}))
+    with pytest.raises(ConfigError, match="hidden states"):
+        calibrate_stage.STAGE.validate(make_cfg(calibrate={"dssd.metric": "saturation@top10%"}))

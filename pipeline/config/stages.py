@@ -44,6 +44,18 @@ def _confidence_signal(name: str) -> str | None:
     return None
 
 
+def _calibrated_signal(name: str) -> str | None:
+    """A confidence signal (`_confidence_signal`), or a pruned one whose K is a share of the vocabulary,
+    `<metric>@top<P>%` (resolved per model by the calibrate stage: `vocab_pruning.resolve_signal`)."""
+    from pipeline.exits.vocab_pruning import pruned_signal_name, vocab_share
+
+    try:
+        share = vocab_share(name)
+    except KeyError as err:
+        return str(err.args[0])
+    return _confidence_signal(name if share is None else pruned_signal_name(share[0], 2))
+
+
 def _logit_metrics() -> list[str]:
     from pipeline.exits.confidence import METRICS
 
@@ -212,6 +224,9 @@ class DSSDChoiceConfig(Settings):
     """DSSD's exit set and adaptive stop chosen in the calibrate stage (pipeline/exits/exit_set.py)."""
 
     KEY = "calibrate.dssd"
+    # The signal the improved DSSD exits on (calibrated into dssd_thresholds.json when it differs from
+    # calibrate.metric, the paper's signal): <metric>@top<K> or <metric>@top<P>% of the vocabulary.
+    metric: str = setting("logit_margin@top12.5%", check=_calibrated_signal)
     max_draft: int = setting(16, check=at_least(1))  # draft cap of the improved DSSD
     gamma: list[float] = setting(
         factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], check=each(within(0, 1))
@@ -227,7 +242,8 @@ class CalibrateConfig(Settings):
     """Stage `calibrate`: exit thresholds per method × ε; the one declaration of the ε levels."""
 
     KEY = "calibrate"
-    metric: str = setting("entropy", check=_confidence_signal)  # or a pruned signal, e.g. logit_margin@top512
+    # The paper's signal (early exit, dssd_paper); or a pruned one, e.g. logit_margin@top512 / @top12.5%.
+    metric: str = setting("entropy", check=_calibrated_signal)
     methods: list[str] = setting(
         factory=lambda: ["empirical", "ltt"], check=each(one_of(_calibration_methods))
     )

@@ -20,6 +20,7 @@ the `EarlyExit` strategy for generation), which is what calibration judges (the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,34 @@ def parse_signal(name: str) -> tuple[str, int | None]:
 def pruned_sizes(fractions: Sequence[float], vocab_size: int) -> list[int]:
     """Candidate-set sizes K = round(fraction × V) (at least 2: a margin needs two candidates), deduplicated."""
     return sorted({max(2, min(vocab_size, round(float(f) * vocab_size))) for f in fractions})
+
+
+def vocab_share(name: str) -> tuple[str, float] | None:
+    """`logit_margin@top12.5%` -> ("logit_margin", 0.125): a pruned signal whose K is a share of the
+    vocabulary (one config for every model size); None for any other name."""
+    if PRUNED_MARK not in name or not name.endswith("%"):
+        return None
+    base, _, percent = name[:-1].partition(PRUNED_MARK)
+    try:
+        share = float(percent) / 100
+    except ValueError:
+        share = math.nan
+    if not 0 < share <= 1:
+        raise KeyError(
+            f"pruned signal {name!r}: expected <metric>{PRUNED_MARK}<P>% with 0 < P <= 100 percent of the "
+            f"vocabulary (e.g. logit_margin{PRUNED_MARK}12.5%)"
+        )
+    return base, share
+
+
+def resolve_signal(name: str, vocab_size: int) -> str:
+    """A signal name with a concrete K: `<metric>@top<P>%` becomes `<metric>@top<K>`, K = round(P% × V)
+    (`pruned_sizes`); any other name is returned unchanged."""
+    share = vocab_share(name)
+    if share is None:
+        return name
+    base, fraction = share
+    return pruned_signal_name(base, pruned_sizes([fraction], vocab_size)[0])
 
 
 # --- the candidate set ----------------------------------------------------------------------------------------

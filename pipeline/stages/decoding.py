@@ -2,7 +2,10 @@
 
 DSSD appears three times: `dssd_paper` (the paper's rule per ε: every head, no early stop, cap `max_draft`),
 `dssd` (per ε, the improved DSSD the calibrate stage chose: consulted heads and adaptive stop γ) and
-`dssd_tuned` (tuned on the tuning prompts over ε × heads × `dssd_max_draft` × `dssd_gamma`).
+`dssd_tuned` (tuned on the tuning prompts over ε × heads × `dssd_max_draft` × `dssd_gamma`). `dssd_paper` and
+early exit exit on the paper's signal (`calibrate.metric`, thresholds.json); `dssd` and `dssd_tuned` on the
+improved DSSD's (`calibrate.dssd.metric`, dssd_thresholds.json when it differs). Each row's `confidence` label
+names its signal.
 
 Prompts: `n_prompts` windows of `prompt_len` tokens from the test split (the reported prompts) and a disjoint
 set of `n_tune_prompts` windows from the validation split (tuning only: LayerSkip's head × d, DSSD's ε ×
@@ -19,8 +22,6 @@ Tables: `per_prompt` (one line per split × prompt × method × setting, every s
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -32,34 +33,31 @@ from pipeline.evaluation.decoding_harness import (
     run_decoding,
 )
 from pipeline.evaluation.decoding_sampled import run_sampled_decoding
-from pipeline.exits.thresholds import ExitThresholds
 from pipeline.stages.base import Stage, StageContext, StageOutput, seed_fact
-from pipeline.stages.calibrate import THRESHOLDS_FILE
+from pipeline.stages.calibrate import Calibration, load_calibration
 
 log = logging.getLogger(__name__)
 __all__ = ["STAGE", "LosslessnessError", "run"]
 
 
-def plan_from_config(
-    cfg: DictConfig,
-    policies: dict[float, Any],
-    eos: int | None,
-    pad: int,
-    thresholds: ExitThresholds | None = None,
-) -> DecodingPlan:
-    """The harness's plan from the `decoding` config group; `thresholds` (the calibrate stage's artifact)
-    supplies the improved DSSD's exit set and γ per ε and the per-draft accuracy curve."""
+def plan_from_config(cfg: DictConfig, calibration: Calibration, eos: int | None, pad: int) -> DecodingPlan:
+    """The harness's plan from the `decoding` config group at each ε of `decoding.eps`: early exit and
+    `dssd_paper` on the paper's thresholds (`calibration.paper`), the improved DSSD on its own
+    (`calibration.dssd`: thresholds, exit set and γ per ε, per-draft accuracy curve)."""
     d = cfg.decoding
     method = str(d.calibration_method)
+    eps = [float(e) for e in d.eps]
+    dssd = calibration.dssd
     return DecodingPlan(
         max_new_tokens=int(d.max_new_tokens),
-        policies=policies,
+        policies={e: calibration.paper.for_eps(method, e) for e in eps},
+        dssd_policies={e: dssd.for_eps(method, e) for e in eps},
         layerskip_d=[int(x) for x in d.layerskip_d],
         max_draft=int(d.max_draft),
         dssd_max_draft=[int(x) for x in d.dssd_max_draft],
         dssd_gamma=[float(x) for x in d.dssd_gamma],
-        exit_sets={e: thresholds.exit_set(method, e) for e in policies} if thresholds is not None else {},
-        draft_accuracy=thresholds.draft_accuracy if thresholds is not None else None,
+        exit_sets={e: dssd.exit_set(method, e) for e in eps},
+        draft_accuracy=dssd.draft_accuracy,
         layerskip_select=str(d.layerskip_select),
         early_exit_fills=(str(d.early_exit_fill),) if bool(d.early_exit) else (),
         repeats=int(d.repeats),
@@ -81,9 +79,7 @@ def run(ctx: StageContext) -> StageOutput:
         ctx.inputs["backbone"], dtype=cfg.model.dtype, device=ctx.device
     )
     heads = EarlyExitHeads.load(ctx.inputs["heads"], model).to(ctx.device).eval()
-    thresholds = ExitThresholds.load(Path(ctx.inputs["calibrate"]) / THRESHOLDS_FILE)
-    method = str(d.calibration_method)
-    policies = {float(e): thresholds.for_eps(method, float(e)) for e in d.eps}
+    calibration = load_calibration(ctx.inputs["calibrate"])
     test, tune = prompt_windows(
         make_text_source(cfg.data),
         tokenizer,
@@ -94,18 +90,19 @@ def run(ctx: StageContext) -> StageOutput:
     )
     eos = tokenizer.eos_token_id if bool(d.stop_at_eos) else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    plan = plan_from_config(cfg, policies, eos, pad, thresholds)
+    plan = plan_from_config(cfg, calibration, eos, pad)
     engine = Engine(model, heads)
     log.info(
-        "decoding: %d test prompts, %d tuning prompts, %d+%d tokens; %s thresholds (%s) for ε=%s; heads at "
-        "blocks %s; head cost %.2f blocks",
+        "decoding: %d test prompts, %d tuning prompts, %d+%d tokens; %s thresholds for ε=%s (paper's signal "
+        "%s, improved DSSD's %s); heads at blocks %s; head cost %.2f blocks",
         len(test),
         len(tune),
         int(d.prompt_len),
         plan.max_new_tokens,
-        method,
-        thresholds.metric,
-        list(policies),
+        plan.calibration,
+        list(plan.policies),
+        calibration.paper.metric,
+        calibration.dssd.metric,
         engine.head_layers,
         engine.cost.head,
     )
