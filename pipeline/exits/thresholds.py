@@ -141,8 +141,10 @@ class ExitThresholds:
         key = eps_key(eps)
         if key not in self.exit_sets.get(method, {}):
             raise KeyError(
-                f"no DSSD exit set for {method!r} at ε={key} in these thresholds (written before exit sets "
-                "existed?): rerun the calibrate stage"
+                f"no DSSD exit set for {method!r} at ε={key} in these {self.metric} thresholds: the improved "
+                "DSSD's choices live with its own signal's thresholds (dssd_thresholds.json where "
+                "calibrate.dssd.metric differs from calibrate.metric: pipeline.stages.calibrate."
+                "load_calibration(entry).dssd), or the file predates exit sets: rerun the calibrate stage"
             )
         return self.exit_sets[method][key]
 

@@ -5,7 +5,8 @@ it tries. A *pruned view* of a trained head computes its logits only over a cand
 (cost d·K) and returns them in full-vocabulary form, with -inf outside the set. Every confidence metric,
 the exit decision (`ExitPolicy`), calibration and the token-level evaluation then work on the view as they do
 on the full head: a signal named `logit_margin@top512` is the `logit_margin` metric of the view over the 512
-most frequent tokens (dynamic vocabulary pruning for early exits, Vincenti et al. 2024).
+most frequent tokens (dynamic vocabulary pruning for early exits, Vincenti et al. 2024). A config may give K as
+a share of the vocabulary, `logit_margin@top12.5%`, resolved per model (`resolve_signal`: 512 of 4,096 tokens).
 
 The candidate set is the K most frequent tokens of the extracted train split (every position's input token is
 its predecessor's next token, so this is the next-token frequency). It is fixed once, before calibration, and
