@@ -60,6 +60,15 @@ show(res, figures_dir, ["decoding_summary"])
 # %%
 show(res, figures_dir, ["decoding_speed"])
 
+# %% [markdown]
+# ## Per model: sampling (decoding.sampling, T > 0): acceptance and speed-up vs temperature
+#
+# DSSD at one ε against LayerSkip re-tuned at each temperature; speed-up over greedy at the same temperature
+# (ancestral sampling from the full model). Skipped when the run decoded greedily only.
+
+# %%
+show(res, figures_dir, ["decoding_sampling"])
+
 # %%
 from analysis.plots import decoding_point
 

@@ -14,6 +14,8 @@ partial run still gets every figure it has data for.
   compute.py      (d) accuracy vs compute, (e) scaling with model size: accuracy_compute, size_scaling
   speculative.py  (f) DSSD vs LayerSkip: decoding, decoding_summary
   decoding_speed.py  (f) tokens/s and compute of every lossless decoder against greedy: decoding_speed
+  sampling.py     (f) acceptance and speed-up vs temperature, DSSD vs LayerSkip: decoding_sampling (only
+                  with decoding.sampling rows, T > 0)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from analysis.plots.confidence import auroc_table, confidence_auroc, confidence_
 from analysis.plots.decoding_speed import decoding_speed
 from analysis.plots.exits import calibration, exit_distribution, exit_fractions
 from analysis.plots.heads import heads_depth
+from analysis.plots.sampling import decoding_sampling
 from analysis.plots.speculative import decoding, decoding_point, decoding_summary, layerskip_grid, pick_eps
 from analysis.plots.style import FORMATS, SkipFigure, label, output_formats
 
@@ -41,6 +44,7 @@ FIGURES: dict[str, Callable[[Results, Path], list[Path]]] = {
     "decoding": decoding,
     "decoding_summary": decoding_summary,
     "decoding_speed": decoding_speed,
+    "decoding_sampling": decoding_sampling,
 }
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "confidence_histograms",
     "decoding",
     "decoding_point",
+    "decoding_sampling",
     "decoding_speed",
     "decoding_summary",
     "exit_distribution",
