@@ -51,7 +51,7 @@ show(res, figures_dir, ["calibration"])
 show(res, figures_dir, ["exit_distribution"])
 
 # %%
-policy = select(res.frame, stage="calibrate", metric=["accuracy", "coverage"], head="all")
+policy = select(res.frame, stage="calibrate", metric=["accuracy", "coverage"], head="all", setting="")
 if not policy.empty:
     table = policy.pivot_table(index=["model", "eps"], columns=["metric", "calibration"], values="value")
     display(Markdown("Realized accuracy below ε marks a calibration that did not hold on the test split."))

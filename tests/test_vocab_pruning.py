@@ -224,9 +224,11 @@ def test_calibrate_with_a_pruned_signal_then_dssd_is_greedy(upstream, tmp_path):
     assert thresholds.draft_accuracy is not None and thresholds.draft_accuracy.metric == thresholds.metric
     assert set(thresholds.exit_sets) == {"empirical", "ltt"}
     # Both signals' calibration rows, each labelled with its signal; the pruned one's policy table too.
-    labelled = {(r["confidence"], r["metric"]) for r in out.rows}
-    for signal in ("entropy", "logit_margin@top32"):
-        assert {(signal, m) for m in ("threshold", "exit_frac", "accuracy", "coverage")} <= labelled
+    # The paper's rows carry no setting (what figures read), the improved DSSD's own signal's `setting=dssd`.
+    labelled = {(r["confidence"], r["setting"], r["metric"]) for r in out.rows}
+    for signal, setting in (("entropy", ""), ("logit_margin@top32", "dssd")):
+        assert {(signal, setting, m) for m in ("threshold", "exit_frac", "accuracy", "coverage")} <= labelled
+    assert {(c, s) for c, s, _ in labelled} == {("entropy", ""), ("logit_margin@top32", "dssd")}
     assert set(out.tables) == {"policy", "dssd_policy"}
     from pipeline.evaluation.decoding_tuning import improved_dssd
     from pipeline.models.backbone import load_from_stage_output

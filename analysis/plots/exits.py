@@ -28,7 +28,7 @@ from analysis.plots.style import (
 @styled
 def calibration(res: Results, out_dir: Path) -> list[Path]:
     """Per model: exit fraction per head vs ε, realized vs target accuracy, and thresholds, empirical vs LTT."""
-    cal = select(res.frame, stage="calibrate")
+    cal = select(res.frame, stage="calibrate", setting="")  # the paper's signal (setting=dssd: DSSD's own)
     paths: list[Path] = []
     for model in res.models:
         rows = cal[(cal["model"] == model) & cal["eps"].notna()]
@@ -108,7 +108,9 @@ def calibration(res: Results, out_dir: Path) -> list[Path]:
 def exit_fractions(res: Results) -> pd.DataFrame:
     """Fraction of tokens exiting at each head per (model, calibration, eps): the calibrate stage's `exit_frac` rows
     or, without them, the early_exit stage's `exit_frac/<task>` averaged over tasks."""
-    rows = per_head(select(res.frame, stage="calibrate", metric="exit_frac"))
+    rows = per_head(
+        select(res.frame, stage="calibrate", metric="exit_frac", setting="")
+    )  # the paper's signal
     if rows.empty:
         ee = select(res.frame, stage="early_exit")
         ee = ee[ee["metric"].str.startswith("exit_frac/").fillna(False)]

@@ -225,8 +225,10 @@ class DSSDChoiceConfig(Settings):
 
     KEY = "calibrate.dssd"
     # The signal the improved DSSD exits on (calibrated into dssd_thresholds.json when it differs from
-    # calibrate.metric, the paper's signal): <metric>@top<K> or <metric>@top<P>% of the vocabulary.
-    metric: str = setting("logit_margin@top12.5%", check=_calibrated_signal)
+    # calibrate.metric, the paper's signal): <metric>@top<K> or <metric>@top<P>% of the vocabulary. Checked by
+    # CalibrateConfig.check: this node is built when the schemas are registered, and the signal registry
+    # imports torch.
+    metric: str = "logit_margin@top12.5%"
     max_draft: int = setting(16, check=at_least(1))  # draft cap of the improved DSSD
     gamma: list[float] = setting(
         factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], check=each(within(0, 1))
@@ -260,6 +262,11 @@ class CalibrateConfig(Settings):
     # Moved to the metrics stage's own group.
     metrics: Any = renamed_to("metrics.metrics")
     rc_points: Any = renamed_to("metrics.rc_points")
+
+    def check(self, cfg: DictConfig) -> None:
+        problem = _calibrated_signal(self.dssd.metric)
+        if problem is not None:
+            raise ConfigError(f"calibrate.dssd.metric={self.dssd.metric}: {problem}")
 
 
 # --- early_exit -------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ the `layer` column gives the block it reads), "all" for a whole exit policy, emp
   metrics     confidence=<metric>                     -    i     auroc, aurc (extra column `best`)
   calibrate   calibration, confidence                 e    i     threshold (NaN = head disabled), exit_frac
   calibrate   calibration, confidence                 e    all   accuracy, coverage (test split, whole policy)
+              (+ setting=dssd: the improved DSSD's own signal, calibrate.dssd.metric, where it differs)
   early_exit  setting=full                            -    -     acc/<task>, acc_stderr/<task>, ... (lm-eval),
                                                                  compute_frac/<task>; token level: ppl,
                                                                  agreement, layer_equiv_per_token

@@ -5,7 +5,9 @@ Two signals (docs/design.md §1.6): `calibrate.metric`, the paper's (entropy by 
 paper's DSSD, `dssd_paper`), is calibrated into `thresholds.json`; `calibrate.dssd.metric`, the improved DSSD's
 (a cheap pruned signal by default: rows `dssd`, `dssd_tuned`), into `dssd_thresholds.json` with DSSD's
 per-draft accuracy and exit sets. When both name the same signal there is one file, `thresholds.json`, holding
-both. `load_calibration(entry)` reads either layout.
+both. `load_calibration(entry)` reads either layout. Both signals' rows are reported (`confidence` = the
+signal); the improved DSSD's own signal's rows also carry `setting=dssd`, so readers of the paper's
+calibration (figures, sweep comparison) select `setting=""`.
 
 A pruned signal (`logit_margin@top512`, or `logit_margin@top12.5%` of the vocabulary) is calibrated on the
 heads' view over the K most frequent train tokens; that candidate set is saved with its thresholds, so
@@ -101,7 +103,8 @@ def run(ctx: StageContext) -> StageOutput:
 
     rows, policies = [], {}
     for metric, thresholds in calibrated.items():
-        signal_rows, policies[metric] = _report(thresholds, test, layers)
+        setting = "dssd" if metric != paper_metric else None  # the improved DSSD's own signal
+        signal_rows, policies[metric] = _report(thresholds, test, layers, setting)
         rows += signal_rows
     summary = {
         "validation_tokens": int(val["token"].nunique()),
@@ -143,14 +146,16 @@ def _calibrate(
     )
 
 
-def _report(thresholds: ExitThresholds, test: pd.DataFrame, layers: list[int]) -> tuple[list, pd.DataFrame]:
+def _report(
+    thresholds: ExitThresholds, test: pd.DataFrame, layers: list[int], setting: str | None
+) -> tuple[list, pd.DataFrame]:
     """One signal's rows (threshold and exit share per head, accuracy and coverage of the whole policy per
-    method × ε on the test tokens; `confidence` = the signal) and its policy table."""
+    method × ε on the test tokens; `confidence` = the signal, `setting` if given) and its policy table."""
     metric = thresholds.metric
     test_values, test_correct = wide(test, metric), wide(test, "correct")
     rows = []
     for method in thresholds.methods:
-        labels = {"calibration": method, "confidence": metric}
+        labels = {"calibration": method, "confidence": metric} | ({"setting": setting} if setting else {})
         for eps in thresholds.eps:
             thr = thresholds.for_eps(method, eps)
             out = apply_exit_policy(test_values, test_correct, thr)

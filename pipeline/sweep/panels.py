@@ -111,7 +111,9 @@ def accuracy_compute_panel(summary: pd.DataFrame) -> Panel:
                 "accuracy",
             )
             cal = _rows(summary, "calibrate")
-            cal = cal[cal["head"].astype(str) == "all"]
+            cal = cal[
+                (cal["head"].astype(str) == "all") & (cal["setting"].fillna("") == "")
+            ]  # paper's signal
             a, c = cal[cal["metric"] == "accuracy"], cal[cal["metric"] == "coverage"]
         table = _joined(a, c, y_label, x_label)
     panel = Panel(
