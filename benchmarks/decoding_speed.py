@@ -76,6 +76,7 @@ from pipeline.evaluation.decoding_harness import (
     run_decoding,
 )
 from pipeline.evaluation.decoding_report import Setting
+from pipeline.evaluation.decoding_sampled import run_sampled
 from pipeline.evaluation.decoding_tuning import select_layerskip
 from pipeline.evaluation.stage_outputs import StageOutputs, latest_outputs
 from pipeline.exits.calibration import calibrate
@@ -326,37 +327,23 @@ def benchmark_target(target: Target, args: argparse.Namespace) -> list[pd.DataFr
     report = run_decoding(engine, model, target.prompts, target.tune_prompts, plan)
     frames = [report.speed_table(target.label)]
     for temperature in args.temperature:
-        frames.append(sampled_table(engine, target, policies, args, temperature))
+        frames.append(sampled_table(engine, target, policies, args, temperature, plan))
     return frames
 
 
 # -- sampling (--temperature) ---------------------------------------------------------------------------------
 
 
-def run_sampled(
-    engine: Engine, setting: Setting, prompt: torch.Tensor, index: int, sampling: Sampling, args
-) -> None:
-    """`setting` on one prompt: warmup + repeats, each drawing with a generator seeded `args.seed + index`
-    (identical work in every repeat); the result and the median wall time are appended to `setting`."""
-    walls = []
-    for repeat in range(args.warmup + args.repeats):
-        generator = torch.Generator().manual_seed(args.seed + index)
-        result = engine.generate(
-            prompt, setting.strategy, args.new_tokens, sampling=sampling, generator=generator
-        )
-        result.stats.check()
-        if repeat >= args.warmup:
-            walls.append(result.stats.wall_time_s)
-    setting.tokens.append(result.tokens)
-    setting.stats.append(result.stats)
-    setting.repeat_walls.append(walls)
-    setting.wall.append(statistics.median(walls))
-
-
 def sampled_table(
-    engine: Engine, target: Target, policies: dict[float, ExitPolicy], args, temperature: float
+    engine: Engine,
+    target: Target,
+    policies: dict[float, ExitPolicy],
+    args,
+    temperature: float,
+    plan: DecodingPlan,
 ) -> pd.DataFrame:
-    """One line per method at `temperature` (module docstring), LayerSkip tuned at that temperature."""
+    """One line per method at `temperature` (module docstring), LayerSkip tuned at that temperature. Each run
+    goes through the decoding stage's `run_sampled` (prompt i draws from a generator seeded `--seed` + i)."""
     sampling = Sampling(temperature, args.top_k, args.top_p)
     grid = [
         Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
@@ -365,7 +352,7 @@ def sampled_table(
     ]
     for i, prompt in enumerate(target.tune_prompts):
         for setting in grid:
-            run_sampled(engine, setting, prompt, i, sampling, args)
+            run_sampled(engine, setting, prompt, "tune", i, sampling, args.seed, plan)
     best = select_layerskip(grid)
     greedy = Setting("greedy", strategy=Greedy())
     settings = [
@@ -385,7 +372,7 @@ def sampled_table(
     ]
     for i, prompt in enumerate(target.prompts):  # interleaved per prompt, as in the greedy benchmark
         for setting in settings:
-            run_sampled(engine, setting, prompt, i, sampling, args)
+            run_sampled(engine, setting, prompt, "test", i, sampling, args.seed, plan)
     lines = []
     for setting in settings:
         speeds = setting.tokens_per_s_by_repeat()
