@@ -227,3 +227,21 @@ def test_png_only_and_latest_run(tmp_path: Path) -> None:
         load(new), tmp_path / "fig", names=["confidence_auroc"], formats=["png"], strict=True
     )
     assert [p.name for p in paths] == ["confidence_auroc.png"]
+
+
+def test_pick_eps_skips_an_eps_at_which_the_method_never_drafts():
+    import pandas as pd
+
+    from analysis.plots.speculative import pick_eps
+
+    # At ε=0.6 no head is consulted (greedy under another name, fastest); at ε=0.9 the method drafts.
+    rows = pd.DataFrame(
+        [
+            {"eps": 0.6, "metric": "speedup_vs_generate", "value": 1.30},
+            {"eps": 0.6, "metric": "acceptance_rate", "value": float("nan")},
+            {"eps": 0.9, "metric": "speedup_vs_generate", "value": 1.20},
+            {"eps": 0.9, "metric": "acceptance_rate", "value": 0.95},
+        ]
+    )
+    assert pick_eps(rows) == 0.9
+    assert pick_eps(rows[rows["metric"] != "acceptance_rate"]) == 0.6  # no acceptance rows: fastest ε

@@ -29,10 +29,14 @@ from analysis.plots.style import (
 
 def pick_eps(rows: pd.DataFrame) -> float:
     """The ε a method would be deployed at: the fastest (speedup_vs_generate), else the most accepted tokens
-    per verification, else the largest ε; NaN when the rows have no ε."""
+    per verification, else the largest ε; NaN when the rows have no ε. Only ε at which the method drafts count
+    when there are any (at an ε where no head is consulted the method is greedy under another name)."""
     with_eps = rows[rows["eps"].notna()]
     if with_eps.empty:
         return float("nan")
+    acceptance = with_eps[(with_eps["metric"] == "acceptance_rate") & with_eps["value"].notna()]
+    if len(acceptance):
+        with_eps = with_eps[with_eps["eps"].isin(acceptance["eps"].unique())]
     for metric in ("speedup_vs_generate", "accepted_per_verification"):
         scored = with_eps[with_eps["metric"] == metric].groupby("eps")["value"].mean().dropna()
         if len(scored):
