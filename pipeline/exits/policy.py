@@ -113,8 +113,10 @@ class ExitPolicy:
 
     # -- what the policy is ---------------------------------------------------------------------------------------
 
-    @property
+    @cached_property
     def metric_fn(self) -> ConfidenceMetric:
+        # Cached: the engine's step asks for it several times per token, and a pruned signal's name is parsed
+        # into a new metric object on every `get_metric` call.
         return get_metric(self.metric)
 
     @property
