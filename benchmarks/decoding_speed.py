@@ -77,7 +77,7 @@ from pipeline.evaluation.decoding_harness import (
 )
 from pipeline.evaluation.decoding_report import Setting
 from pipeline.evaluation.decoding_sampled import run_sampled
-from pipeline.evaluation.decoding_tuning import select_layerskip
+from pipeline.evaluation.decoding_tuning import layerskip_grid, select_layerskip
 from pipeline.evaluation.stage_outputs import StageOutputs, latest_outputs
 from pipeline.exits.calibration import calibrate
 from pipeline.exits.confidence import get_metric
@@ -345,11 +345,7 @@ def sampled_table(
     """One line per method at `temperature` (module docstring), LayerSkip tuned at that temperature. Each run
     goes through the decoding stage's `run_sampled` (prompt i draws from a generator seeded `--seed` + i)."""
     sampling = Sampling(temperature, args.top_k, args.top_p)
-    grid = [
-        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
-        for k in range(len(engine.head_layers))
-        for d in args.layerskip_d
-    ]
+    grid = layerskip_grid(len(engine.head_layers), args.layerskip_d)
     for i, prompt in enumerate(target.tune_prompts):
         for setting in grid:
             run_sampled(engine, setting, prompt, "tune", i, sampling, args.seed, plan)

@@ -58,6 +58,7 @@ from pipeline.evaluation.decoding_tuning import (
     choice_note,
     dssd_grid,
     improved_dssd,
+    layerskip_grid,
     select_dssd,
     select_layerskip,
 )
@@ -277,20 +278,16 @@ def run_decoding(
     from tqdm.auto import tqdm
 
     n_heads = len(engine.head_layers)
-    layerskip_grid = [
-        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
-        for k in range(n_heads)
-        for d in plan.layerskip_d
-    ]
+    layerskip_settings = layerskip_grid(n_heads, plan.layerskip_d)
     grid = dssd_grid(plan)
     with tqdm(
-        total=len(tune_prompts) * (2 + len(layerskip_grid) + len(grid)),
+        total=len(tune_prompts) * (2 + len(layerskip_settings) + len(grid)),
         desc="decoding",
         unit="gen",
         disable=not progress,
     ) as bar:
         runner = TimedRunner(model, engine, plan, on_run=lambda: bar.update(1))
-        tuning = tune(runner, tune_prompts, layerskip_grid, grid)
+        tuning = tune(runner, tune_prompts, layerskip_settings, grid)
         dssd_tuning = DSSDTuning(
             grid, select_dssd(grid, plan.layerskip_select) if grid else None, tuning.criterion
         )

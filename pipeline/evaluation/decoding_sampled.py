@@ -39,7 +39,7 @@ import torch
 from pipeline.engine import Engine, Greedy, LayerSkip, Sampling
 from pipeline.evaluation.decoding_report import SUMMARY_METRICS, DecodingReport, Setting
 from pipeline.evaluation.decoding_rows import SAMPLED_PREFIX, decoding_row, ratio_rows, sampled_rows
-from pipeline.evaluation.decoding_tuning import select_layerskip
+from pipeline.evaluation.decoding_tuning import layerskip_grid, select_layerskip
 
 if TYPE_CHECKING:
     from pipeline.evaluation.decoding_harness import DecodingPlan
@@ -199,11 +199,7 @@ def run_temperature(
     docstring)."""
     sampling = Sampling(temperature)
     records: list[dict] = []
-    grid = [
-        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
-        for k in range(len(engine.head_layers))
-        for d in plan.layerskip_d
-    ]
+    grid = layerskip_grid(len(engine.head_layers), plan.layerskip_d)
     for i, prompt in enumerate(tune_prompts):
         for setting in grid:
             records.append(run_sampled(engine, setting, prompt, "tune", i, sampling, seed, plan))

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.engine import DSSD
+from pipeline.engine import DSSD, LayerSkip
 from pipeline.evaluation.decoding_report import Setting
 from pipeline.exits.draft_stop import DraftAccuracy
 from pipeline.exits.exit_set import ExitSetChoice
@@ -37,6 +37,15 @@ def select_best(grid: Sequence[Setting], criterion: str, tiebreak: Callable[[Set
         return (primary, apv, *tiebreak(s))
 
     return min(grid, key=score)
+
+
+def layerskip_grid(n_heads: int, draft_lengths: Sequence[int]) -> list[Setting]:
+    """LayerSkip's tuning grid: every head × every draft length d."""
+    return [
+        Setting("layerskip_grid", head=k, draft_len=d, strategy=LayerSkip(k, d))
+        for k in range(n_heads)
+        for d in draft_lengths
+    ]
 
 
 def select_layerskip(grid: Sequence[Setting], criterion: str = SELECT_CRITERIA[0]) -> Setting:
