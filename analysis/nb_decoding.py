@@ -76,7 +76,16 @@ decoding = select(res.frame, stage="decoding")
 summary = []
 for model in res.models:
     rows = decoding[decoding["model"] == model]
-    for setting in ("greedy", "early_exit", "layerskip", "dssd_paper", "dssd", "dssd_tuned", "oracle"):
+    for setting in (
+        "greedy",
+        "early_exit",
+        "layerskip",
+        "dssd_paper",
+        "dssd",
+        "dssd_tuned",
+        "dssd_perfect_gate",
+        "oracle",
+    ):
         if setting in set(rows["setting"]):
             point, eps = decoding_point(rows, setting)
             summary.append({"model": model, "setting": setting, "eps": eps, **point.to_dict()})

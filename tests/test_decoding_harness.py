@@ -238,8 +238,15 @@ def test_run_decoding_rows_tables_and_external_methods(tiny):
     ]
     table = report.per_prompt_table()
     # tuning: generate, greedy, 6 LayerSkip and 4 DSSD grid settings on 1 prompt; test: generate, greedy, 2
-    # early exit, layerskip, dssd_paper, layerskip_nobonus, dssd_tuned and the external method on 2 prompts
-    assert len(table) == 12 + 2 * 9
+    # early exit, layerskip, dssd_paper, layerskip_nobonus, dssd_tuned, dssd_perfect_gate and the external
+    # method on 2 prompts
+    assert len(table) == 12 + 2 * 10
+    # The perfect gate drafts exactly the tokens some head gets right (the oracle's), each one accepted.
+    gate = report.test.perfect_gate
+    assert gate.tokens == report.test.greedy.tokens
+    oracle_drafts = sum(h is not None for b in report.test.bounds for h in b.earliest_head[1:])
+    assert gate.total("drafted") == gate.total("accepted") > 0
+    assert gate.total("drafted") <= oracle_drafts
     assert all(len(s.repeat_walls[0]) == 2 for s in (report.test.generate, report.test.dssd_paper[0]))
     speed = report.speed_table("tiny")
     assert speed.loc[speed["method"] == "reference_again", "identical_to_greedy"].item()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline.engine import DSSD, Engine
+from pipeline.engine import DSSD, Engine, PerfectGate
 from pipeline.exits.calibration import add_dssd_choices, calibrate
 from pipeline.exits.confidence import entropy
 from pipeline.exits.cost import CostModel
@@ -224,6 +224,32 @@ def test_adaptive_draft_length_is_lossless(kind, one_thread):
         drafted[name] = total
     assert drafted["paper"]["drafted"] > 0
     assert drafted["gamma=0.8"]["drafted"] <= drafted["gamma=0.3"]["drafted"] <= drafted["paper"]["drafted"]
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_the_perfect_gate_drafts_exactly_where_a_head_is_right(kind, one_thread):
+    model = _model(kind)
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)
+    engine = Engine(model, heads)
+    gen = torch.Generator().manual_seed(11)
+    for n in torch.randint(1, 12, (6,), generator=gen).tolist():
+        prompt = torch.randint(0, VOCAB, (n,), generator=gen)
+        bound = engine.oracle_bound(prompt, NEW_TOKENS)
+        for cap in (1, 16):
+            result = engine.generate(prompt, PerfectGate(bound.earliest_head, max_draft=cap), NEW_TOKENS)
+            assert result.tokens == _greedy(model, prompt) == bound.tokens
+            stats = result.stats
+            stats.check()
+            # Every draft is right; a token some head gets right is drafted unless a cap forced a verification.
+            assert stats.accepted == stats.drafted and stats.corrections == 0
+            right = bound.earliest_head[1:]  # token 0 comes from the prefill
+            assert stats.drafted <= sum(h is not None for h in right)
+            if cap == 16:
+                for k in range(len(HEAD_LAYERS)):
+                    drafted_here = stats.drafts_per_head[k]
+                    assert drafted_here <= sum(h == k for h in right)
+    with pytest.raises(ValueError, match="outside the engine's 3 heads"):
+        engine.generate(prompt, PerfectGate([0, 5]), 2)
 
 
 def test_gamma_needs_the_accuracy_curve_of_the_policys_metric():

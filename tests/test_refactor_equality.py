@@ -26,9 +26,10 @@ TIMING = ("seconds", "tokens_per_s", "speedup", "speed_ratio", "wall")
 # Metrics added since the expectation (no stored value): the latency measure of the decoding rows, and the
 # count of bf16/fp16 near-ties of lossless methods (issue 15; 0 on the fp32 micro model).
 NEW_METRICS = ("latency_equiv", "near_ties")
-# Decoding settings added since (issue 14): new rows, no stored expectation. `dssd` is the improved DSSD now;
+# Decoding settings added since (issue 14): new rows, no stored expectation (`dssd_perfect_gate`: the analysis
+# bound of a perfect confidence gate). `dssd` is the improved DSSD now;
 # the paper's rule, stored as `dssd`, is `dssd_paper` (mapped back by `legacy_method`).
-NEW_SETTINGS = ("dssd_tuned", "layerskip_nobonus", "dssd")
+NEW_SETTINGS = ("dssd_tuned", "layerskip_nobonus", "dssd", "dssd_perfect_gate")
 KEY = ["stage", "method", "eps", "head", "metric"]
 
 

@@ -3,7 +3,8 @@
 
 Methods: `dssd_paper` (the paper's rule) and `dssd` (the improved DSSD: calibrated exit set and adaptive
 draft length), each at its fastest ε; `dssd_tuned`; the tuned LayerSkip; LayerSkip without the bonus token
-(the paper author's baseline). The right panel's dashed line is the issue-14 waste bound: FLOP
+(the paper author's baseline); DSSD with a perfect confidence gate (an analysis bound: what any signal could
+reach with these heads). The right panel's dashed line is the issue-14 waste bound: FLOP
 layer-equivalents per token at most 1.15 × greedy's.
 """
 
@@ -33,6 +34,7 @@ METHODS = {  # setting -> display name
     "dssd_tuned": "DSSD tuned",
     "layerskip": "LayerSkip tuned",
     "layerskip_nobonus": "LayerSkip, no bonus",
+    "dssd_perfect_gate": "DSSD, perfect gate\n(bound)",
 }
 WASTE_BOUND = 1.15  # FLOP layer-equivalents per token, × greedy's (issue 14's bound)
 

@@ -65,6 +65,7 @@ DISPLAY_NAMES = {
     "dssd": "DSSD (exit set + γ)",
     "dssd_tuned": "DSSD (tuned)",
     "layerskip_nobonus": "LayerSkip, no bonus",
+    "dssd_perfect_gate": "DSSD, perfect gate (bound)",
     "oracle": "oracle bound",
     "empirical": "empirical",
     "ltt": "LTT (guaranteed)",

@@ -31,7 +31,9 @@ Public API::
   e.g. `torch.Generator().manual_seed(base_seed + prompt_index)`.
 - Strategies (`make_strategy(name, **kwargs)` builds them by name):
   `Greedy()` — full model; `EarlyExit(policy, fill="lazy"|"copy"|"recompute")` — lossy;
-  `LayerSkip(head, draft_length)` and `DSSD(policy, max_draft=16)` — lossless (identical to greedy).
+  `LayerSkip(head, draft_length)` and `DSSD(policy, max_draft=16)` — lossless (identical to greedy);
+  `PerfectGate(bound.earliest_head, max_draft)` — DSSD with a perfect confidence gate, an analysis bound
+  (it needs the greedy output in advance: `bound = engine.oracle_bound(prompt, n)`).
   With sampling: `Greedy` samples from the full model (the reference), `EarlyExit` from the exiting head
   (lossy), `LayerSkip` and `DSSD` draft from the exiting head and verify with the speculative-sampling rule
   (accept x w.p. min(1, p(x)/q(x)), else draw from normalize(max(0, p - q)); bonus drawn from p), so their
@@ -62,6 +64,7 @@ from pipeline.engine.strategies import (
     EarlyExit,
     Greedy,
     LayerSkip,
+    PerfectGate,
     Strategy,
     make_strategy,
 )
@@ -88,6 +91,7 @@ __all__ = [
     "EarlyExit",
     "Greedy",
     "LayerSkip",
+    "PerfectGate",
     "Strategy",
     "make_strategy",
 ]

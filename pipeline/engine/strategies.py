@@ -8,6 +8,8 @@ session samples; the speculative strategies then verify drafts with the speculat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pipeline.engine.engine import DecodeSession, Engine, StepResult
@@ -157,6 +159,10 @@ class _Speculative(Strategy):
     def _policy(self, engine: Engine) -> ExitPolicy:
         raise NotImplementedError
 
+    def _draft_policy(self, session: DecodeSession, position: int, policy: ExitPolicy) -> ExitPolicy | None:
+        """The exit policy of the step at `position` while drafting (None: stop drafting and verify)."""
+        return policy
+
     def run(self, session: DecodeSession, first_token: int) -> None:
         policy = self._policy(session.engine)
         stats, eos = session.stats, session.eos_token_ids
@@ -171,7 +177,8 @@ class _Speculative(Strategy):
             chain = 1.0  # estimated probability that every pending draft is accepted
             while True:
                 forced = len(drafts) >= cap or (drafts and drafts[-1] in eos) or chain < self.min_chain_prob
-                result = session.step(position, token, None if forced else policy, verify_from=base)
+                step_policy = None if forced else self._draft_policy(session, position, policy)
+                result = session.step(position, token, step_policy, verify_from=base)
                 if result.head is None:
                     break
                 drafts.append(result.token)
@@ -313,6 +320,48 @@ class LayerSkip(_Speculative):
 
     def _policy(self, engine: Engine) -> ExitPolicy:
         return ExitPolicy.fixed_head(engine.head_layers, self.head)
+
+
+class PerfectGate(_Speculative):
+    """DSSD with a perfect confidence gate: an analysis bound, not a decoder (it needs the greedy output in
+    advance). `earliest_head[j]` is the earliest head whose argmax is greedy's token j of this prompt, None
+    where no head has it (`Engine.oracle_bound(prompt).earliest_head`). Each token is drafted at that head
+    exactly when one exists: drafting never wastes a draft, never misses one, and the gate itself costs
+    nothing; drafts are verified like every draft (so the output is greedy's, checked like the others).
+
+    Its speed is the most any confidence signal could get out of these heads under DSSD's rules (same engine,
+    same verification, same `max_draft`): what separates DSSD from it is the gate, what separates it from
+    greedy is the heads and the step's costs (docs/design.md §1.6)."""
+
+    name = "dssd_perfect_gate"
+
+    def __init__(self, earliest_head: Sequence[int | None], max_draft: int = 16):
+        if max_draft < 1:
+            raise ValueError("max_draft must be >= 1")
+        self.earliest_head = list(earliest_head)
+        self.max_draft = max_draft
+        self.extra_capacity = max_draft
+        self._fixed: dict[int, ExitPolicy] = {}
+
+    def validate(self, engine: Engine) -> None:
+        if engine.heads is None:
+            raise ValueError("dssd_perfect_gate needs early-exit heads: Engine(model, heads)")
+        n_heads = len(engine.head_layers)
+        if any(h is not None and not 0 <= h < n_heads for h in self.earliest_head):
+            raise ValueError(f"earliest_head names a head outside the engine's {n_heads} heads")
+        self._fixed = {k: ExitPolicy.fixed_head(engine.head_layers, k) for k in range(n_heads)}
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "max_draft": self.max_draft}
+
+    def _policy(self, engine: Engine) -> ExitPolicy:
+        return ExitPolicy.disabled(engine.head_layers)
+
+    def _draft_policy(self, session: DecodeSession, position: int, policy: ExitPolicy) -> ExitPolicy | None:
+        # The step at `position` predicts generated token j (the prefill produced token 0).
+        j = position - session.prompt_len + 1
+        head = self.earliest_head[j] if j < len(self.earliest_head) else None
+        return None if head is None else self._fixed[head]
 
 
 STRATEGIES = {cls.name: cls for cls in (Greedy, EarlyExit, LayerSkip, DSSD)}

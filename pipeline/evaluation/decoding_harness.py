@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, Strategy
+from pipeline.engine import DSSD, EarlyExit, Engine, Greedy, LayerSkip, PerfectGate, Strategy
 from pipeline.evaluation.decoding_report import DecodingReport, DSSDTuning, LayerSkipTuning, Setting, TestRun
 from pipeline.evaluation.decoding_tuning import (
     SELECT_CRITERIA,
@@ -415,6 +415,10 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
             note=dssd_tuned.note,
             labels=dict(dssd_tuned.labels),
         )
+    # The perfect gate's strategy is made per prompt from that prompt's oracle bound (decode_test_prompt).
+    perfect_gate = (
+        Setting("dssd_perfect_gate", strategy=PerfectGate([], plan.max_draft)) if plan.oracle else None
+    )
     return TestRun(
         Setting("generate"),
         Setting("greedy", strategy=Greedy()),
@@ -426,6 +430,7 @@ def _test_settings(plan: DecodingPlan, tuned: Setting, dssd_tuned: Setting | Non
         layerskip_nobonus=nobonus,
         dssd_tuned=chosen,
         dssd=dssd,
+        perfect_gate=perfect_gate,
     )
 
 
@@ -447,6 +452,13 @@ def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor,
     )
     for setting in test.early_exit:
         runner.run(setting, prompt, "test", index)
+    bound = None
+    if runner.plan.oracle:
+        bound = runner.engine.oracle_bound(prompt, runner.plan.max_new_tokens, runner.plan.eos_token_id)
+        check_identical(
+            greedy_tokens, bound.tokens, "oracle probe (greedy)", "greedy", "test", index, **judged_by
+        )
+        test.perfect_gate.strategy = PerfectGate(bound.earliest_head, runner.plan.max_draft)
     for setting in test.lossless:
         tokens = runner.run(setting, prompt, "test", index)
         check_identical(
@@ -454,12 +466,6 @@ def decode_test_prompt(runner: TimedRunner, test: TestRun, prompt: torch.Tensor,
         )
     for setting in test.external:
         runner.run(setting, prompt, "test", index)
-    if not runner.plan.oracle:
-        return None
-    bound = runner.engine.oracle_bound(prompt, runner.plan.max_new_tokens, runner.plan.eos_token_id)
-    check_identical(
-        greedy_tokens, bound.tokens, "oracle probe (greedy)", "greedy", "test", index, **judged_by
-    )
     return bound
 
 

@@ -14,7 +14,7 @@ adaptive-stop γ, pipeline/exits/exit_set.py) and `dssd_tuned` (ε, heads, cap a
 
 Result rows (pipeline/orchestration/results.py); the `setting` column names the method, and early_exit /
 dssd* rows also carry `calibration`, `confidence` (and `fill` for early exit):
-  setting generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd_paper|dssd|dssd_tuned, eps
+  setting generate|greedy|early_exit|layerskip|layerskip_nobonus|dssd_paper|dssd|dssd_tuned|dssd_perfect_gate, eps
       (early_exit, dssd*), head -:
       tokens_per_s, speedup_vs_generate (tokens/s over generate's on the same prompts), layer_equiv_per_token
       (FLOPs), latency_equiv_per_token (calls, whatever their rows; docs/design.md §2), tokens_per_full_pass,
@@ -30,6 +30,9 @@ dssd* rows also carry `calibration`, `confidence` (and `fill` for early exit):
   setting dssd|dssd_tuned: what the DSSD consults: rows max_draft, min_chain_prob (γ; 0 = no early stop) and
       consulted (1/0) per head i; dssd_tuned (chosen on the tuning prompts by the same criterion as
       LayerSkip's (head, d)) also tuned_eps.
+  setting dssd_perfect_gate: DSSD with a perfect confidence gate (`PerfectGate`, with the oracle only): each token
+      drafted at its earliest agreeing head exactly when one exists, cap `max_draft`, verified in the same engine;
+      what any confidence signal could reach with these heads (docs/design.md §1.6). Measured, not a decoder.
   setting layerskip_grid, head i, extra column draft_len: the same metrics on the tuning prompts.
   setting oracle: layer_equiv_per_token (exit at the earliest agreeing head, no fill: a lower bound) and
       latency_equiv_per_token (the same figure: every call is one row), cascade_layer_equiv_per_token (also
@@ -202,11 +205,13 @@ class TestRun:
     layerskip_nobonus: Setting | None = None  # the tuned (head, d) without the bonus token
     dssd_tuned: Setting | None = None  # DSSD with the setting chosen on the tuning prompts
     dssd: list[Setting] = field(default_factory=list)  # the improved DSSD per ε (calibrated exit set and γ)
+    # DSSD with a perfect gate (`PerfectGate`: needs each prompt's oracle bound; None without the oracle)
+    perfect_gate: Setting | None = None
 
     @property
     def lossless(self) -> list[Setting]:
         """The speculative settings, each checked against greedy on every prompt."""
-        extra = [s for s in (self.layerskip_nobonus, self.dssd_tuned) if s is not None]
+        extra = [s for s in (self.layerskip_nobonus, self.dssd_tuned, self.perfect_gate) if s is not None]
         return [self.layerskip, *self.dssd_paper, *self.dssd, *extra]
 
     @property
@@ -284,7 +289,7 @@ class DecodingReport:
             out["dssd_tuned_gamma"] = tuned.strategy.min_chain_prob
             out["dssd_tuned_heads"] = ",".join(map(str, tuned.strategy.policy.enabled))
         greedy_tps = test.greedy.tokens_per_s
-        for s in (tuned, test.layerskip, test.layerskip_nobonus):
+        for s in (tuned, test.layerskip, test.layerskip_nobonus, test.perfect_gate):
             if s is not None:
                 out[f"{s.method}_speed_vs_greedy"] = (
                     s.tokens_per_s / greedy_tps if greedy_tps > 0 else math.nan

@@ -27,6 +27,7 @@ SPECULATIVE = (
     "dssd",
     "dssd_grid",
     "dssd_tuned",
+    "dssd_perfect_gate",
 )
 
 
