@@ -9,7 +9,7 @@ import torch
 
 from pipeline.models.backbone import load_backbone
 from pipeline.models.tiny_model import DEFAULTS, EOS_TOKEN, build_model, resolve_tiny_config, train_tokenizer
-from pipeline.models.tiny_pretraining import lr_factor, pretrain_tiny_model
+from pipeline.models.tiny_pretraining import evaluate_lm, lr_factor, pretrain_tiny_model
 from tests.conftest import ListSource
 
 
@@ -102,6 +102,20 @@ def test_lr_schedule_shape() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_logit_lens_on_a_prefix_leaves_perplexity_alone() -> None:
+    torch.manual_seed(0)
+    model = build_model(resolve_tiny_config(SMALL), vocab_size=300, eos_token_id=0)
+    blocks = torch.randint(0, 300, (10, 32))
+    everything = evaluate_lm(model, blocks, batch_size=4)
+    prefix = evaluate_lm(model, blocks, batch_size=4, lens_tokens=3 * 32 + 5)  # whole blocks: the first 3
+    # Perplexity still covers every block; the lens is exactly the lens of the first 3 blocks alone.
+    assert prefix["val_loss"] == pytest.approx(everything["val_loss"], rel=1e-6)
+    assert prefix["eval_tokens"] == everything["eval_tokens"] == 320
+    first_three = evaluate_lm(model, blocks[:3], batch_size=4)
+    assert prefix["logit_lens_agreement"] == first_three["logit_lens_agreement"]
+    assert prefix["logit_lens_agreement"] != everything["logit_lens_agreement"]
 
 
 @pytest.fixture(scope="module")

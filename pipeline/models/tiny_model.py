@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.95],
     "grad_clip": 1.0,
     "eval_tokens": 100_000,
+    "lens_eval_tokens": 16_384,
     "eval_batch_size": 64,
     "tokenizer_min_frequency": 2,
     "tokenizer_max_bytes": 64_000_000,
