@@ -298,3 +298,13 @@ def test_stage_writes_accuracy_compute_and_token_rows(tiny, tmp_path):
     acc = output.tables["accuracy_compute"]
     assert list(acc["policy"]) == ["full", "full", "empirical", "empirical"]
     assert (out / "offline_tasks" / "offline_next_line.jsonl").is_file()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_keeps_lm_evals_request_bars_off(tiny, tasks_dir, capfd, progress):
+    model, tokenizer, heads, _ = tiny
+    lm = EarlyExitLM(model, tokenizer, heads, batch_size=4, device="cpu", progress=progress)
+    capfd.readouterr()
+    evaluate(lm, tasks_dir, tasks=[TASKS[0]])
+    bars = "Running loglikelihood requests" in capfd.readouterr().err
+    assert bars == progress

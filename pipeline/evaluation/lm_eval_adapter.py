@@ -59,6 +59,7 @@ class EarlyExitLM(HFLM):
         generation: str = "early_exit",
         fill: str = "lazy",
         max_draft: int = 16,
+        progress: bool = True,
         **hflm_kwargs: Any,
     ) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hflm_kwargs)
@@ -70,6 +71,9 @@ class EarlyExitLM(HFLM):
         self.generation = generation
         self.fill = fill
         self.max_draft = max_draft
+        self.progress = (
+            progress  # False: lm-eval's per-request progress bars stay off (pipeline `progress=false`)
+        )
         self._decoder = None  # the decoding engine, built on first generation request
         self.num_layers = num_layers_of(model)
         self.cost = cost or CostModel.for_model(model)
@@ -122,13 +126,15 @@ class EarlyExitLM(HFLM):
         return results
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+        return self._per_task(
+            super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm or not self.progress
+        )
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self._per_task(self._generate_until, requests, disable_tqdm=disable_tqdm)
+        return self._per_task(self._generate_until, requests, disable_tqdm=disable_tqdm or not self.progress)
 
     # -- scoring ------------------------------------------------------------------------------------------------
 

@@ -155,6 +155,7 @@ def run(ctx: StageContext) -> StageOutput:
         generation=str(ev.generation),
         fill=str(ev.fill),
         max_draft=int(ev.max_draft),
+        progress=ctx.progress,
     )
     settings: list[tuple[str, float | None]] = [("full", None)]
     settings += [(str(m), float(e)) for m in ev.methods for e in ev.eps]
