@@ -33,6 +33,10 @@ from pipeline.models.backbone import default_head_layers
 from pipeline.models.pythia_shapes import PYTHIA_SHAPES, random_pythia
 from pipeline.orchestration.store import StageStore
 
+# Rows of a verification pass (drafts + 1) timed against one row: on CPU a k-row matrix product runs another
+# kernel than a one-row one, so verifying drafts costs more than one step (docs/design.md §2).
+VERIFY_ROWS = (2, 3, 5, 9)
+
 
 def median_us(fn: Callable[[], object], calls: int, warmup: int = 20) -> float:
     """Median wall time of `fn()` in microseconds over `calls` calls."""
@@ -74,9 +78,20 @@ def call_costs(label: str, model: torch.nn.Module, heads: EarlyExitHeads, k: int
     def block() -> None:
         adapter.block(n_layers // 2, hidden, cache, position)
 
-    def every_block() -> None:  # as a step runs them: each block's weights read once, in turn
-        for i in range(n_layers):
-            adapter.block(i, hidden, cache, position)
+    def every_block(rows: int = 1) -> Callable[[], None]:
+        """All blocks in turn on `rows` rows, as a step runs them (each block's weights read once): with
+        rows > 1, a verification pass over rows - 1 drafts."""
+        states, start = cache.hidden[:, position - rows + 1 : position + 1].clone(), position - rows + 1
+
+        def run() -> None:
+            for i in range(n_layers):
+                adapter.block(i, states, cache, start)
+
+        return run
+
+    def lm_head(rows: int) -> Callable[[], None]:
+        states = cache.hidden[:, position - rows + 1 : position + 1].clone()
+        return lambda: adapter.logits(states)
 
     def greedy_step() -> None:
         session.step(position, token)
@@ -96,12 +111,19 @@ def call_costs(label: str, model: torch.nn.Module, heads: EarlyExitHeads, k: int
     measured = {
         "embed (1 row)": median_us(lambda: adapter.embed(session.ids[position : position + 1]), calls),
         "block (1 row)": median_us(block, calls),
-        f"blocks 0..{n_layers - 1} in turn (1 row each)": median_us(every_block, calls),
+        f"blocks 0..{n_layers - 1} in turn (1 row each)": median_us(every_block(1), calls),
         "full head, d·V (1 row)": median_us(lambda: heads(middle, head_input), calls),
         f"pruned view, d·{k} (1 row)": median_us(lambda: view(middle, head_input), calls),
         "entropy of full logits": median_us(lambda: entropy(full_logits), calls),
         "logit margin of view logits": median_us(lambda: margin(view_logits), calls),
         "final norm + LM head (1 row)": median_us(lambda: adapter.logits(hidden), calls),
+        **{
+            f"blocks 0..{n_layers - 1} in turn ({rows} rows each: verifying {rows - 1} drafts)": median_us(
+                every_block(rows), calls
+            )
+            for rows in VERIFY_ROWS
+        },
+        **{f"final norm + LM head ({rows} rows)": median_us(lm_head(rows), calls) for rows in VERIFY_ROWS},
         "crop": median_us(lambda: session.crop(position), calls),
         "engine step, full model": median_us(greedy_step, calls),
         f"engine step, draft at head {middle} (block {heads.layers[middle]})": median_us(draft_step, calls),
