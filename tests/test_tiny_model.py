@@ -9,7 +9,14 @@ import torch
 
 from pipeline.models.backbone import load_backbone
 from pipeline.models.tiny_model import DEFAULTS, EOS_TOKEN, build_model, resolve_tiny_config, train_tokenizer
-from pipeline.models.tiny_pretraining import evaluate_lm, lr_factor, pretrain_tiny_model
+from pipeline.models.tiny_pretraining import (
+    Muon,
+    _optimizers,
+    evaluate_lm,
+    lr_factor,
+    orthogonalize,
+    pretrain_tiny_model,
+)
 from tests.conftest import ListSource
 
 
@@ -102,6 +109,53 @@ def test_lr_schedule_shape() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(24, 96), (96, 24), (32, 32)])
+def test_orthogonalize_flattens_the_spectrum_and_keeps_the_directions(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    # Singular values spread over 2.5 orders of magnitude.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
+    k = min(shape)
+    matrix = u[:, :k] @ torch.diag(torch.logspace(-1.5, 1, k)) @ v[:, :k].T
+    result = orthogonalize(matrix)
+    singular = torch.linalg.svdvals(result)
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    # Same singular vectors: u^T result v is (nearly) diagonal and positive.
+    inner = u[:, :k].T @ result @ v[:, :k]
+    assert (inner - torch.diag(torch.diagonal(inner))).abs().max() < 1e-4 and torch.diagonal(inner).min() > 0
+
+
+def test_muon_update_has_adamw_like_rms_and_decays_weights() -> None:
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 256))
+    before = weight.detach().clone()
+    weight.grad = torch.randn(64, 256)
+    Muon([weight], lr=1e-2, weight_decay=0.0).step()
+    rms = (weight.detach() - before).pow(2).mean().sqrt().item()
+    assert 0.1 * 1e-2 < rms < 0.3 * 1e-2  # ~0.2 x lr, the RMS of a typical AdamW update
+    # A zero gradient on a fresh optimizer leaves only the decoupled decay, x (1 - lr * wd).
+    decayed = torch.nn.Parameter(before.clone())
+    decayed.grad = torch.zeros_like(before)
+    Muon([decayed], lr=1e-2, weight_decay=0.5).step()
+    assert torch.allclose(decayed.detach(), before * (1 - 1e-2 * 0.5))
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))], lr=1e-2)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest() -> None:
+    model = build_model(resolve_tiny_config(SMALL), vocab_size=300, eos_token_id=0)
+    adamw, muon = _optimizers(model, resolve_tiny_config({**SMALL, "optimizer": "muon"}))
+    block_matrices = {id(p) for p in model.gpt_neox.layers.parameters() if p.dim() == 2}
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == block_matrices
+    rest = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert rest == {id(p) for p in model.parameters()} - block_matrices
+    assert id(model.gpt_neox.embed_in.weight) in rest and id(model.get_output_embeddings().weight) in rest
+    (only,) = _optimizers(model, resolve_tiny_config({**SMALL, "optimizer": "adamw"}))
+    assert isinstance(only, torch.optim.AdamW)
+    with pytest.raises(ValueError, match="model.tiny.optimizer"):
+        resolve_tiny_config({"optimizer": "sgd"})
 
 
 def test_logit_lens_on_a_prefix_leaves_perplexity_alone() -> None:

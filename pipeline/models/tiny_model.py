@@ -33,8 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "init": "pythia",
     "tie_word_embeddings": False,
     "seq_len": 128,
-    "train_tokens": 2_800_000,
+    "train_tokens": 2_000_000,
     "batch_size": 16,
+    "optimizer": "muon",
     "lr": 6.0e-3,
     "min_lr_ratio": 0.1,
     "warmup_steps": 50,
@@ -70,6 +71,8 @@ def resolve_tiny_config(tiny_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"d_model={cfg['d_model']} is not divisible by num_attention_heads={cfg['num_attention_heads']}"
         )
+    if cfg["optimizer"] not in ("adamw", "muon"):
+        raise ValueError(f"model.tiny.optimizer must be 'adamw' or 'muon', got {cfg['optimizer']!r}")
     if cfg["precision"] not in ("fp32", "bf16-mixed"):
         raise ValueError(f"model.tiny.precision must be 'fp32' or 'bf16-mixed', got {cfg['precision']!r}")
     if cfg["seq_len"] > cfg["max_position_embeddings"]:
