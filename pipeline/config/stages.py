@@ -361,14 +361,14 @@ class DecodingConfig(Settings):
 
     KEY = "decoding"
     n_prompts: int = setting(20, check=at_least(1))  # reported prompts, from the test split
-    n_tune_prompts: int = setting(3, check=at_least(1))  # LayerSkip and DSSD tuning prompts, from validation
+    n_tune_prompts: int = setting(4, check=at_least(1))  # LayerSkip and DSSD tuning prompts, from validation
     prompt_len: int = setting(64, check=at_least(1))
     max_new_tokens: int = setting(64, check=at_least(1))  # prompt_len + max_new_tokens <= model.max_seq_len
     eps: list[float] = setting(factory=lambda: [0.7, 0.8, 0.9], check=_eps_levels)  # ⊆ calibrate.eps
     calibration_method: str = "empirical"  # one of calibrate.methods
     max_draft: int = setting(16, check=at_least(1))  # the paper's DSSD rows: cap on drafts per verification
     # dssd_tuned: the draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts.
-    dssd_max_draft: list[int] = setting(factory=lambda: [8], check=each(at_least(1)))
+    dssd_max_draft: list[int] = setting(factory=lambda: [2, 8], check=each(at_least(1)))
     # dssd_tuned: the adaptive-stop γ values its grid also tunes over (0 = the paper's rule: no early stop).
     dssd_gamma: list[float] = setting(factory=lambda: [0.0, 0.5], check=each(within(0, 1)))
     layerskip_d: list[int] = setting(factory=lambda: [1, 2, 4], check=each(at_least(1)))
