@@ -305,3 +305,19 @@ def test_latest_outputs_takes_the_newest_calibrate_entry_with_its_upstream(tmp_p
     (outputs.entry("heads") / "out.txt").write_text("altered")
     with pytest.raises(Exception, match="checksum|bytes"):
         outputs.verify()
+
+
+def test_hf_greedy_ignores_the_models_own_eos_unless_given():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = GPTNeoXForCausalLM(config).eval()
+    prompt = torch.tensor([1, 2, 3])
+    free = hf_greedy(model, prompt, 12)
+    model.generation_config.eos_token_id = free[0]  # as a tokenizer's EOS would be, in a saved model
+    assert hf_greedy(model, prompt, 12) == free  # the engine decodes max_new_tokens: so must the reference
+    assert hf_greedy(model, prompt, 12, eos_token_id=free[0]) == free[:1]
+    assert model.generation_config.eos_token_id == free[0]

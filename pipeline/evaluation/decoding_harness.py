@@ -159,12 +159,19 @@ def hf_greedy(
         num_beams=1,
         **generation,
     )
-    with torch.inference_mode():
-        out = model.generate(
-            prompt.view(1, -1),
-            attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device),
-            generation_config=config,
-        )
+    # transformers fills a passed config's unset fields from the model's own generation_config, its EOS
+    # included: without clearing that, EOS would stop the reference where the engine goes on.
+    model_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos_token_id
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                prompt.view(1, -1),
+                attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device),
+                generation_config=config,
+            )
+    finally:
+        model.generation_config.eos_token_id = model_eos
     return out[0, prompt.numel() :].tolist()
 
 
