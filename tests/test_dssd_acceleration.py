@@ -155,6 +155,13 @@ def _model(kind: str) -> torch.nn.Module:
     return model
 
 
+def _engine(kind: str) -> tuple[torch.nn.Module, EarlyExitHeads, Engine]:
+    """A random model of `kind`, logit-lens heads at HEAD_LAYERS and the engine over both."""
+    model = _model(kind)
+    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)
+    return model, heads, Engine(model, heads)
+
+
 def _greedy(model, prompt: torch.Tensor) -> list[int]:
     with torch.no_grad():
         out = model.generate(
@@ -181,9 +188,7 @@ def _greedy_n(model, prompt: torch.Tensor, n: int) -> list[int]:
 
 @pytest.mark.parametrize("kind", ["neox", "llama"])
 def test_adaptive_draft_length_is_lossless(kind, one_thread):
-    model = _model(kind)
-    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)
-    engine = Engine(model, heads)
+    model, heads, engine = _engine(kind)
     gen = torch.Generator().manual_seed(7)
     prompts = [
         torch.randint(0, VOCAB, (int(n),), generator=gen) for n in torch.randint(1, 12, (8,), generator=gen)
@@ -228,9 +233,7 @@ def test_adaptive_draft_length_is_lossless(kind, one_thread):
 
 @pytest.mark.parametrize("kind", ["neox", "llama"])
 def test_the_perfect_gate_drafts_exactly_where_a_head_is_right(kind, one_thread):
-    model = _model(kind)
-    heads = EarlyExitHeads.from_backbone(model, HEAD_LAYERS, init="unembedding", seed=0)
-    engine = Engine(model, heads)
+    model, heads, engine = _engine(kind)
     gen = torch.Generator().manual_seed(11)
     for n in torch.randint(1, 12, (6,), generator=gen).tolist():
         prompt = torch.randint(0, VOCAB, (n,), generator=gen)
