@@ -110,7 +110,8 @@ class EarlyExitLM(HFLM):
 
     # -- per-task bookkeeping: lm-eval batches all tasks' requests together; split them by task ------------------
 
-    def _per_task(self, method, requests: list[Instance], **kwargs: Any) -> list:
+    def _per_task(self, method, requests: list[Instance], disable_tqdm: bool) -> list:
+        kwargs = {"disable_tqdm": disable_tqdm or not self.progress}
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             groups[request.task_name or _NO_TASK].append(i)
@@ -126,15 +127,13 @@ class EarlyExitLM(HFLM):
         return results
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm or not self.progress)
+        return self._per_task(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        return self._per_task(
-            super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm or not self.progress
-        )
+        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self._per_task(self._generate_until, requests, disable_tqdm=disable_tqdm or not self.progress)
+        return self._per_task(self._generate_until, requests, disable_tqdm)
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
