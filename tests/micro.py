@@ -29,6 +29,13 @@ MICRO = [
     "model.tiny.seq_len=64",
     "model.tiny.optimizer=adamw",  # the default until issue 15; the stored micro numbers were made with it
     "model.tiny.precision=bf16-mixed",  # the default until issue 15; the stored micro numbers were made with it
+    # The recipe before issue 15's 10-minute first run (cosine to 0.1, one lr, Pythia's init, the first
+    # train_tokens of the split): the stored micro numbers were made with it.
+    "model.tiny.schedule=cosine",
+    "model.tiny.min_lr_ratio=0.1",
+    "model.tiny.embedding_lr_scale=1.0",
+    "model.tiny.zero_residual=false",
+    "model.tiny.train_pool_tokens=30000",
     "++model.tiny.tokenizer_max_bytes=2000000",
     "data.seq_len=64",
     "data.budgets.train=8192",
@@ -54,6 +61,7 @@ MICRO = [
     "decoding.layerskip_d=[1,2]",
     "decoding.max_draft=6",
     "decoding.dssd_max_draft=[1,2]",
+    "decoding.dssd_gamma=[0.0,0.5]",  # the default until issue 15's first-run cut
     "decoding.layerskip_select=layer_equiv_per_token",  # the criterion the stored expectation was made with
     "logger=none",
     "progress=false",

@@ -91,12 +91,18 @@ def test_config_validation() -> None:
         resolve_tiny_config({"seq_len": 512, "max_position_embeddings": 256})
     with pytest.raises(ValueError, match="model.tiny.precision"):
         resolve_tiny_config({"precision": "fp16"})
+    with pytest.raises(ValueError, match="model.tiny.schedule"):
+        resolve_tiny_config({"schedule": "linear"})
+    with pytest.raises(ValueError, match="model.tiny.cooldown_fraction"):
+        resolve_tiny_config({"cooldown_fraction": 0.0})
     with pytest.raises(ValueError, match="model.tiny.init"):
         build_model(resolve_tiny_config({**SMALL, "init": "xavier"}), vocab_size=300, eos_token_id=0)
 
 
 def test_pythia_init_scales() -> None:
-    model = build_model(resolve_tiny_config(SMALL), vocab_size=300, eos_token_id=0)
+    model = build_model(
+        resolve_tiny_config({**SMALL, "zero_residual": False}), vocab_size=300, eos_token_id=0
+    )
     layer = model.gpt_neox.layers[0]
     # small init sqrt(2/(5d)) = 0.112 for d=32; wang init 2/(L sqrt(d)) = 0.177 for L=2 (loose: few samples).
     assert layer.mlp.dense_h_to_4h.weight.std().item() == pytest.approx(0.112, rel=0.15)
@@ -104,11 +110,47 @@ def test_pythia_init_scales() -> None:
     assert layer.attention.query_key_value.bias.detach().abs().max().item() == 0.0
 
 
+def test_zero_residual_starts_every_block_as_the_identity() -> None:
+    model = build_model(resolve_tiny_config({**SMALL, "zero_residual": True}), vocab_size=300, eos_token_id=0)
+    for layer in model.gpt_neox.layers:
+        assert layer.attention.dense.weight.abs().max().item() == 0.0
+        assert layer.mlp.dense_4h_to_h.weight.abs().max().item() == 0.0
+        assert layer.mlp.dense_h_to_4h.weight.std().item() == pytest.approx(0.112, rel=0.15)  # untouched
+    # Zero weights still get gradients: the blocks learn from the first step.
+    blocks = torch.randint(0, 300, (2, 16))
+    model(input_ids=blocks, labels=blocks).loss.backward()
+    assert model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight.grad.abs().max().item() > 0
+
+
 def test_lr_schedule_shape() -> None:
     factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    # wsd: warmup, flat until the last 40% of the steps, then a straight line down towards min_ratio.
+    wsd = [lr_factor(s, 100, 10, 0.0, "wsd", 0.4) for s in range(100)]
+    assert wsd[:10] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert wsd[10:61] == [1.0] * 51
+    steps_down = [a - b for a, b in zip(wsd[60:], wsd[61:], strict=False)]
+    assert steps_down == [pytest.approx(1 / 40)] * 39 and wsd[-1] == pytest.approx(1 / 40)
+
+
+def test_embedding_takes_its_own_learning_rate() -> None:
+    cfg = resolve_tiny_config({**SMALL, "embedding_lr_scale": 10.0, "lr": 1e-3})
+    model = build_model(cfg, vocab_size=300, eos_token_id=0)
+    for optimizer_name in ("muon", "adamw"):
+        adamw = _optimizers(model, {**cfg, "optimizer": optimizer_name})[0]
+        lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in adamw.param_groups for p in g["params"]}
+        assert lr_of[id(model.gpt_neox.embed_in.weight)] == (pytest.approx(1e-2), 0.0)
+        assert lr_of[id(model.get_output_embeddings().weight)] == (pytest.approx(1e-3), cfg["weight_decay"])
+
+
+def test_muon_orthogonalises_a_stack_like_each_matrix_alone() -> None:
+    torch.manual_seed(0)
+    for shape in ((3, 16, 48), (3, 48, 16)):
+        stack = torch.randn(shape)
+        alone = torch.stack([orthogonalize(matrix) for matrix in stack])
+        assert torch.allclose(orthogonalize(stack), alone, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(24, 96), (96, 24), (32, 32)])
@@ -160,7 +202,10 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest() -> None:
 
 def test_logit_lens_on_a_prefix_leaves_perplexity_alone() -> None:
     torch.manual_seed(0)
-    model = build_model(resolve_tiny_config(SMALL), vocab_size=300, eos_token_id=0)
+    # Not zero_residual: untrained blocks that start as the identity would make every lens agree with the end.
+    model = build_model(
+        resolve_tiny_config({**SMALL, "zero_residual": False}), vocab_size=300, eos_token_id=0
+    )
     blocks = torch.randint(0, 300, (10, 32))
     everything = evaluate_lm(model, blocks, batch_size=4)
     prefix = evaluate_lm(model, blocks, batch_size=4, lens_tokens=3 * 32 + 5)  # whole blocks: the first 3
@@ -185,6 +230,9 @@ def test_pretrain_learns_and_reports(pretrained: tuple[Path, dict]) -> None:
     assert metrics["val_ppl"] < metrics["vocab_size"] / 4  # far better than uniform guessing
     assert metrics["train_tokens"] == 16384 and metrics["train_steps"] == 16384 // (8 * 32)
     assert metrics["train_epochs"] > 1.0 and metrics["n_layers"] == 2
+    # The pool is the whole train split (smaller than the default train_pool_tokens): whole blocks of it.
+    assert metrics["train_pool_tokens"] % 32 == 0
+    assert metrics["train_epochs"] == pytest.approx(16384 / metrics["train_pool_tokens"], rel=0.02)
     assert set(metrics["logit_lens_agreement"]) == {0}
     assert 0.0 <= metrics["logit_lens_agreement"][0] == metrics["lens_agreement_block0"] <= 1.0
     assert metrics["corpus_fingerprint"] == "list-source"

