@@ -24,8 +24,9 @@ EXPECTED = Path(__file__).parent / "data" / "micro_results_expected.csv"
 PLATFORM = {"cpu_capability": "AVX2", "torch": "2.13.0+cpu"}
 TIMING = ("seconds", "tokens_per_s", "speedup", "speed_ratio", "wall")
 # Metrics added since the expectation (no stored value): the latency measure of the decoding rows, and the
-# count of bf16/fp16 near-ties of lossless methods (issue 15; 0 on the fp32 micro model).
-NEW_METRICS = ("latency_equiv", "near_ties")
+# count of bf16/fp16 near-ties of lossless methods (issue 15; 0 on the fp32 micro model), and the size of the
+# pool the tiny model's pretraining batches come from (issue 15's first-run recipe).
+NEW_METRICS = ("latency_equiv", "near_ties", "train_pool_tokens")
 # Decoding settings added since (issue 14): new rows, no stored expectation (`dssd_perfect_gate`: the analysis
 # bound of a perfect confidence gate). `dssd` is the improved DSSD now;
 # the paper's rule, stored as `dssd`, is `dssd_paper` (mapped back by `legacy_method`).

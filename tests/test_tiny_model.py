@@ -136,7 +136,9 @@ def test_lr_schedule_shape() -> None:
 
 
 def test_embedding_takes_its_own_learning_rate() -> None:
-    cfg = resolve_tiny_config({**SMALL, "embedding_lr_scale": 10.0, "lr": 1e-3})
+    cfg = resolve_tiny_config(
+        {**SMALL, "embedding_lr_scale": 10.0, "embedding_weight_decay": 0.0, "lr": 1e-3}
+    )
     model = build_model(cfg, vocab_size=300, eos_token_id=0)
     for optimizer_name in ("muon", "adamw"):
         adamw = _optimizers(model, {**cfg, "optimizer": optimizer_name})[0]

@@ -152,15 +152,15 @@ class HeadsConfig(Settings):
     head_type: str = setting("linear", check=one_of(_head_types))
     init: str = setting("unembedding", check=one_of(_head_inits))
     mlp_ratio: float = setting(1.0, check=greater_than(0))  # mlp heads: hidden width = mlp_ratio * d_model
-    lr: float = setting(3e-4, check=greater_than(0))
+    lr: float = setting(2e-3, check=greater_than(0))
     betas: list[float] = setting(factory=lambda: [0.9, 0.999], check=each(within(0, 1, high_open=True)))
     weight_decay: float = setting(0.0, check=at_least(0))
     warmup_steps: int = setting(20, check=at_least(0))
     min_lr_ratio: float = setting(0.0, check=within(0, 1))
     batch_tokens: int = setting(1024, check=at_least(1))  # per device
-    max_steps: int = setting(200, check=at_least(1))
+    max_steps: int = setting(60, check=at_least(1))
     val_tokens: int = setting(8192, check=at_least(1))
-    val_every_n_steps: int = setting(200, check=at_least(1))
+    val_every_n_steps: int = setting(60, check=at_least(1))
     checkpoint_every_n_steps: int | None = setting(None, check=optional(at_least(1)))
     eval_batch_tokens: int = setting(4096, check=at_least(1), volatile=True)
     num_workers: int = setting(0, check=at_least(0), volatile=True)
@@ -286,7 +286,7 @@ class OfflineTasksConfig(Settings):
 
     KEY = "early_exit.offline"
     split: str = setting("test", check=one_of(("train", "validation", "test")))
-    n_examples: int = setting(150, check=at_least(1))  # per task
+    n_examples: int = setting(100, check=at_least(1))  # per task
     n_choices: int = setting(4, check=at_least(2))  # next-line task: the true line + distractors
     context_lines: int = setting(6, check=at_least(0))
     seed: int = 0
@@ -360,7 +360,7 @@ class DecodingConfig(Settings):
     """Stage `decoding`: greedy / early exit / LayerSkip grid / DSSD on real prompts."""
 
     KEY = "decoding"
-    n_prompts: int = setting(20, check=at_least(1))  # reported prompts, from the test split
+    n_prompts: int = setting(12, check=at_least(1))  # reported prompts, from the test split
     n_tune_prompts: int = setting(4, check=at_least(1))  # LayerSkip and DSSD tuning prompts, from validation
     prompt_len: int = setting(64, check=at_least(1))
     max_new_tokens: int = setting(64, check=at_least(1))  # prompt_len + max_new_tokens <= model.max_seq_len
@@ -370,7 +370,7 @@ class DecodingConfig(Settings):
     # dssd_tuned: the draft caps its grid (ε × consulted heads × cap) tunes over on the tuning prompts.
     dssd_max_draft: list[int] = setting(factory=lambda: [2, 8], check=each(at_least(1)))
     # dssd_tuned: the adaptive-stop γ values its grid also tunes over (0 = the paper's rule: no early stop).
-    dssd_gamma: list[float] = setting(factory=lambda: [0.0, 0.5], check=each(within(0, 1)))
+    dssd_gamma: list[float] = setting(factory=lambda: [0.5], check=each(within(0, 1)))
     layerskip_d: list[int] = setting(factory=lambda: [1, 2, 4], check=each(at_least(1)))
     # How the tuned LayerSkip (head, d) is chosen on the tuning prompts (decoding_harness.SELECT_CRITERIA).
     layerskip_select: str = setting("latency_equiv_per_token", check=one_of(_layerskip_criteria))

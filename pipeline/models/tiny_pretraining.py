@@ -42,8 +42,8 @@ def _adamw(
     params: list[torch.nn.Parameter], cfg: Mapping[str, Any], embedding: torch.nn.Parameter
 ) -> torch.optim.AdamW:
     # Decay matrices only: decaying LayerNorm gains and biases just fights the normalisation. The input
-    # embedding takes a larger learning rate and no decay: each row only gets a gradient when its token
-    # occurs, so at the default lr the rare rows barely move in a short run.
+    # embedding has its own learning rate and decay (by default larger, and none): each row only gets a
+    # gradient when its token occurs, so at the default lr the rare rows barely move in a short run.
     lr = float(cfg["lr"])
     groups = [
         {
@@ -54,7 +54,11 @@ def _adamw(
     ]
     if any(p is embedding for p in params):
         groups.append(
-            {"params": [embedding], "weight_decay": 0.0, "lr": lr * float(cfg["embedding_lr_scale"])}
+            {
+                "params": [embedding],
+                "weight_decay": float(cfg["embedding_weight_decay"]),
+                "lr": lr * float(cfg["embedding_lr_scale"]),
+            }
         )
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in cfg["betas"]))
 
